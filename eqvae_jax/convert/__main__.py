@@ -1,0 +1,58 @@
+"""Command line: python -m eqvae_jax.convert --kind {kl_vae,lpips,discriminator,dit,...} --src SRC --dst DST [--to T].
+
+Each kind lives in its own module `eqvae_jax.convert.<kind>` exposing
+`convert(src: str, dst: str, to: str, overwrite: bool, **options) -> str` (returns a one-line summary) and
+`TARGETS` (the accepted `--to` values, "flax" first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+KINDS = {
+    "kl_vae": "eqvae_jax.convert.kl_vae",
+    "lpips": "eqvae_jax.convert.lpips",
+    "discriminator": "eqvae_jax.convert.discriminator",
+    "dit": "eqvae_jax.convert.dit",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eqvae_jax.convert", description=__doc__)
+    p.add_argument("--kind", required=True, choices=sorted(KINDS))
+    p.add_argument("--src", required=True, help="source weights (file or directory)")
+    p.add_argument("--dst", required=True, help="output path; written atomically")
+    p.add_argument("--to", default="flax", help="target format: flax (default) or a PyTorch layout of the kind")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="kind-specific option (e.g. lin=PATH for lpips)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(KINDS[args.kind])
+    if args.to not in module.TARGETS:
+        print(f"error: --kind {args.kind} supports --to {', '.join(module.TARGETS)}, not {args.to!r}",
+              file=sys.stderr)
+        return 2
+    options = {}
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: --extra expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        options[key] = value
+    try:
+        summary = module.convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, **options)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

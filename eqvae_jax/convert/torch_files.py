@@ -1,0 +1,76 @@
+"""Read and write PyTorch-style state dicts as {name: numpy array}.
+
+safetensors files are read with the numpy backend (no torch needed); pickled `.ckpt`/`.pt`/`.pth`/`.bin`
+files need torch (a conversion-only dependency) and are loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A flat state dict from a safetensors or torch pickle file; Lightning's {'state_dict': ...} is unwrapped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No weights file at {path}.")
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if path.endswith(PICKLE_SUFFIXES):
+        return _read_torch_pickle(path)
+    raise ValueError(
+        f"{path}: unknown weights format; expected one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}."
+    )
+
+
+def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            f"Reading {path} needs torch (pip install -r requirements-dev.txt); safetensors files do not."
+        ) from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}.")
+    out: dict[str, np.ndarray] = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bfloat16:
+                value = value.float()
+            out[key] = value.detach().cpu().numpy()
+    return out
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path))
+
+
+def conv_to_flax(w: np.ndarray) -> np.ndarray:
+    """PyTorch conv weight OIHW -> Flax HWIO."""
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def conv_to_torch(w: np.ndarray) -> np.ndarray:
+    """Flax conv kernel HWIO -> PyTorch OIHW."""
+    return np.transpose(w, (3, 2, 0, 1))
+
+
+def linear_to_flax(w: np.ndarray) -> np.ndarray:
+    """PyTorch linear weight (out, in) -> Flax kernel (in, out)."""
+    return np.transpose(w)
+
+
+linear_to_torch = linear_to_flax

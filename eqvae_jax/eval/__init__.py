@@ -1,0 +1,1 @@
+"""eqvae_jax.eval."""

@@ -1,0 +1,1 @@
+"""Flax NNX models (NHWC, typed constructor arguments, no config dicts inside modules)."""

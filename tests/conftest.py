@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices for sharding tests, fp32 matmuls, and PyTorch reference helpers on sys.path."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never download anything
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch_refs"))
