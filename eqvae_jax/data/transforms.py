@@ -1,0 +1,88 @@
+"""Crops that turn a decoded RGB image into a square uint8 array of the target size.
+
+- `eqvae_train_crop`: the EQ-VAE training augmentation (recipe §2): a square crop whose side is
+  int(short_side * U(0.5, 1.0)) at a uniformly random position, then an area resize to the target size.
+  OpenCV's INTER_AREA is an exact box average when shrinking; PIL's BOX filter computes the same average.
+  When the crop is smaller than the target we upsample with bilinear (INTER_AREA upsampling is a
+  bilinear-like interpolation in OpenCV; PIL's BOX would be nearest-neighbour). No flip.
+- `adm_center_crop`: ADM's `center_crop_arr` (recipe §5.1): BOX-halve while the short side is >= 2x the
+  target, BICUBIC resize of the short side to the target, then a center crop. Deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "adm_center_crop")
+
+
+def eqvae_train_crop(
+    image: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    min_fraction: float = 0.5,
+    max_fraction: float = 1.0,
+) -> np.ndarray:
+    """Random square crop of min..max of the short side, area-resized to size x size."""
+    width, height = image.size
+    side = max(1, int(min(width, height) * rng.uniform(min_fraction, max_fraction)))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    crop = image.crop((left, top, left + side, top + side))
+    if side == size:
+        return np.asarray(crop, dtype=np.uint8)
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
+    return np.asarray(crop.resize((size, size), resample=resample), dtype=np.uint8)
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM / guided-diffusion `center_crop_arr`: box-halve, bicubic resize of the short side, center crop."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    top = (array.shape[0] - size) // 2
+    left = (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def random_flip(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal flip with probability 1/2 (HWC)."""
+    return array[:, ::-1] if rng.random() < 0.5 else array
+
+
+CropFn = Callable[[Image.Image, np.random.Generator], np.ndarray]
+
+
+class Crop:
+    """A picklable crop (+ optional flip) by name: crop(image, rng) -> (size, size, 3) uint8."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        flip: bool = False,
+        min_fraction: float = 0.5,
+        max_fraction: float = 1.0,
+    ) -> None:
+        if name not in TRANSFORMS:
+            raise ValueError(f"unknown transform {name!r}; expected one of {TRANSFORMS}")
+        if not 0.0 < min_fraction <= max_fraction <= 1.0:
+            raise ValueError(
+                f"crop fractions must satisfy 0 < min <= max <= 1, got {min_fraction}, {max_fraction}"
+            )
+        self.name, self.size, self.flip = name, size, flip
+        self.min_fraction, self.max_fraction = min_fraction, max_fraction
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        if self.name == "eqvae_train_crop":
+            array = eqvae_train_crop(image, self.size, rng, self.min_fraction, self.max_fraction)
+        else:
+            array = adm_center_crop(image, self.size)
+        if self.flip:
+            array = random_flip(array, rng)
+        return np.ascontiguousarray(array)
