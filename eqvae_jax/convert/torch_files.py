@@ -15,8 +15,12 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A flat state dict from a safetensors or torch pickle file; Lightning's {'state_dict': ...} is unwrapped."""
+def read_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[str, np.ndarray]:
+    """A flat state dict from a safetensors or torch pickle file; Lightning's {'state_dict': ...} unwrapped.
+
+    `entry` picks one state dict from a pickle that wraps several (DiT training checkpoints hold
+    {'model', 'ema', 'opt', 'args'}); it is ignored for a file that holds a flat state dict.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights file at {path}.")
@@ -25,24 +29,34 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return dict(load_file(path))
     if path.endswith(PICKLE_SUFFIXES):
-        return _read_torch_pickle(path)
+        return _read_torch_pickle(path, entry)
     raise ValueError(
         f"{path}: unknown weights format; expected one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}."
     )
 
 
-def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
+def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
             f"Reading {path} needs torch (pip install -r requirements-dev.txt); safetensors files do not."
         ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    import argparse
+
+    # Training checkpoints (DiT, fast-DiT) pickle their argparse.Namespace next to the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}.")
+    nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+    if nested and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        if entry is None or entry not in obj:
+            raise ValueError(f"{path}: holds several entries ({', '.join(map(str, obj))}); "
+                             f"choose the state dict with entry=NAME (got {entry!r}).")
+        obj = obj[entry]
     out: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         if isinstance(value, torch.Tensor):
