@@ -1,0 +1,44 @@
+"""Mesh construction, batch assembly and rule-based shardings on 8 fake CPU devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from eqvae_jax.parallel import batches, mesh
+
+
+def test_mesh_shapes_and_errors():
+    assert jax.device_count() == 8
+    assert mesh.mesh_shape(8, -1, 1) == (8, 1)
+    assert mesh.mesh_shape(8, 2, -1) == (2, 4)
+    with pytest.raises(ValueError, match="does not cover"):
+        mesh.mesh_shape(8, 3, 1)
+    with pytest.raises(ValueError, match="at most one"):
+        mesh.mesh_shape(8, -1, -1)
+    m = mesh.make_mesh(2, 4)
+    assert dict(m.shape) == {"data": 2, "fsdp": 4}
+    assert all(t == jax.sharding.AxisType.Auto for t in m.axis_types)
+
+
+def test_global_batch_is_sharded_over_both_axes():
+    m = mesh.make_mesh(4, 2)
+    host = {"image": np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3)}
+    assert batches.check_global_batch(16, m) == 16
+    g = batches.to_global(host, m)["image"]
+    assert g.shape == (16, 2, 2, 3)
+    assert len(g.addressable_shards) == 8 and g.addressable_shards[0].data.shape == (2, 2, 2, 3)
+    np.testing.assert_array_equal(np.asarray(g), host["image"])
+    with pytest.raises(ValueError, match="not divisible"):
+        batches.check_global_batch(12, m)
+
+
+def test_param_shardings_rules_then_fsdp_then_replicated():
+    m = mesh.make_mesh(2, 4)
+    tree = {"blocks": {"qkv": np.zeros((512, 1536)), "bias": np.zeros((1536,))}, "pos": np.zeros((256, 1024))}
+    sh = mesh.param_shardings(tree, m, rules=[(r"^pos$", P())], fsdp_min_size=1024)
+    assert sh["pos"].spec == P()
+    assert sh["blocks"]["qkv"].spec == P(None, "fsdp")  # largest divisible dim
+    assert sh["blocks"]["bias"].spec == P("fsdp")  # 1536 elements >= min size
+    small = mesh.param_shardings(tree, m, fsdp_min_size=10**9)
+    assert all(s.spec == P() for s in jax.tree.leaves(small))
