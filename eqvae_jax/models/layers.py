@@ -1,0 +1,147 @@
+"""Building blocks shared by the autoencoders (LDM `diffusionmodules/model.py`), NHWC.
+
+Attribute names follow the LDM state dict (norm1/conv1/norm2/conv2/nin_shortcut, norm/q/k/v/proj_out), so a
+block's NNX path reads like its PyTorch key. Parameters are float32; `dtype` is the compute dtype of convs,
+linears and residual adds. GroupNorm statistics and the attention softmax always run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+# PyTorch's default conv/linear weight init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+_torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int) -> nnx.Initializer:
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: str | int = "same",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A PyTorch-initialised square conv; integer `padding` pads that many pixels on every side."""
+    pad = [(padding, padding)] * 2 if isinstance(padding, int) else padding.upper()
+    return nnx.Conv(
+        in_ch, out_ch, (kernel, kernel), strides=stride, padding=pad, dtype=dtype,
+        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_ch * kernel * kernel), rngs=rngs,
+    )
+
+
+def linear(in_ch: int, out_ch: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """A PyTorch-initialised linear layer (a 1x1 conv over the channels of an NHWC tensor)."""
+    return nnx.Linear(in_ch, out_ch, dtype=dtype, kernel_init=_torch_kernel_init,
+                      bias_init=_torch_bias_init(in_ch), rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm on NHWC: biased variance over (H, W, channels of the group), in float32.
+
+    Two-pass statistics (mean, then mean of squared deviations) like PyTorch, not E[x^2] - E[x]^2, so
+    parity holds at full network depth. The output is cast back to `dtype`.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int = 32, epsilon: float = 1e-6, *,
+                 dtype: Dtype = jnp.float32):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups.")
+        self.num_groups = num_groups
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class ResnetBlock(nnx.Module):
+    """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a 1x1 `nin_shortcut` when channels change.
+
+    No time embedding and no dropout: the KL/VQ autoencoders use temb_ch=0 and dropout=0.0.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, num_groups: int, epsilon: float,
+                 dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = GroupNorm(in_ch, num_groups, epsilon, dtype=dtype)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.norm2 = GroupNorm(out_ch, num_groups, epsilon, dtype=dtype)
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.nin_shortcut = (conv(in_ch, out_ch, 1, padding=0, dtype=dtype, rngs=rngs)
+                             if in_ch != out_ch else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = self.conv2(nnx.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over the H*W positions, with a residual: GN, q/k/v,
+    softmax(q k^T / sqrt(C)) v, proj_out. q/k/v/proj_out are Linear (LDM: 1x1 convs, diffusers: Linear)."""
+
+    def __init__(self, ch: int, *, num_groups: int, epsilon: float, dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
+        self.norm = GroupNorm(ch, num_groups, epsilon, dtype=dtype)
+        self.q = linear(ch, ch, dtype=dtype, rngs=rngs)
+        self.k = linear(ch, ch, dtype=dtype, rngs=rngs)
+        self.v = linear(ch, ch, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(ch, ch, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = x.astype(self.dtype)
+        hn = self.norm(x).reshape(b, h * w, c)
+        q, k, v = self.q(hn), self.k(hn), self.v(hn)
+        scores = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bij,bjc->bic", weights, v)
+        return x + self.proj_out(out).reshape(b, h, w, c)
+
+
+class Downsample(nnx.Module):
+    """Zero-pad right and bottom by one, then a 3x3 stride-2 VALID conv (LDM `Downsample(with_conv=True)`)."""
+
+    def __init__(self, ch: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.conv = conv(ch, ch, 3, stride=2, padding="valid", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2, then a 3x3 conv (LDM `Upsample(with_conv=True)`)."""
+
+    def __init__(self, ch: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.conv = conv(ch, ch, 3, padding=1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
