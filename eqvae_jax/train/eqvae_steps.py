@@ -1,0 +1,184 @@
+"""The jitted generator and discriminator updates of the EQ-VAE job (pure functions of the train state).
+
+Each is compiled once per static `BranchPlan` (branch + scale bucket, see losses/equivariance.py) with explicit
+in/out shardings on the ('data','fsdp') mesh and the train state donated; the rotation and all randomness are
+traced. A step whose loss, gradients or new parameters are not finite is not applied (state unchanged except
+the non-finite counters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from eqvae_jax.losses import autoencoder, equivariance
+from eqvae_jax.parallel.mesh import batch_sharding, param_shardings, replicated
+from eqvae_jax.train.eqvae_state import EQVAEState
+from eqvae_jax.train.run import all_finite, select
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSpec:
+    """Static ingredients of both steps."""
+
+    vae_graph: nnx.GraphDef
+    disc_graph: nnx.GraphDef
+    lpips_graph: nnx.GraphDef | None
+    loss: autoencoder.LossConfig
+    tx_g: optax.GradientTransformation
+    tx_d: optax.GradientTransformation
+    accumulate: int
+    ema_decay: float | None
+    return_pair: bool  # the generator step also returns (target, reconstruction) for a 'shared' D step
+
+
+def _lpips_fn(spec: StepSpec, lpips_state: nnx.State | None) -> Callable[..., jax.Array]:
+    if spec.lpips_graph is None:
+        return lambda x, y, dropout_key=None: jnp.zeros((x.shape[0],), jnp.float32)
+    model = nnx.merge(spec.lpips_graph, lpips_state)
+    return lambda x, y, dropout_key=None: model(x, y, dropout_key=dropout_key)
+
+
+def _apply_guarded(state: EQVAEState, ok: jax.Array, **new: Any) -> EQVAEState:
+    """Replace the given fields with their new values if `ok`, and update the non-finite counters."""
+    kept = select(ok, new, {name: getattr(state, name) for name in new})
+    bad = jnp.logical_not(ok).astype(jnp.int32)
+    return state.replace(
+        step=state.step + 1,
+        nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + bad,
+        **kept,
+    )
+
+
+def generator_step(
+    spec: StepSpec,
+    state: EQVAEState,
+    lpips_state: nnx.State | None,
+    images: jax.Array,
+    rot_k: jax.Array,
+    key: jax.Array,
+    plan: equivariance.BranchPlan,
+) -> tuple[EQVAEState, dict[str, jax.Array], tuple[jax.Array, jax.Array] | None]:
+    """One autoencoder micro-step on the branch `plan`; D's BatchNorm statistics see the fake batch (train mode)."""
+    lpips = _lpips_fn(spec, lpips_state)
+    update_step = state.step // spec.accumulate
+
+    def loss_fn(vae_params):
+        vae = nnx.merge(spec.vae_graph, vae_params, copy=True)
+        disc = nnx.merge(spec.disc_graph, state.disc, state.disc_stats, copy=True)
+        total, terms, pair = equivariance.transformed_generator_loss(
+            vae, lpips, disc, images, plan, rot_k, key, update_step, spec.loss
+        )
+        return total, (terms, pair, nnx.state(disc, nnx.BatchStat))
+
+    (loss, (terms, pair, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.vae)
+    updates, opt_g = spec.tx_g.update(grads, state.opt_g, state.vae)
+    vae = optax.apply_updates(state.vae, updates)
+    ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(vae)
+    new = {"vae": vae, "opt_g": opt_g, "disc_stats": disc_stats}
+    if spec.ema_decay is not None:
+        updated = (state.step + 1) % spec.accumulate == 0
+        decay = jnp.where(updated, spec.ema_decay, 1.0)
+        new["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, vae)
+    new_state = _apply_guarded(state, ok, **new)
+    metrics = {f"g/{k}": v for k, v in terms.items()}
+    metrics["g/grad_norm"] = optax.global_norm(grads)
+    metrics["g/finite"] = ok.astype(jnp.float32)
+    metrics["nonfinite_run"] = new_state.nonfinite_run
+    metrics["nonfinite_total"] = new_state.nonfinite_total
+    return new_state, metrics, (pair if spec.return_pair else None)
+
+
+def discriminator_step(
+    spec: StepSpec,
+    state: EQVAEState,
+    images: jax.Array,
+    rot_k: jax.Array,
+    key: jax.Array,
+    pair: tuple[jax.Array, jax.Array] | None,
+    plan: equivariance.BranchPlan,
+) -> tuple[EQVAEState, dict[str, jax.Array]]:
+    """One discriminator micro-step: a fresh transformed forward of the (fixed) autoencoder, unless `pair` is
+    given ('shared' mode), then hinge loss on D(real) and D(fake) as two train-mode calls.
+
+    The step counter is not advanced here: the generator step owns it (one G + one D call per micro-step).
+    """
+    if pair is None:
+        vae = nnx.merge(spec.vae_graph, state.vae)
+        target, recon, _ = equivariance.reconstruct_transformed(vae, images, plan, rot_k, key)
+    else:
+        target, recon = pair
+    target, recon = jax.lax.stop_gradient(target), jax.lax.stop_gradient(recon)
+    update_step = (state.step - 1) // spec.accumulate  # the generator step already advanced `step`
+
+    def loss_fn(disc_params):
+        disc = nnx.merge(spec.disc_graph, disc_params, state.disc_stats, copy=True)
+        loss, terms = autoencoder.discriminator_loss(disc, target, recon, update_step, spec.loss)
+        return loss, (terms, nnx.state(disc, nnx.BatchStat))
+
+    (loss, (terms, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.disc)
+    updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
+    disc = optax.apply_updates(state.disc, updates)
+    ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(disc)
+    kept = select(ok, {"disc": disc, "opt_d": opt_d, "disc_stats": disc_stats},
+                  {"disc": state.disc, "opt_d": state.opt_d, "disc_stats": state.disc_stats})
+    new_state = state.replace(
+        nonfinite_run=jnp.where(ok, state.nonfinite_run, state.nonfinite_run + 1),
+        nonfinite_total=state.nonfinite_total + jnp.logical_not(ok).astype(jnp.int32),
+        **kept,
+    )
+    metrics = {f"d/{k}": v for k, v in terms.items()}
+    metrics["d/finite"] = ok.astype(jnp.float32)
+    return new_state, metrics
+
+
+def state_shardings(state: EQVAEState, mesh: Mesh) -> Any:
+    """Replicated small tensors; large ones follow the fsdp rule (pure data parallel when fsdp == 1)."""
+    return param_shardings(state, mesh)
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+    """The two jitted steps with their shardings; call with a static plan (one compilation per plan)."""
+
+    generator: Callable[..., Any]
+    discriminator: Callable[..., Any]
+    state_sharding: Any
+
+
+def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | None, mesh: Mesh) -> CompiledSteps:
+    s_sh = state_shardings(state, mesh)
+    l_sh = jax.tree.map(lambda _: replicated(mesh), lpips_state) if lpips_state is not None else None
+    b_sh = batch_sharding(mesh)
+    rep = replicated(mesh)
+    pair_sh = (b_sh, b_sh) if spec.return_pair else None
+    gen = jax.jit(
+        functools.partial(generator_step, spec),
+        static_argnums=(5,),
+        in_shardings=(s_sh, l_sh, b_sh, rep, rep),
+        out_shardings=(s_sh, rep, pair_sh),
+        donate_argnums=(0,),
+    )
+    disc = jax.jit(
+        functools.partial(discriminator_step, spec),
+        static_argnums=(5,),
+        in_shardings=(s_sh, b_sh, rep, rep, pair_sh),
+        out_shardings=(s_sh, rep),
+        donate_argnums=(0,),
+    )
+    return CompiledSteps(gen, disc, s_sh)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a host/device pytree onto the given shardings."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
