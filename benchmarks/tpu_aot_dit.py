@@ -1,0 +1,146 @@
+"""Ahead-of-time TPU compile of the real DiT-XL/2 train step (global batch 256) on this CPU machine.
+
+    pip install --target /opt/libtpu_aot -r requirements-tpu-aot.txt   # libtpu's compiler, not in CPU CI
+    PYTHONPATH=/opt/libtpu_aot python benchmarks/tpu_aot_dit.py [--model XL/2] [--batch 256] [--remat both]
+
+For each target slice (v4-8, v5p-8, v5e-16, v6e-8) the step of `eqvae_jax.train.dit_steps` (posterior sample,
+DDPM hybrid loss, AdamW, EMA, non-finite guard; bf16 matmuls; FSDP over all chips of the slice, the job's
+default) is lowered against a compile-only TPU topology and compiled by libtpu. Reported per chip: XLA's
+memory analysis (arguments + outputs - donated aliases + temporaries) against the chip's HBM, and the step
+time implied at 40% MFU from the model FLOPs. XLA's `cost_analysis()` counts a lax.scan body once (the 28
+blocks are scanned), so the FLOPs come from `dit_flops` (2 x MACs, train = 3 x forward); XLA's count is shown
+for reference. Compared with the DiT paper's TPU v3-256 rate (5.7 it/s at batch 256, targets.md §4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend stays CPU; TPUs are compile-only topologies
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from eqvae_jax.models.dit import DiT, dit_flops  # noqa: E402
+from eqvae_jax.train import dit_config, dit_state  # noqa: E402
+from eqvae_jax.train.dit_steps import make_train_step  # noqa: E402
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    topology: str  # jax.experimental.topologies name
+    chips: int
+    peak_tflops: float  # bf16 dense per chip (targets.md §3)
+    hbm_bytes: float
+    chip_config: str = ""  # 'megacore': v4's two TensorCores as one device, as on v4 TPU VMs
+
+
+TARGETS = (
+    Target("v4-8", "v4:2x2x1", 4, 275.0, 32 * GIB, "megacore"),
+    Target("v5p-8", "v5p:2x2x1", 4, 459.0, 95e9),
+    Target("v5e-16", "v5e:4x4", 16, 197.0, 16e9),
+    Target("v6e-8", "v6e:2x4", 8, 918.0, 32e9),
+)
+DIT_V3_STEPS_PER_S = 5.7  # DiT paper, TPU v3-256 (128 chips), DiT-XL/2, global batch 256
+
+
+def job_config(model: str, batch: int, remat: bool):
+    config = dit_config.defaults()
+    size, patch = model.split("/")
+    config.model.size, config.model.patch, config.model.remat = size, int(patch), remat
+    config.global_batch_size = batch
+    return config
+
+
+def compile_step(target: Target, config) -> dict:
+    kwargs = {"chip_config_name": target.chip_config} if target.chip_config else {}
+    topo = topologies.get_topology_desc(target.topology, "tpu", **kwargs)
+    devices = np.asarray(topo.devices)
+    if len(devices) != target.chips:
+        raise RuntimeError(f"{target.topology}: {len(devices)} devices, expected {target.chips}")
+    mesh = Mesh(devices.reshape(1, -1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    cfg = dit_config.dit_model_config(config, (32, 32, 4))
+    tx = dit_state.make_optimizer(config)
+    init = dit_state._init_fn(cfg, config, tx)
+    abstract, _ = jax.eval_shape(init)
+    shardings = dit_state.state_shardings(abstract, mesh, tx, config.fsdp_min_size)
+    rest = jax.jit(lambda: init()[1])()  # the fixed position table, a host constant of the program
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
+    model = dit_state.Model(graphdef, rest, cfg)
+    step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings)
+
+    b, batch_sharding = config.global_batch_size, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    lat = jax.ShapeDtypeStruct((b, 32, 32, 4), jnp.float32, sharding=batch_sharding)
+    batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    per_chip += mem.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = dit_flops(cfg, b, train=True)
+    return {
+        "compile_s": seconds,
+        "args_gib": mem.argument_size_in_bytes / GIB,
+        "temp_gib": mem.temp_size_in_bytes / GIB,
+        "per_chip_gib": per_chip / GIB,
+        "fits": per_chip < target.hbm_bytes,
+        "xla_tflop": float(cost.get("flops", float("nan"))) * target.chips / 1e12,
+        "model_tflop": flops / 1e12,
+        "step_s_40": flops / (target.chips * target.peak_tflops * 1e12 * 0.4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="XL/2")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--remat", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--targets", default=",".join(t.name for t in TARGETS))
+    args = parser.parse_args()
+    remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    v3_step = 1.0 / DIT_V3_STEPS_PER_S
+    print(f"DiT-{args.model} train step (bf16 matmuls, f32 params/AdamW/EMA), global batch {args.batch}, "
+          f"FSDP over every chip; jax {jax.__version__}")
+    print(f"DiT paper TPU v3-256: {DIT_V3_STEPS_PER_S} it/s = {v3_step:.3f} s/step on 128 chips")
+    header = (f"{'slice':<8}{'remat':>6}{'HBM/chip':>10}{'args':>8}{'temp':>8}{'total':>8}{'fits':>6}"
+              f"{'model TF':>10}{'XLA TF*':>9}{'s@40%':>8}{'it/s@40%':>9}{'vs v3-256':>10}{'compile':>9}")
+    print(header)
+    for target in TARGETS:
+        if target.name not in args.targets.split(","):
+            continue
+        for remat in remats:
+            try:
+                r = compile_step(target, job_config(args.model, args.batch, remat))
+            except Exception as e:  # report and continue with the other targets
+                first = str(e).splitlines()[0]
+                if "RESOURCE_EXHAUSTED" in first:  # the TPU compiler refuses a program that cannot fit
+                    print(f"{target.name:<8}{'on' if remat else 'off':>6}  does NOT fit: {first[:160]}")
+                else:
+                    print(f"{target.name:<8}{'on' if remat else 'off':>6}  FAILED: {type(e).__name__}: {first[:200]}")
+                continue
+            print(f"{target.name:<8}{'on' if remat else 'off':>6}{target.hbm_bytes / GIB:>9.1f}G"
+                  f"{r['args_gib']:>7.1f}G{r['temp_gib']:>7.1f}G{r['per_chip_gib']:>7.1f}G"
+                  f"{'yes' if r['fits'] else 'NO':>6}{r['model_tflop']:>10.1f}{r['xla_tflop']:>9.1f}"
+                  f"{r['step_s_40']:>8.3f}{1 / r['step_s_40']:>9.2f}{v3_step / r['step_s_40']:>9.2f}x"
+                  f"{r['compile_s']:>8.0f}s", flush=True)
+    print("* XLA cost_analysis FLOPs x chips: the scanned block body is counted once, not depth times.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The latent cache: VAE posterior mean and std per image (+ label) in ArrayRecord chunk files, and its reader.
+
+Layout of a cache directory (written by `eqvae_jax.train.latent_extraction`):
+
+    CACHE/meta.json                     what was encoded how (VAE, crop, flip copy, latent shape, scale)
+    CACHE/chunks/chunk-00007-of-00040.array_record
+
+The source images are split into fixed chunks of `chunk_size` consecutive indices; chunk k is encoded by
+process k % process_count and written to a temporary name, then renamed, so a chunk file exists only when it
+is complete. A restarted extraction skips chunks whose file exists (whatever the process count).
+
+A record is `<q index><i label><B flipped>` followed by the (h, w, 2c) array [mean | std] in the cache dtype.
+Training draws z = mean + std * eps every step (REPA/edm2 style) and maps it with the VAE's latent scale:
+(z - shift_factor) * scaling_factor (0.18215 for SD-VAE-based EQ-VAE).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import struct
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+FORMAT = "eqvae-jax-latents"
+VERSION = 1
+META_FILE = "meta.json"
+CHUNKS_DIR = "chunks"
+HEADER = struct.Struct("<qiB")  # source index, label, flipped
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def chunk_name(chunk: int, num_chunks: int) -> str:
+    return f"chunk-{chunk:05d}-of-{num_chunks:05d}.array_record"
+
+
+def chunk_path(cache_dir: str, chunk: int, num_chunks: int) -> str:
+    return os.path.join(cache_dir, CHUNKS_DIR, chunk_name(chunk, num_chunks))
+
+
+def encode_record(index: int, label: int, flipped: bool, moments: np.ndarray, dtype: str) -> bytes:
+    """One record: header + [mean | std] (h, w, 2c) in the cache dtype."""
+    return HEADER.pack(int(index), int(label), int(flipped)) + np.asarray(moments).astype(_np_dtype(dtype)).tobytes()
+
+
+def decode_record(data: bytes, shape: tuple[int, int, int], dtype: str) -> dict[str, Any]:
+    """Record bytes -> {'index', 'label', 'flipped', 'mean' (h,w,c) f32, 'std' (h,w,c) f32}."""
+    index, label, flipped = HEADER.unpack_from(data)
+    h, w, c = shape
+    moments = np.frombuffer(data, _np_dtype(dtype), count=h * w * 2 * c, offset=HEADER.size)
+    moments = moments.reshape(h, w, 2 * c).astype(np.float32)
+    return {"index": np.int64(index), "label": np.int32(label), "flipped": np.bool_(flipped),
+            "mean": moments[..., :c], "std": moments[..., c:]}
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"latent cache dtype must be one of {DTYPES}, got {name!r}")
+    return np.dtype(jax.numpy.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def read_meta(cache_dir: str) -> dict[str, Any]:
+    path = os.path.join(cache_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{cache_dir!r} is not a latent cache (no {META_FILE}); create one with "
+            "`python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=CACHE_DIR`"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}: not a version {VERSION} {FORMAT} file")
+    return meta
+
+
+def write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
+    """Write meta.json atomically."""
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = os.path.join(cache_dir, f".{META_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(cache_dir, META_FILE))
+
+
+def complete_chunk_files(cache_dir: str, meta: dict[str, Any]) -> list[str]:
+    """All chunk files, checking that none is missing (an unfinished extraction is an error, not a subset)."""
+    k = meta["num_chunks"]
+    paths = [chunk_path(cache_dir, i, k) for i in range(k)]
+    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"latent cache {cache_dir!r} is incomplete: {len(missing)} of {k} chunks missing "
+            f"(e.g. {missing[0]}); rerun the extraction with the same --workdir to finish it"
+        )
+    stray = sorted(set(glob.glob(os.path.join(cache_dir, CHUNKS_DIR, "*.array_record"))) - set(paths))
+    if stray:
+        raise ValueError(f"latent cache {cache_dir!r} has chunk files of another layout: {stray[:3]}")
+    return paths
+
+
+def write_chunk(path: str, records: list[bytes]) -> None:
+    """Write one chunk file atomically (temporary name, then rename): it exists only when complete."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per group: fast random access
+    for r in records:
+        writer.write(r)
+    writer.close()
+    os.replace(tmp, path)
+
+
+class _Decode(grain.transforms.Map):
+    def __init__(self, shape: tuple[int, int, int], dtype: str) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def map(self, element: bytes) -> dict[str, Any]:
+        record = decode_record(element, self.shape, self.dtype)
+        return {"mean": record["mean"], "std": record["std"], "label": record["label"]}
+
+
+def latent_dataset(
+    config: ml_collections.ConfigDict, per_process_batch: int, process_index: int, process_count: int
+) -> tuple[grain.IterDataset, dict[str, Any]]:
+    """This process's training batches of {'mean', 'std', 'label'} from the cache, plus the cache meta.
+
+    Seeded global shuffle, reshuffled each epoch, repeated forever; process p reads elements p::n.
+    """
+    meta = read_meta(config.cache_dir)
+    source = grain.sources.ArrayRecordDataSource(complete_chunk_files(config.cache_dir, meta))
+    ds = grain.MapDataset.source(source)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(None)
+    ds = ds[process_index::process_count]
+    ds = ds.map(_Decode(tuple(meta["latent_shape"]), meta["dtype"]))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.read_threads), prefetch_buffer_size=64))
+    it = it.batch(per_process_batch, drop_remainder=True)
+    if config.worker_count:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    return it, meta
+
+
+class LatentIterator:
+    """Global batches {'mean', 'std' (B, h, w, c) f32, 'label' (B,) i32} sharded over ('data', 'fsdp').
+
+    Checkpointable like the image iterator (Grain DataLoaderIterator protocol, JSON bytes): the saved state
+    is the one before the next batch returned, so a restored iterator yields bit-identical batches.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding, global_batch: int, prefetch: int = 2):
+        self._dataset, self._sharding, self.global_batch = dataset, sharding, global_batch
+        self._prefetch = max(1, prefetch)
+        self._it: grain.DatasetIterator | None = None
+        self._queue: collections.deque = collections.deque()
+
+    def __iter__(self) -> LatentIterator:
+        return self
+
+    def _grain(self) -> grain.DatasetIterator:
+        if self._it is None:
+            self._it = iter(self._dataset)
+        return self._it
+
+    def _fill(self) -> None:
+        it = self._grain()
+        while len(self._queue) < self._prefetch:
+            state = it.get_state()
+            host = next(it)
+            batch = {k: jax.make_array_from_process_local_data(
+                self._sharding, np.asarray(host[k]), (self.global_batch,) + np.shape(host[k])[1:])
+                for k in ("mean", "std", "label")}
+            self._queue.append((state, batch))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._fill()
+        _, batch = self._queue.popleft()
+        self._fill()
+        return batch
+
+    def get_state(self) -> bytes:
+        state = self._queue[0][0] if self._queue else self._grain().get_state()
+        return json.dumps({"grain": state}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._queue.clear()
+        self._grain().set_state(json.loads(state)["grain"])
+
+    def start_prefetch(self) -> None:
+        self._fill()
+
+    def close(self) -> None:
+        self._queue.clear()
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+
+def build_latent_iterator(
+    config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int
+) -> tuple[LatentIterator, dict[str, Any]]:
+    """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta."""
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    count = jax.process_count()
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {count} processes")
+    dataset, meta = latent_dataset(config, global_batch // count, jax.process_index(), count)
+    return LatentIterator(dataset, sharding, global_batch, config.prefetch), meta

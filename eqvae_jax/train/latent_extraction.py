@@ -1,0 +1,215 @@
+"""Latent extraction job: encode a dataset once into a latent cache (posterior mean and std + label per image).
+
+    python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=CACHE_DIR \
+        --config.vae.weights=weights/eq_vae
+
+Each process encodes the chunks k with k % process_count == process_index on its own devices (no
+cross-host collectives, so hosts never wait for each other) and writes each chunk atomically; rerunning
+the same command skips finished chunks. Images are decoded and cropped in Grain workers; encoding is
+dispatched asynchronously one batch ahead of the host-side record writing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from eqvae_jax.data import latent_cache, pipeline
+from eqvae_jax.data.sources import open_source
+from eqvae_jax.data.transforms import Crop
+from eqvae_jax.parallel.mesh import make_mesh
+from eqvae_jax.train import latent_config
+from eqvae_jax.train.run import enable_compilation_cache
+
+
+class _ChunkRecords:
+    """Source records for a list of indices; index -1 is a padding record (masked out)."""
+
+    def __init__(self, source: Any, indices: np.ndarray) -> None:
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(self.indices[i])
+        if index < 0:
+            return {"index": index, "pad": True}
+        return dict(self.source[index]) | {"index": index, "pad": False}
+
+
+class _Blank(grain.transforms.Map):
+    """Skipped images (image None, mask False) become zeros so batches keep their shape."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if element["image"] is None:
+            element["image"] = np.zeros((self.size, self.size, 3), np.uint8)
+        element.pop("skip")
+        return element
+
+
+def chunk_plan(num_images: int, chunk_size: int, batch_size: int, process: int, count: int,
+               done: set[int]) -> list[tuple[int, np.ndarray]]:
+    """(chunk, indices padded with -1 to a multiple of batch_size) for this process's unfinished chunks."""
+    num_chunks = -(-num_images // chunk_size)
+    plan = []
+    for k in range(process, num_chunks, count):
+        if k in done:
+            continue
+        idx = np.arange(k * chunk_size, min((k + 1) * chunk_size, num_images), dtype=np.int64)
+        pad = -len(idx) % batch_size
+        plan.append((k, np.concatenate([idx, np.full(pad, -1, np.int64)])))
+    return plan
+
+
+def _meta(config: ConfigDict, num_images: int, latent_shape: tuple[int, ...], vae: Any) -> dict[str, Any]:
+    d = config.data
+    return {
+        "vae": latent_config.vae_spec(config.vae),
+        "scaling_factor": float(vae.config.scaling_factor),
+        "shift_factor": float(vae.config.shift_factor),
+        "latent_shape": list(latent_shape),
+        "dtype": config.dtype,
+        "num_images": num_images,
+        "chunk_size": config.chunk_size,
+        "num_chunks": -(-num_images // config.chunk_size),
+        "flip_copy": bool(config.flip_copy),
+        "image_size": d.image_size,
+        "transform": d.transform,
+        "source": {"source": d.source, "tfds_name": d.tfds_name, "folder": d.folder, "split": config.split},
+    }
+
+
+_MUST_MATCH = ("vae", "latent_shape", "dtype", "num_images", "chunk_size", "flip_copy", "image_size",
+               "transform", "source", "scaling_factor", "shift_factor")
+
+
+def _check_or_write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
+    meta = json.loads(json.dumps(meta))  # compare in JSON form (tuples become lists)
+    if os.path.isfile(os.path.join(cache_dir, latent_cache.META_FILE)):
+        old = latent_cache.read_meta(cache_dir)
+        diff = [k for k in _MUST_MATCH if old.get(k) != meta[k]]
+        if diff:
+            raise ValueError(f"{cache_dir!r} holds a latent cache made differently ({diff} differ); "
+                             "use a new --workdir or delete the old cache")
+    elif jax.process_index() == 0:
+        latent_cache.write_meta(cache_dir, meta)
+
+
+def make_encoder(vae: nnx.Module, flip_copy: bool, sharding: NamedSharding):
+    """jitted (state, uint8 images) -> [mean | std] (B, h, w, 2c) float32 (and of the flipped images)."""
+    graphdef, state = nnx.split(vae)
+
+    def encode(state: nnx.State, images: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, state)
+        x = (images.astype(jnp.float32) - 127.5) / 127.5
+        if flip_copy:
+            x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
+        post = model.encode(x)
+        return jnp.concatenate([post.mean, post.std], axis=-1)
+
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    state = jax.device_put(state, replicated)
+    fn = jax.jit(encode, in_shardings=(replicated, sharding), out_shardings=sharding)
+    return lambda images: fn(state, images)
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """Encode this process's unfinished chunks; returns counts and the throughput of this process."""
+    latent_config.validate(config)
+    cache_dir = os.path.abspath(workdir)
+    os.makedirs(os.path.join(cache_dir, latent_cache.CHUNKS_DIR), exist_ok=True)
+    enable_compilation_cache(config.compilation_cache_dir or os.path.join(cache_dir, "jax_cache"))
+
+    source = open_source(config.data, train=config.split == "train")
+    vae = latent_config.load_vae(latent_config.vae_spec(config.vae))
+    size = config.data.image_size
+    latent_shape = jax.eval_shape(lambda: vae.encode(jnp.zeros((1, size, size, 3)))).mean.shape[1:]
+    meta = _meta(config, len(source), latent_shape, vae)
+    _check_or_write_meta(cache_dir, meta)
+
+    k = meta["num_chunks"]
+    done = {i for i in range(k) if os.path.isfile(latent_cache.chunk_path(cache_dir, i, k))}
+    plan = chunk_plan(len(source), config.chunk_size, config.batch_size, jax.process_index(),
+                      jax.process_count(), done)
+    logging.info("extract: %d images in %d chunks; %d done, %d to encode on process %d", len(source), k,
+                 len(done), len(plan), jax.process_index())
+    stats = {"chunks_written": 0, "chunks_skipped": len(done), "images": 0, "records": 0, "skipped": 0,
+             "seconds": 0.0, "images_per_s": 0.0}
+    if not plan:
+        return stats
+
+    devices = jax.local_devices()
+    if config.mesh.data > 0 and config.mesh.fsdp > 0:  # an explicit mesh may use fewer devices
+        devices = devices[: config.mesh.data * config.mesh.fsdp]
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {len(devices)} devices")
+    encode = make_encoder(vae, config.flip_copy, sharding)
+
+    indices = np.concatenate([idx for _, idx in plan])
+    ds = grain.MapDataset.source(_ChunkRecords(source, indices))
+    ds = ds.random_map(pipeline.DecodeCrop(Crop(config.data.transform, size), config.data.min_side),
+                       seed=config.data.seed + 1)
+    ds = ds.map(_Blank(size))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.data.read_threads),
+                                              prefetch_buffer_size=config.data.read_buffer_size))
+    it = it.batch(config.batch_size, drop_remainder=False)
+    if config.data.worker_count:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+
+    owners = [chunk for chunk, idx in plan for _ in range(len(idx) // config.batch_size)]
+    remaining = collections.Counter(owners)
+    records: dict[int, list[bytes]] = collections.defaultdict(list)
+    inflight: collections.deque = collections.deque()
+    start = time.perf_counter()
+
+    def finish_one() -> None:
+        chunk, host, moments = inflight.popleft()
+        moments = np.asarray(moments)
+        b = len(host["index"])
+        for i in range(b):
+            if host["mask"][i]:
+                records[chunk].append(latent_cache.encode_record(
+                    host["index"][i], host["label"][i], False, moments[i], config.dtype))
+                if config.flip_copy:
+                    records[chunk].append(latent_cache.encode_record(
+                        host["index"][i], host["label"][i], True, moments[b + i], config.dtype))
+        stats["images"] += int(host["mask"].sum())
+        stats["skipped"] += int((~host["mask"] & (host["index"] >= 0)).sum())  # bad images, not padding
+        remaining[chunk] -= 1
+        if remaining[chunk] == 0:
+            latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, chunk, k), records.pop(chunk))
+            stats["chunks_written"] += 1
+            elapsed = time.perf_counter() - start
+            logging.info("extract: chunk %d/%d written; %d images in %.1f s (%.1f img/s)", chunk + 1, k,
+                         stats["images"], elapsed, stats["images"] / elapsed)
+
+    for chunk, host in zip(owners, it, strict=False):
+        images = jax.device_put(host["image"], sharding)  # this process's devices only
+        inflight.append((chunk, host, encode(images)))
+        if len(inflight) > 1:
+            finish_one()
+    while inflight:
+        finish_one()
+    stats["seconds"] = time.perf_counter() - start
+    stats["records"] = stats["images"] * (2 if config.flip_copy else 1)
+    stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
+    logging.info("extract: process %d done: %s", jax.process_index(), stats)
+    return stats

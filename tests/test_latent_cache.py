@@ -1,0 +1,156 @@
+"""Latent cache: records round-trip, extraction with a tiny random VAE on the demo photographs stores exactly
+the VAE's posterior (mean, std, flipped copy), a restart skips finished chunks, and the training iterator
+reads the cache (resumably)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from eqvae_jax.data import latent_cache
+from eqvae_jax.data.decode import decode_image
+from eqvae_jax.data.sources import open_source
+from eqvae_jax.data.transforms import adm_center_crop
+from eqvae_jax.parallel.mesh import make_mesh
+from eqvae_jax.train import latent_config, latent_extraction
+from eqvae_jax.train.eqvae_config import ConfigError
+
+flags.FLAGS.mark_as_parsed()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("extract_cfg", os.path.join(REPO, "configs/extract_latents.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.mesh.data = 4  # 4 of the 8 fake devices: batches of 4, two chunks of 4 for the 7 demo images
+    config.batch_size = 4
+    config.chunk_size = 4
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, demo_dir):
+    cache_dir = str(tmp_path_factory.mktemp("cache"))
+    config = _config(demo_dir)
+    stats = latent_extraction.run(config, cache_dir)
+    return config, cache_dir, stats
+
+
+def test_record_round_trip():
+    moments = np.random.default_rng(0).standard_normal((4, 4, 8)).astype(np.float32)
+    for dtype, tol in (("float32", 0), ("float16", 1e-3), ("bfloat16", 1e-2)):
+        data = latent_cache.encode_record(12, 3, True, moments, dtype)
+        r = latent_cache.decode_record(data, (4, 4, 4), dtype)
+        assert (int(r["index"]), int(r["label"]), bool(r["flipped"])) == (12, 3, True)
+        np.testing.assert_allclose(r["mean"], moments[..., :4], atol=tol * 4)
+        np.testing.assert_allclose(r["std"], moments[..., 4:], atol=tol * 4)
+
+
+def test_extraction_stores_the_vae_posterior(cache, demo_dir):
+    config, cache_dir, stats = cache
+    meta = latent_cache.read_meta(cache_dir)
+    assert stats["chunks_written"] == meta["num_chunks"] == 2 and stats["images"] == meta["num_images"] == 7
+    assert meta["latent_shape"] == [8, 8, 4] and meta["scaling_factor"] == pytest.approx(0.18215)
+    paths = latent_cache.complete_chunk_files(cache_dir, meta)
+    import grain
+
+    source = grain.sources.ArrayRecordDataSource(paths)
+    records = [latent_cache.decode_record(source[i], (8, 8, 4), "float32") for i in range(len(source))]
+    assert len(records) == 14  # 7 images + 7 flipped copies
+    assert sorted((int(r["index"]), bool(r["flipped"])) for r in records) == [(i, f) for i in range(7)
+                                                                                 for f in (False, True)]
+    # recompute image 5 and its mirror image directly with the same VAE
+    images = open_source(config.data, train=True)
+    rec = images[5]
+    crop = adm_center_crop(decode_image(rec["bytes"]), 64)
+    x = (jnp.asarray(crop, jnp.float32)[None] - 127.5) / 127.5
+    vae = latent_config.load_vae(latent_config.vae_spec(config.vae))
+    for flipped, xin in ((False, x), (True, x[:, :, ::-1])):
+        post = vae.encode(xin)
+        r = next(r for r in records if int(r["index"]) == 5 and bool(r["flipped"]) == flipped)
+        assert int(r["label"]) == rec["label"]
+        np.testing.assert_allclose(r["mean"], np.asarray(post.mean[0]), atol=1e-5)
+        np.testing.assert_allclose(r["std"], np.asarray(post.std[0]), atol=1e-5)
+
+
+def test_restart_skips_finished_chunks(cache, tmp_path):
+    config, cache_dir, _ = cache
+    meta = latent_cache.read_meta(cache_dir)
+    paths = latent_cache.complete_chunk_files(cache_dir, meta)
+    mtimes = [os.stat(p).st_mtime_ns for p in paths]
+    again = latent_extraction.run(config, cache_dir)
+    assert again["chunks_written"] == 0 and again["chunks_skipped"] == 2
+    assert [os.stat(p).st_mtime_ns for p in paths] == mtimes
+
+    # an interrupted run: only the missing chunk is encoded, identically
+    copy = tmp_path / "copy"
+    os.makedirs(copy / latent_cache.CHUNKS_DIR)
+    for name in (latent_cache.META_FILE, os.path.join(latent_cache.CHUNKS_DIR, os.path.basename(paths[0]))):
+        with open(os.path.join(cache_dir, name), "rb") as src, open(copy / name, "wb") as dst:
+            dst.write(src.read())
+    resumed = latent_extraction.run(config, str(copy))
+    assert resumed["chunks_written"] == 1 and resumed["chunks_skipped"] == 1 and resumed["images"] == 3
+    with open(paths[1], "rb") as a, open(latent_cache.chunk_path(str(copy), 1, 2), "rb") as b:
+        assert a.read() == b.read()
+
+    changed = _config(config.data.data_dir)
+    changed.flip_copy = False
+    with pytest.raises(ValueError, match="made differently"):
+        latent_extraction.run(changed, cache_dir)
+
+
+def test_iterator_reads_cache_and_resumes(cache):
+    _, cache_dir, _ = cache
+    from eqvae_jax.train.dit_config import defaults
+
+    lat = defaults().latents
+    lat.cache_dir = cache_dir
+    mesh = make_mesh(1, -1)
+    it, meta = latent_cache.build_latent_iterator(lat, mesh, 8)
+    first = next(it)
+    assert first["mean"].shape == (8, 8, 8, 4) and first["label"].dtype == jnp.int32
+    assert bool(jnp.all(first["std"] > 0)) and first["mean"].sharding.spec == jax.sharding.PartitionSpec(
+        ("data", "fsdp"))
+    state = it.get_state()
+    expected = [jax.device_get(next(it)) for _ in range(3)]  # crosses the 14-record epoch boundary
+    it.close()
+    again, _ = latent_cache.build_latent_iterator(lat, mesh, 8)
+    again.set_state(state)
+    for want in expected:
+        got = jax.device_get(next(again))
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    again.close()
+
+
+def test_config_validation_names_problems():
+    config = _config("")
+    config.chunk_size = 6
+    with pytest.raises(ConfigError, match="multiple of batch_size"):
+        latent_config.validate(config)
+    config = _config("")
+    config.flip_cpy = True
+    config.vae.init = "weights"
+    with pytest.raises(ConfigError, match=r"(?s)did you mean 'flip_copy'.*vae.weights is empty"):
+        latent_config.validate(config)
+
+
+def test_incomplete_cache_is_an_error(tmp_path):
+    latent_cache.write_meta(str(tmp_path), {"num_chunks": 2, "latent_shape": [2, 2, 1], "dtype": "float32"})
+    rec = latent_cache.encode_record(0, 0, False, np.zeros((2, 2, 2), np.float32), "float32")
+    latent_cache.write_chunk(latent_cache.chunk_path(str(tmp_path), 0, 2), [rec])
+    with pytest.raises(FileNotFoundError, match="1 of 2 chunks missing"):
+        latent_cache.complete_chunk_files(str(tmp_path), latent_cache.read_meta(str(tmp_path)))
