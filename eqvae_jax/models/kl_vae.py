@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eqvae_jax.models import weights
+from eqvae_jax.models.host_init import init_on_host
 from eqvae_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv
 
 KIND = "kl_vae"
@@ -300,10 +301,11 @@ class KLVAE(nnx.Module):
 
 
 def build(config: KLVAEConfig | Mapping[str, Any], *, seed: int = 0) -> KLVAE:
-    """A randomly initialised (PyTorch-style init) KLVAE from a config or its dict form."""
+    """A randomly initialised KLVAE from a config or its dict form: PyTorch's default init, drawn on the host with
+    numpy (`models.host_init`; eager jax.random init compiles a program per weight shape and takes ~20 s)."""
     if not isinstance(config, KLVAEConfig):
         config = KLVAEConfig.from_dict(config)
-    return KLVAE(config, rngs=nnx.Rngs(seed))
+    return init_on_host(lambda: KLVAE(config, rngs=nnx.Rngs(seed)), seed)
 
 
 def abstract(config: KLVAEConfig) -> KLVAE:

@@ -47,6 +47,8 @@ class Job:
     image_hw: tuple[int, int]
     total_micro_steps: int
     pretrain_micro_steps: int
+    eval_step: Any = None  # jitted once, reused by every evaluation
+    summary_fn: Any = None
 
 
 def build_job(config: ConfigDict) -> Job:
@@ -82,7 +84,9 @@ def build_job(config: ConfigDict) -> Job:
                  lr, "scaled" if o.scale_lr else "base", o.accumulate, config.data.global_batch_size,
                  dict(mesh.shape))
     return Job(config, mesh, nets, spec, steps, state, lpips_state, sampler, (size, size),
-               config.total_steps * o.accumulate, config.pretrain_steps * o.accumulate)
+               config.total_steps * o.accumulate, config.pretrain_steps * o.accumulate,
+               eqvae_eval.make_eval_step(spec.vae_graph, spec.lpips_graph, config.seed),
+               eqvae_eval.make_summary_fn(spec.vae_graph))
 
 
 def host_state(job: Job, step: int) -> dict[str, Any]:
@@ -122,8 +126,7 @@ def run_eval(job: Job, services: RunServices, step: int) -> dict[str, float]:
     c = job.config
     if not c.log.eval_batches:
         return {}
-    eval_step = eqvae_eval.make_eval_step(job.spec.vae_graph, job.spec.lpips_graph, c.seed)
-    results = eqvae_eval.evaluate(eval_step, job.state.vae, job.lpips_state,
+    results = eqvae_eval.evaluate(job.eval_step, job.state.vae, job.lpips_state,
                                   build_eval_iterator(c.data, job.mesh), c.log.eval_batches)
     if results:
         services.writer.write_scalars(step, results)
@@ -141,7 +144,7 @@ def write_image_summaries(job: Job, services: RunServices, step: int) -> str | N
     batch = next(iter(build_eval_iterator(c.data, job.mesh)))
     n = min(c.log.images, batch["image"].shape[0])
     recon, decoded_t, target_t = jax.device_get(
-        eqvae_eval.make_summary_fn(job.spec.vae_graph)(job.state.vae, batch["image"]))
+        job.summary_fn(job.state.vae, batch["image"]))
     images = np.clip((np.asarray(batch["image"]) + 1) / 2, 0, 1)
     rows = [images[:n], np.asarray(recon)[:n], np.asarray(target_t)[:n], np.asarray(decoded_t)[:n]]
     grid = eqvae_eval.image_grid(rows)
