@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from eqvae_jax.parallel import batches, mesh
+from eqvae_jax.parallel import mesh
 
 
 def test_mesh_shapes_and_errors():
@@ -23,14 +23,11 @@ def test_mesh_shapes_and_errors():
 
 def test_global_batch_is_sharded_over_both_axes():
     m = mesh.make_mesh(4, 2)
-    host = {"image": np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3)}
-    assert batches.check_global_batch(16, m) == 16
-    g = batches.to_global(host, m)["image"]
-    assert g.shape == (16, 2, 2, 3)
+    host = np.arange(16 * 2 * 2 * 3, dtype=np.float32).reshape(16, 2, 2, 3)
+    g = jax.device_put(host, mesh.batch_sharding(m))
+    assert mesh.batch_divisor(m) == 8
     assert len(g.addressable_shards) == 8 and g.addressable_shards[0].data.shape == (2, 2, 2, 3)
-    np.testing.assert_array_equal(np.asarray(g), host["image"])
-    with pytest.raises(ValueError, match="not divisible"):
-        batches.check_global_batch(12, m)
+    np.testing.assert_array_equal(np.asarray(g), host)
 
 
 def test_param_shardings_rules_then_fsdp_then_replicated():

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from eqvae_jax.data.iterator import build_train_iterator
+from eqvae_jax.parallel.mesh import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "job config file with a `data` field", lock_config=True
@@ -38,16 +39,10 @@ def image_grid(images: np.ndarray) -> np.ndarray:
     return grid
 
 
-def _mesh() -> jax.sharding.Mesh:
-    """All devices on the 'data' axis (the pipeline only needs the batch axes)."""
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((jax.device_count(), 1), ("data", "fsdp"), axis_types=(auto, auto))
-
-
 def main(argv: list[str]) -> None:
     del argv
     data = _CONFIG.value.data
-    iterator = build_train_iterator(data, _mesh())
+    iterator = build_train_iterator(data, make_mesh(-1, 1))  # the pipeline only needs the batch axes
     try:
         start = time.perf_counter()
         first = next(iterator)

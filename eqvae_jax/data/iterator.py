@@ -22,22 +22,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from eqvae_jax.data import pipeline
 from eqvae_jax.data.decode import SKIP_REASONS
 from eqvae_jax.data.sources import open_source
+from eqvae_jax.parallel.mesh import batch_sharding as mesh_batch_sharding
 
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 _DEVICE_KEYS = ("image", "label", "mask")
 
 
 def batch_sharding(mesh_or_sharding: Mesh | NamedSharding) -> NamedSharding:
-    """The sharding of a global batch: leading axis over the mesh's ('data', 'fsdp') axes."""
+    """The sharding of a global batch: a given NamedSharding, or the mesh's batch sharding."""
     if isinstance(mesh_or_sharding, NamedSharding):
         return mesh_or_sharding
-    axes = tuple(a for a in BATCH_AXES if a in mesh_or_sharding.axis_names)
-    return NamedSharding(mesh_or_sharding, PartitionSpec(axes))
+    return mesh_batch_sharding(mesh_or_sharding)
 
 
 def _scale(images: jax.Array) -> jax.Array:
