@@ -27,12 +27,16 @@ TRAINERS = {
 
 
 def multi_host_environment() -> bool:
-    """True on a multi-worker TPU slice/pod or a cluster launcher that jax.distributed understands."""
+    """True on a multi-worker TPU slice/pod (GKE sets TPU_WORKER_HOSTNAMES) or a multi-task Slurm/MPI launch.
+
+    On plain Cloud TPU VMs the worker list may only be in the metadata server: pass --distributed there.
+    """
     if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return True
-    return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) and (
-        int(os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))) > 1
-    )
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        return True
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    return int(tasks) > 1
 
 
 def main(argv: list[str]) -> None:

@@ -67,6 +67,21 @@ def test_config_errors_are_reported_before_anything_is_built(cache_dir):
     with pytest.raises(eqvae_config.ConfigError, match="does not cover the 8 available devices"):
         eqvae_config.validate(config)
 
+    config = tiny_config(cache_dir)
+    config.transform.scale_numerators = [3, 5]  # on 32 px images: a 6 px and a 10 px target
+    config.log.every_steps = 0
+    with pytest.raises(eqvae_config.ConfigError) as e:
+        eqvae_config.validate(config)
+    msg = str(e.value)
+    assert "log.every_steps must be >= 1" in msg
+    assert "transform equivariance@3/16: a 6 px target gives the 2-layer discriminator no logits" in msg
+    config = tiny_config(cache_dir)
+    config.data.image_size = 36  # latent 18: 18 * 8/16 = 9 -> 18 px decoded, target 18 px: fine; 34 is not
+    eqvae_config.validate(config)
+    config.data.image_size = 34  # latent 17 -> 8 (16 px decoded) but the target is 17 px
+    with pytest.raises(eqvae_config.ConfigError, match=r"target image is \[17, 17\] px but the decoded"):
+        eqvae_config.validate(config)
+
 
 def test_job_with_lpips_evaluates_checkpoints_and_exports(cache_dir, tmp_path):
     config = tiny_config(cache_dir)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Checkpointer:
     """Save/restore whole-run checkpoints under `directory` (usually WORKDIR/checkpoints)."""
 
     def __init__(self, directory: str, options: CheckpointOptions = CheckpointOptions()):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs:// stays a URL
         self.options = options
         manager_options = ocp.CheckpointManagerOptions(
             max_to_keep=options.max_to_keep,
@@ -109,8 +110,8 @@ class Checkpointer:
         return Restored(step, restored["state"], dict(restored["host"]), restored.get("config"))
 
     def _item_names(self, step: int) -> set[str]:
-        path = os.path.join(self.directory, str(step))
-        return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))} if os.path.isdir(path) else set()
+        path = epath.Path(self.directory) / str(step)
+        return {p.name for p in path.iterdir() if p.is_dir()} if path.is_dir() else set()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

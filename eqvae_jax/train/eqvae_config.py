@@ -44,7 +44,9 @@ def defaults() -> ConfigDict:
     c.disc.weights = ""
     c.disc.ndf = 64
     c.disc.n_layers = 3
-    c.disc.stats_groups = 0  # BatchNorm statistics groups; 0 = one per batch shard (per-device, like DDP)
+    # BatchNorm statistics groups: 0 = groups of 10 images, the reference's per-GPU batch (one group per batch
+    # shard when the micro-batch is not a multiple of 10); G > 0 = G groups. 1 = statistics of the whole batch.
+    c.disc.stats_groups = 0
 
     # LPIPS: a converted weights dir; '' with loss.perceptual_weight 0 skips LPIPS; 'random' = random VGG (demo).
     c.lpips = ConfigDict({"weights": ""})
@@ -147,12 +149,63 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
             problems.append(f"{name}: {e}")
     if config.d_step_transform not in ("redraw", "shared"):
         problems.append(f"d_step_transform must be 'redraw' or 'shared', not {config.d_step_transform!r}")
+    for name in ("log.every_steps", "log.eval_every_steps", "checkpoint.every_steps"):
+        section, field = name.split(".")
+        if config[section][field] < 1:
+            problems.append(f"{name} must be >= 1 (micro-steps)")
+    problems.extend(shape_problems(config))
     if config.optim.accumulate < 1:
         problems.append("optim.accumulate must be >= 1")
     if config.total_steps < 1 or config.pretrain_steps < 0 or config.pretrain_steps > config.total_steps:
         problems.append("need total_steps >= 1 and 0 <= pretrain_steps <= total_steps")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def disc_stats_groups(config: ConfigDict, batch_shards: int) -> int:
+    """The discriminator's BatchNorm group count for `config` (see defaults(): disc.stats_groups)."""
+    if config.disc.stats_groups:
+        return config.disc.stats_groups
+    batch = config.data.global_batch_size
+    return batch // 10 if batch % 10 == 0 else batch_shards
+
+
+def shape_problems(config: ConfigDict) -> list[str]:
+    """Every transform the sampler can draw must give a target the decoder can produce and D can score.
+
+    Checked here so that a bad image size / scale grid fails before compiling, not when a scale is first drawn.
+    """
+    from eqvae_jax.losses import resample
+    from eqvae_jax.models import kl_vae, weights
+
+    try:
+        if config.model.init == "weights":
+            vae_config = kl_vae.KLVAEConfig.from_dict(weights.read_config(config.model.weights)[1])
+        else:
+            overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+            vae_config = kl_vae.PRESETS[config.model.preset](**overrides)
+        cfg = equivariance.TransformConfig.from_config(config.transform)
+    except (ValueError, TypeError, KeyError, FileNotFoundError):
+        return []  # reported by the other checks
+    f, size = vae_config.downsample_factor, config.data.image_size
+    if size % f:
+        return [f"data.image_size={size} is not divisible by the autoencoder's downsampling factor {f}"]
+    problems = []
+    for plan in equivariance.all_plans(cfg, (size, size)):
+        if plan.branch is equivariance.Branch.PLAIN:
+            continue
+        image = [resample.resized_size(size, n, plan.denominator) for n in plan.scale]
+        latent = [resample.resized_size(size // f, n, plan.denominator) for n in plan.scale]
+        if plan.branch is equivariance.Branch.EQUIVARIANCE and image != [f * n for n in latent]:
+            problems.append(f"transform {plan}: the target image is {image} px but the decoded scaled latent is "
+                            f"{[f * n for n in latent]} px; choose scales with image_size/{f} * scale integral")
+        if plan.branch is equivariance.Branch.LOWRES and any(n % f for n in image):
+            problems.append(f"transform {plan}: the low-res image {image} px is not divisible by {f}")
+        logits = min(image) // 2 ** config.disc.n_layers - 2
+        if logits < 1:
+            problems.append(f"transform {plan}: a {min(image)} px target gives the {config.disc.n_layers}-layer "
+                            "discriminator no logits")
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
 
 
 def check_weights_dir(problems: list[str], name: str, path: str, required: bool) -> None:

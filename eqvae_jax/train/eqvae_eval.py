@@ -3,8 +3,6 @@ plus image summaries (inputs, reconstructions, decoded transformed latents)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,44 +17,61 @@ SUMMARY_ROT = 1
 
 
 def make_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, seed: int):
-    """jit((vae_params, lpips_state, images) -> per-image metrics). Reconstructions decode a posterior sample with a
-    fixed key, as the reference's eval.py samples (recipe.md §6.1); LPIPS runs without dropout."""
+    """jit((vae_params, lpips_state, images, mask) -> {metric: sum over valid images}, replicated).
+
+    Reconstructions decode a posterior sample with a fixed key, as the reference's eval.py samples (recipe.md
+    §6.1); LPIPS runs without dropout. Sums are reduced on device, so multi-host runs need no gather.
+    """
 
     @jax.jit
-    def step(vae_params, lpips_state, images):
+    def step(vae_params, lpips_state, images, mask):
         vae = nnx.merge(vae_graph, vae_params)
         posterior = vae.encode(images)
         recon = vae.decode(posterior.sample(jax.random.key(seed)))
-        out = {"psnr": reconstruction.psnr(recon, images), "ssim": reconstruction.ssim(recon, images)}
+        per_image = {"psnr": reconstruction.psnr(recon, images), "ssim": reconstruction.ssim(recon, images)}
         if lpips_graph is not None:
-            out["lpips"] = nnx.merge(lpips_graph, lpips_state)(images, recon)
+            per_image["lpips"] = nnx.merge(lpips_graph, lpips_state)(images, recon)
         errors = eq_eval.equivariance_errors(lambda a: vae.encode(a).mean, images)
-        return out, errors
+        w = mask.astype(jnp.float32)
+        sums = {k: jnp.sum(v * w) for k, v in per_image.items()}
+        sums.update({f"equivariance/{k}": jnp.sum(v * w) for k, v in errors.items()})
+        sums["images"] = jnp.sum(w)
+        return sums
 
     return step
 
 
-def evaluate(step, vae_params, lpips_state, batches: Iterable[Mapping[str, jax.Array]], max_batches: int
-             ) -> dict[str, float]:
-    """Mean of each metric over the valid (mask=True) held-out images of up to `max_batches` batches."""
-    sums: dict[str, float] = {}
-    count = 0
-    meter = eq_eval.EquivarianceMeter()
-    for i, batch in enumerate(batches):
-        if i >= max_batches:
-            break
-        metrics, errors = jax.device_get(step(vae_params, lpips_state, batch["image"]))
-        mask = np.asarray(batch["mask"]) if "mask" in batch else np.ones(batch["image"].shape[0], bool)
-        for name, values in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(np.asarray(values, np.float64)[mask].sum())
-        meter.update({k: np.asarray(v)[mask] for k, v in errors.items()})
-        count += int(mask.sum())
-    if count == 0:
+def evaluate(step, vae_params, lpips_state, batches, max_batches: int) -> dict[str, float]:
+    """Mean of each metric over the valid (mask=True) held-out images of up to `max_batches` batches, with the
+    equivariance error also per transform family (rotation, scale) as in the paper."""
+    totals: dict[str, float] = {}
+    try:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            mask = batch.get("mask")
+            if mask is None:
+                mask = jnp.ones(batch["image"].shape[:1], bool)
+            for k, v in jax.device_get(step(vae_params, lpips_state, batch["image"], mask)).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+    count = totals.pop("images", 0.0)
+    if not count:
         return {}
-    out = {f"eval/{k}": v / count for k, v in sums.items()}
-    out.update(meter.result("eval/equivariance/"))
-    out["eval/images"] = float(count)
+    out = {f"eval/{k}": v / count for k, v in totals.items()}
+    for family, names in _families().items():
+        out[f"eval/equivariance/{family}"] = float(np.mean([out[f"eval/equivariance/{n}"] for n in names]))
+    out["eval/images"] = count
     return out
+
+
+def _families() -> dict[str, list[str]]:
+    families: dict[str, list[str]] = {}
+    for name, (family, _) in eq_eval.EquivarianceEvalConfig().transforms().items():
+        families.setdefault(family, []).append(name)
+    return families
 
 
 def make_summary_fn(vae_graph: nnx.GraphDef):

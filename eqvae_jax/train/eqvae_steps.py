@@ -86,14 +86,15 @@ def generator_step(
     ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(vae)
     new = {"vae": vae, "opt_g": opt_g, "disc_stats": disc_stats}
     if spec.ema_decay is not None:
-        updated = (state.step + 1) % spec.accumulate == 0
+        # Did this micro-step apply an optimizer update? (MultiSteps: its mini-step counter wrapped to 0.)
+        updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
         decay = jnp.where(updated, spec.ema_decay, 1.0)
         new["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, vae)
     new_state = _apply_guarded(state, ok, **new)
     metrics = {f"g/{k}": v for k, v in terms.items()}
     metrics["g/grad_norm"] = optax.global_norm(grads)
     metrics["g/finite"] = ok.astype(jnp.float32)
-    metrics["nonfinite_run"] = new_state.nonfinite_run
+    metrics["nonfinite_run"] = jnp.maximum(new_state.nonfinite_run, new_state.nonfinite_run_d)
     metrics["nonfinite_total"] = new_state.nonfinite_total
     return new_state, metrics, (pair if spec.return_pair else None)
 
@@ -132,7 +133,7 @@ def discriminator_step(
     kept = select(ok, {"disc": disc, "opt_d": opt_d, "disc_stats": disc_stats},
                   {"disc": state.disc, "opt_d": state.opt_d, "disc_stats": state.disc_stats})
     new_state = state.replace(
-        nonfinite_run=jnp.where(ok, state.nonfinite_run, state.nonfinite_run + 1),
+        nonfinite_run_d=jnp.where(ok, 0, state.nonfinite_run_d + 1),
         nonfinite_total=state.nonfinite_total + jnp.logical_not(ok).astype(jnp.int32),
         **kept,
     )

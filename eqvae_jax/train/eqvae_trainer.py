@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
+from jax.experimental.multihost_utils import process_allgather
 from ml_collections import ConfigDict
 from PIL import Image
 
@@ -55,7 +58,7 @@ def build_job(config: ConfigDict) -> Job:
     """Validate the config, then build networks, optimizers, state and the jitted steps (nothing compiles yet)."""
     eqvae_config.validate(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    stats_groups = config.disc.stats_groups or batch_divisor(mesh)
+    stats_groups = eqvae_config.disc_stats_groups(config, batch_divisor(mesh))
     nets = build_networks(config, stats_groups)
     lr = eqvae_config.learning_rate(config)
     o = config.optim
@@ -110,6 +113,10 @@ def restore_if_any(job: Job, services: RunServices, train_it) -> int:
     return latest
 
 
+def consecutive_nonfinite(job: Job) -> int:
+    return int(max(job.state.nonfinite_run, job.state.nonfinite_run_d))
+
+
 def draw(job: Job, step: int) -> tuple[equivariance.BranchPlan, np.int32, equivariance.Draw]:
     d = PLAIN if step < job.pretrain_micro_steps else job.sampler.draw()
     plan, rot = d.plan(job.image_hw)
@@ -122,11 +129,16 @@ def branch_metrics(prefix: str, d: equivariance.Draw) -> dict[str, float]:
     return out
 
 
+def eval_params(job: Job):
+    """The autoencoder weights that are evaluated and exported: the EMA when enabled."""
+    return job.state.ema if job.config.ema.enabled else job.state.vae
+
+
 def run_eval(job: Job, services: RunServices, step: int) -> dict[str, float]:
     c = job.config
     if not c.log.eval_batches:
         return {}
-    results = eqvae_eval.evaluate(job.eval_step, job.state.vae, job.lpips_state,
+    results = eqvae_eval.evaluate(job.eval_step, eval_params(job), job.lpips_state,
                                   build_eval_iterator(c.data, job.mesh), c.log.eval_batches)
     if results:
         services.writer.write_scalars(step, results)
@@ -141,17 +153,22 @@ def write_image_summaries(job: Job, services: RunServices, step: int) -> str | N
     c = job.config
     if not c.log.images:
         return None
-    batch = next(iter(build_eval_iterator(c.data, job.mesh)))
+    it = build_eval_iterator(c.data, job.mesh)
+    try:
+        batch = next(iter(it))
+    finally:
+        it.close()
     n = min(c.log.images, batch["image"].shape[0])
-    recon, decoded_t, target_t = jax.device_get(
-        job.summary_fn(job.state.vae, batch["image"]))
-    images = np.clip((np.asarray(batch["image"]) + 1) / 2, 0, 1)
+    outputs = job.summary_fn(eval_params(job), batch["image"]) + (batch["image"],)
+    recon, decoded_t, target_t, images = (np.asarray(a) for a in process_allgather(outputs, tiled=True))
+    images = np.clip((images + 1) / 2, 0, 1)
     rows = [images[:n], np.asarray(recon)[:n], np.asarray(target_t)[:n], np.asarray(decoded_t)[:n]]
     grid = eqvae_eval.image_grid(rows)
     services.writer.write_images(step, {"reconstructions": grid[None]})
     path = os.path.join(services.workdir, "reconstructions.png")
     if jax.process_index() == 0:
-        Image.fromarray(grid).save(path)
+        with epath.Path(path).open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
     return path
 
 
@@ -161,13 +178,29 @@ def export_diffusers(job: Job, workdir: str, use_ema: bool) -> str:
 
     from eqvae_jax.convert import kl_vae as convert_kl_vae
 
-    params = job.state.ema if use_ema and job.state.ema else job.state.vae
-    vae = nnx.merge(job.spec.vae_graph, jax.device_get(params))
-    dst = os.path.join(workdir, "export", "diffusers")
+    params = eval_params(job) if use_ema else job.state.vae
+    vae = nnx.merge(job.spec.vae_graph, jax.device_get(process_allgather(params, tiled=True)))
+    dst = os.path.join(workdir, "export")
     if jax.process_index() == 0:
-        convert_kl_vae.write_diffusers(dst, vae.config, flat_variables(vae), overwrite=True)
-        kl_vae.save(vae, os.path.join(workdir, "export", "flax"))
-    return dst
+        with tempfile.TemporaryDirectory() as tmp:  # written locally, then copied (the workdir may be gs://)
+            convert_kl_vae.write_diffusers(os.path.join(tmp, "diffusers"), vae.config, flat_variables(vae))
+            kl_vae.save(vae, os.path.join(tmp, "flax"))
+            for name in ("diffusers", "flax"):
+                copy_tree(os.path.join(tmp, name), os.path.join(dst, name))
+    return os.path.join(dst, "diffusers")
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Replace `dst` (local or gs://) with a copy of the local directory `src`."""
+    target = epath.Path(dst)
+    if target.exists():
+        target.rmtree()
+    for root, _, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        out = target / rel if rel != "." else target
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            epath.Path(os.path.join(root, name)).copy(out / name)
 
 
 def run(config: ConfigDict, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
@@ -197,9 +230,6 @@ def run(config: ConfigDict, workdir: str, stop_after: int | None = None) -> dict
     step = start
     try:
         for step in range(start, job.total_micro_steps):
-            if step == job.pretrain_micro_steps and step > 0:
-                summary["eval_after_pretrain"] = run_eval(job, services, step)
-                save(job, services, step, train_it)
             batch = next(train_it)
             key_g, key_d = jax.random.split(jax.random.fold_in(base_key, step))
             plan, rot, d = draw(job, step)
@@ -217,20 +247,24 @@ def run(config: ConfigDict, workdir: str, stop_after: int | None = None) -> dict
             services.progress(done)
             if done % config.log.every_steps == 0 or done == job.total_micro_steps:
                 scalars = buffer.summary()
-                check_nonfinite(int(job.state.nonfinite_run), int(job.state.nonfinite_total),
+                check_nonfinite(consecutive_nonfinite(job), int(job.state.nonfinite_total),
                                 config.max_consecutive_nonfinite, done)
                 scalars.update(g_variants.summary())
                 scalars.update(d_variants.summary())
                 scalars.update({f"data/skipped_{k}": float(v) for k, v in train_it.skip_counts.items()})
                 services.writer.write_scalars(done, scalars)
                 summary["last_metrics"] = scalars
-            if done % config.log.eval_every_steps == 0 and done != job.total_micro_steps:
+            if done == job.pretrain_micro_steps and done != job.total_micro_steps:
+                summary["eval_after_pretrain"] = run_eval(job, services, done)
+            elif done % config.log.eval_every_steps == 0 and done != job.total_micro_steps:
                 run_eval(job, services, done)
             if stop_after is not None and done - start >= stop_after:
                 services.stop.request()
             stop = services.stop.should_stop(done)
-            if services.checkpointer.should_save(done) or stop or done == job.total_micro_steps:
-                check_nonfinite(int(job.state.nonfinite_run), int(job.state.nonfinite_total),
+            boundary = done in (job.pretrain_micro_steps, job.total_micro_steps)
+            if (services.checkpointer.should_save(done) or stop or boundary) and \
+                    done not in services.checkpointer.all_steps():
+                check_nonfinite(consecutive_nonfinite(job), int(job.state.nonfinite_total),
                                 config.max_consecutive_nonfinite, done)
                 save(job, services, done, train_it)
             if stop:

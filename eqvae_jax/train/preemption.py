@@ -10,20 +10,23 @@ from absl import logging
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT; polled by the training loop between steps.
+    """Set by SIGTERM; polled by the training loop between steps.
 
-    With several processes every host must agree on the step at which it stops (they all take part in the
-    save), so `should_stop(step)` combines the local flag with JAX's preemption sync point and an all-gather.
+    Single process: our SIGTERM handler sets a flag. Several processes: every host must stop at the same step
+    (they all take part in the save), so we install no handler of our own (JAX's preemption service, started by
+    `jax.distributed.initialize()`, watches SIGTERM) and agree through `reached_preemption_sync_point`, plus an
+    all-gather of explicit `request()`s every `sync_every` steps (not every step: it blocks the host).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, sync_every: int = 10):
         self._event = threading.Event()
-        self._previous = {}
-        for sig in signals:
+        self._previous = None
+        self.sync_every = max(1, sync_every)
+        if jax.process_count() == 1:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
             except ValueError:  # not the main thread (e.g. under some test runners)
-                logging.warning("StopRequest: cannot install a handler for %s outside the main thread", sig)
+                logging.warning("StopRequest: cannot install a SIGTERM handler outside the main thread")
 
     def _handle(self, signum, frame) -> None:
         logging.warning("received signal %d: will save a checkpoint and stop after this step", signum)
@@ -40,9 +43,12 @@ class StopRequest:
 
         if multihost_utils.reached_preemption_sync_point(step):
             return True
+        if step % self.sync_every:
+            return False
         flags = multihost_utils.process_allgather(jax.numpy.asarray(local))
         return bool(flags.any())
 
     def restore_handlers(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from ml_collections import ConfigDict
 
 from eqvae_jax.train import metrics
@@ -35,21 +36,25 @@ class RunServices:
         self.stop.restore_handlers()
 
 
+def resolve(path: str) -> str:
+    """Absolute local path, or a URL (gs://...) unchanged: workdirs may live on GCS."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def enable_compilation_cache(directory: str) -> None:
     """Persistent XLA cache so a restarted run does not pay the compile time of every variant again."""
-    os.makedirs(directory, exist_ok=True)
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def start_run(config: ConfigDict, workdir: str, total_steps: int) -> RunServices:
     """Create the workdir layout and the services of a run (call after the config was validated)."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = resolve(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(config.get("compilation_cache_dir") or os.path.join(workdir, "jax_cache"))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     c = config.checkpoint
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
@@ -59,7 +64,7 @@ def start_run(config: ConfigDict, workdir: str, total_steps: int) -> RunServices
     writer = metrics.create_writer(workdir)
     progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=config.log.every_steps)
-    return RunServices(workdir, writer, checkpointer, StopRequest(), progress)
+    return RunServices(workdir, writer, checkpointer, StopRequest(sync_every=config.log.every_steps), progress)
 
 
 def all_finite(tree: Any) -> jax.Array:
