@@ -1,7 +1,7 @@
 """Ahead-of-time TPU compile of the real DiT-XL/2 train step (global batch 256) on this CPU machine.
 
     pip install --target /opt/libtpu_aot -r requirements-tpu-aot.txt   # libtpu's compiler, not in CPU CI
-    PYTHONPATH=/opt/libtpu_aot python benchmarks/tpu_aot_dit.py [--model XL/2] [--batch 256] [--remat both]
+    PYTHONPATH=/opt/libtpu_aot:. python -m benchmarks.tpu_aot_dit [--model XL/2] [--batch 256] [--remat both]
 
 For each target slice (v4-8, v5p-8, v5e-16, v6e-8) the step of `eqvae_jax.train.dit_steps` (posterior sample,
 DDPM hybrid loss, AdamW, EMA, non-finite guard; bf16 matmuls; FSDP over all chips of the slice, the job's
@@ -15,7 +15,6 @@ for reference. Compared with the DiT paper's TPU v3-256 rate (5.7 it/s at batch 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 
@@ -24,34 +23,25 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from benchmarks.tpu_aot_common import (  # noqa: E402
+    GIB,
+    V4_8,
+    V5E_16,
+    V5P_8,
+    V6E_8,
+    Target,
+    memory_report,
+    topology_mesh,
+    xla_flops,
+)
 from eqvae_jax.models.dit import DiT, dit_flops  # noqa: E402
 from eqvae_jax.train import dit_config, dit_state  # noqa: E402
 from eqvae_jax.train.dit_steps import make_train_step  # noqa: E402
 
-GIB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    topology: str  # jax.experimental.topologies name
-    chips: int
-    peak_tflops: float  # bf16 dense per chip (targets.md §3)
-    hbm_bytes: float
-    chip_config: str = ""  # 'megacore': v4's two TensorCores as one device, as on v4 TPU VMs
-
-
-TARGETS = (
-    Target("v4-8", "v4:2x2x1", 4, 275.0, 32 * GIB, "megacore"),
-    Target("v5p-8", "v5p:2x2x1", 4, 459.0, 95e9),
-    Target("v5e-16", "v5e:4x4", 16, 197.0, 16e9),
-    Target("v6e-8", "v6e:2x4", 8, 918.0, 32e9),
-)
+TARGETS = (V4_8, V5P_8, V5E_16, V6E_8)
 DIT_V3_STEPS_PER_S = 5.7  # DiT paper, TPU v3-256 (128 chips), DiT-XL/2, global batch 256
 
 
@@ -64,12 +54,7 @@ def job_config(model: str, batch: int, remat: bool):
 
 
 def compile_step(target: Target, config) -> dict:
-    kwargs = {"chip_config_name": target.chip_config} if target.chip_config else {}
-    topo = topologies.get_topology_desc(target.topology, "tpu", **kwargs)
-    devices = np.asarray(topo.devices)
-    if len(devices) != target.chips:
-        raise RuntimeError(f"{target.topology}: {len(devices)} devices, expected {target.chips}")
-    mesh = Mesh(devices.reshape(1, -1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = topology_mesh(target)
     cfg = dit_config.dit_model_config(config, (32, 32, 4))
     tx = dit_state.make_optimizer(config)
     init = dit_state._init_fn(cfg, config, tx)
@@ -88,19 +73,13 @@ def compile_step(target: Target, config) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    per_chip += mem.temp_size_in_bytes
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = memory_report(compiled)
     flops = dit_flops(cfg, b, train=True)
     return {
         "compile_s": seconds,
-        "args_gib": mem.argument_size_in_bytes / GIB,
-        "temp_gib": mem.temp_size_in_bytes / GIB,
-        "per_chip_gib": per_chip / GIB,
-        "fits": per_chip < target.hbm_bytes,
-        "xla_tflop": float(cost.get("flops", float("nan"))) * target.chips / 1e12,
+        **mem,
+        "fits": mem["per_chip_gib"] * GIB < target.hbm_bytes,
+        "xla_tflop": xla_flops(compiled) * target.chips / 1e12,
         "model_tflop": flops / 1e12,
         "step_s_40": flops / (target.chips * target.peak_tflops * 1e12 * 0.4),
     }
