@@ -158,11 +158,13 @@ def write_image_summaries(job: Job, services: RunServices, step: int) -> str | N
         batch = next(iter(it))
     finally:
         it.close()
-    n = min(c.log.images, batch["image"].shape[0])
-    outputs = job.summary_fn(eval_params(job), batch["image"]) + (batch["image"],)
-    recon, decoded_t, target_t, images = (np.asarray(a) for a in process_allgather(outputs, tiled=True))
+    outputs = job.summary_fn(eval_params(job), batch["image"]) + (batch["image"], batch["mask"])
+    recon, decoded_t, target_t, images, mask = (np.asarray(a) for a in process_allgather(outputs, tiled=True))
+    keep = np.flatnonzero(mask)[: c.log.images]  # padding of the last eval batch is not shown
+    if keep.size == 0:
+        return None
     images = np.clip((images + 1) / 2, 0, 1)
-    rows = [images[:n], np.asarray(recon)[:n], np.asarray(target_t)[:n], np.asarray(decoded_t)[:n]]
+    rows = [images[keep], recon[keep], target_t[keep], decoded_t[keep]]
     grid = eqvae_eval.image_grid(rows)
     services.writer.write_images(step, {"reconstructions": grid[None]})
     path = os.path.join(services.workdir, "reconstructions.png")
