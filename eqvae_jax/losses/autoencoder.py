@@ -29,6 +29,7 @@ from flax import nnx
 from eqvae_jax.losses import gan
 from eqvae_jax.losses.nnx_vjp import vjp_wrt_input, vjp_wrt_variable
 from eqvae_jax.losses.reconstruction import REDUCTIONS, Posterior, kl_loss, nll_loss
+from eqvae_jax.typed_config import from_section
 
 LpipsFn = Callable[..., jax.Array]
 DECODER_LAST_LAYER = ("decoder", "conv_out", "kernel")
@@ -61,11 +62,7 @@ class LossConfig:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict | dict[str, Any]) -> LossConfig:
         """From a job config's `loss` section (field names as here; unknown names are an error)."""
-        d = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"LossConfig: unknown field(s) {unknown}.")
-        return cls(**d)
+        return from_section(cls, cfg)
 
 
 def default_config() -> ml_collections.ConfigDict:

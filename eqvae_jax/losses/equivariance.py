@@ -29,6 +29,7 @@ from flax import nnx
 from eqvae_jax.losses import resample
 from eqvae_jax.losses.autoencoder import LossConfig, LpipsFn, decode_with_last_layer, generator_loss
 from eqvae_jax.losses.reconstruction import Posterior
+from eqvae_jax.typed_config import from_section
 
 
 class Branch(enum.StrEnum):
@@ -77,11 +78,7 @@ class TransformConfig:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict | dict[str, Any]) -> TransformConfig:
         """From a job config's `transform` section (field names as here; unknown names are an error)."""
-        d = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"TransformConfig: unknown field(s) {unknown}.")
-        return cls(**d)
+        return from_section(cls, cfg)
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ from flax import nnx
 from eqvae_jax.models import weights
 from eqvae_jax.models.host_init import init_on_host
 from eqvae_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv
+from eqvae_jax.typed_config import from_section
 
 KIND = "kl_vae"
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -81,11 +82,7 @@ class KLVAEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KLVAEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"KLVAEConfig: unknown field(s) {unknown}.")
-        return cls(**d)
+        return from_section(cls, d)
 
 
 def sd_vae(**overrides: Any) -> KLVAEConfig:
