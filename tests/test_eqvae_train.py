@@ -101,6 +101,16 @@ def test_job_with_lpips_evaluates_checkpoints_and_exports(cache_dir, tmp_path):
     metrics = summary["last_metrics"]
     assert metrics["g/lpips"] > 0 and np.isfinite(metrics["g/total"]) and metrics["nonfinite_total"] == 0
 
+    # On-demand export of a checkpoint gives the same weights as the end-of-run export.
+    from safetensors.numpy import load_file
+
+    from eqvae_jax import export
+
+    again = export.export(str(tmp_path / "run"), dst=str(tmp_path / "again"))
+    a = load_file(os.path.join(summary["export"], "diffusion_pytorch_model.safetensors"))
+    b = load_file(os.path.join(again, "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
 
 def test_interrupted_run_resumes_bit_identically(cache_dir, tmp_path):
     config = tiny_config(cache_dir)

@@ -174,15 +174,14 @@ def write_image_summaries(job: Job, services: RunServices, step: int) -> str | N
     return path
 
 
-def export_diffusers(job: Job, workdir: str, use_ema: bool) -> str:
-    """Write the (EMA, if enabled) autoencoder as a diffusers AutoencoderKL directory under WORKDIR/export."""
+def export_diffusers(job: Job, dst: str, use_ema: bool) -> str:
+    """Write the (EMA, if enabled) autoencoder to DST/diffusers (a diffusers AutoencoderKL dir) and DST/flax."""
     from flax import nnx
 
     from eqvae_jax.convert import kl_vae as convert_kl_vae
 
     params = eval_params(job) if use_ema else job.state.vae
     vae = nnx.merge(job.spec.vae_graph, jax.device_get(process_allgather(params, tiled=True)))
-    dst = os.path.join(workdir, "export")
     if jax.process_index() == 0:
         with tempfile.TemporaryDirectory() as tmp:  # written locally, then copied (the workdir may be gs://)
             convert_kl_vae.write_diffusers(os.path.join(tmp, "diffusers"), vae.config, flat_variables(vae))
@@ -277,7 +276,7 @@ def run(config: ConfigDict, workdir: str, stop_after: int | None = None) -> dict
         step = job.total_micro_steps
         summary["eval_after"] = run_eval(job, services, step)
         if config.export_diffusers:
-            summary["export"] = export_diffusers(job, services.workdir, config.ema.enabled)
+            summary["export"] = export_diffusers(job, os.path.join(services.workdir, "export"), config.ema.enabled)
         summary["g_variants"] = g_variants.count
         summary["d_variants"] = d_variants.count
         summary["steps"] = step
