@@ -44,7 +44,8 @@ def _scale(images: jax.Array) -> jax.Array:
 
 
 class InputIterator:
-    """Iterator of {'image': float32 [-1, 1] (B, S, S, 3), 'label': int32 (B,) [, 'mask': bool (B,)]}."""
+    """Iterator of global batches, by default {'image': float32 [-1, 1] (B, S, S, 3), 'label': int32 (B,)
+    [, 'mask': bool (B,)]}; `device_keys` selects other host fields (the latent cache's mean/std/label)."""
 
     def __init__(
         self,
@@ -54,8 +55,9 @@ class InputIterator:
         prefetch: int = 2,
         scale_on_device: bool = True,
         num_batches: int | None = None,
+        device_keys: tuple[str, ...] = _DEVICE_KEYS,
     ) -> None:
-        self._dataset, self._sharding = dataset, sharding
+        self._dataset, self._sharding, self._device_keys = dataset, sharding, device_keys
         self.global_batch_size, self.num_batches = global_batch_size, num_batches
         self._prefetch = max(1, prefetch)
         self._scale = jax.jit(_scale, out_shardings=sharding) if scale_on_device else None
@@ -75,12 +77,12 @@ class InputIterator:
 
     def _to_global(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         out = {}
-        for key in _DEVICE_KEYS:
+        for key in self._device_keys:
             if key in host:
                 value = host[key]
                 shape = (self.global_batch_size,) + value.shape[1:]
                 out[key] = jax.make_array_from_process_local_data(self._sharding, value, shape)
-        if self._scale is not None and out["image"].dtype == jnp.uint8:
+        if self._scale is not None and "image" in out and out["image"].dtype == jnp.uint8:
             out["image"] = self._scale(out["image"])
         return out
 
@@ -93,7 +95,7 @@ class InputIterator:
             except StopIteration:
                 self._exhausted = True
                 break
-            skips = np.asarray(host.pop("skips")).sum(axis=0)
+            skips = np.asarray(host.pop("skips")).sum(axis=0) if "skips" in host else np.zeros_like(self._skips)
             self._queue.append((state, skips, self._to_global(host)))
 
     def __next__(self) -> dict[str, jax.Array]:
@@ -127,7 +129,7 @@ class InputIterator:
         self._queue.clear()
         self._exhausted = False
         self._grain().set_state(decoded["grain"])
-        self._skips = np.asarray(decoded["skips"], np.int64)
+        self._skips = np.asarray(decoded.get("skips", np.zeros_like(self._skips)), np.int64)
 
     def start_prefetch(self) -> None:
         """Called by grain.checkpoint.CheckpointHandler after a restore: start reading ahead."""

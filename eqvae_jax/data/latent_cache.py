@@ -16,7 +16,6 @@ Training draws z = mean + std * eps every step (REPA/edm2 style) and maps it wit
 
 from __future__ import annotations
 
-import collections
 import glob
 import json
 import os
@@ -27,7 +26,9 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from eqvae_jax.data.iterator import InputIterator, batch_sharding
 
 FORMAT = "eqvae-jax-latents"
 VERSION = 1
@@ -149,68 +150,16 @@ def latent_dataset(
     return it, meta
 
 
-class LatentIterator:
-    """Global batches {'mean', 'std' (B, h, w, c) f32, 'label' (B,) i32} sharded over ('data', 'fsdp').
-
-    Checkpointable like the image iterator (Grain DataLoaderIterator protocol, JSON bytes): the saved state
-    is the one before the next batch returned, so a restored iterator yields bit-identical batches.
-    """
-
-    def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding, global_batch: int, prefetch: int = 2):
-        self._dataset, self._sharding, self.global_batch = dataset, sharding, global_batch
-        self._prefetch = max(1, prefetch)
-        self._it: grain.DatasetIterator | None = None
-        self._queue: collections.deque = collections.deque()
-
-    def __iter__(self) -> LatentIterator:
-        return self
-
-    def _grain(self) -> grain.DatasetIterator:
-        if self._it is None:
-            self._it = iter(self._dataset)
-        return self._it
-
-    def _fill(self) -> None:
-        it = self._grain()
-        while len(self._queue) < self._prefetch:
-            state = it.get_state()
-            host = next(it)
-            batch = {k: jax.make_array_from_process_local_data(
-                self._sharding, np.asarray(host[k]), (self.global_batch,) + np.shape(host[k])[1:])
-                for k in ("mean", "std", "label")}
-            self._queue.append((state, batch))
-
-    def __next__(self) -> dict[str, jax.Array]:
-        self._fill()
-        _, batch = self._queue.popleft()
-        self._fill()
-        return batch
-
-    def get_state(self) -> bytes:
-        state = self._queue[0][0] if self._queue else self._grain().get_state()
-        return json.dumps({"grain": state}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self._queue.clear()
-        self._grain().set_state(json.loads(state)["grain"])
-
-    def start_prefetch(self) -> None:
-        self._fill()
-
-    def close(self) -> None:
-        self._queue.clear()
-        if self._it is not None and hasattr(self._it, "close"):
-            self._it.close()
-        self._it = None
-
-
 def build_latent_iterator(
     config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int
-) -> tuple[LatentIterator, dict[str, Any]]:
+) -> tuple[InputIterator, dict[str, Any]]:
     """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta."""
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    sharding = batch_sharding(mesh)
     count = jax.process_count()
     if global_batch % count:
         raise ValueError(f"global batch {global_batch} is not divisible by {count} processes")
     dataset, meta = latent_dataset(config, global_batch // count, jax.process_index(), count)
-    return LatentIterator(dataset, sharding, global_batch, config.prefetch), meta
+    # The image pipeline's checkpointable prefetching iterator, over the cache's fields.
+    iterator = InputIterator(dataset, sharding, global_batch, config.prefetch, scale_on_device=False,
+                             device_keys=("mean", "std", "label"))
+    return iterator, meta
