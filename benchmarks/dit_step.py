@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eqvae_jax.models.dit import DiTConfig, build_dit, dit_config, dit_flops
+from eqvae_jax.models.dit import DiTConfig, build, dit_config, dit_flops
 
 LR = 1e-4
 
@@ -34,7 +34,7 @@ LR = 1e-4
 def make_jax_step(cfg: DiTConfig) -> tuple[Callable[..., Any], Any, Any, optax.GradientTransformation]:
     """(step, params, rest, optimizer) with
     step(params, opt_state, rest, x, t, y, target) -> (params, opt_state, loss)."""
-    model = build_dit(cfg)
+    model = build(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(LR, weight_decay=0.0)
 

@@ -20,7 +20,7 @@ from eqvae_jax.diffusion.interpolant import (
     score_from_velocity,
     training_loss,
 )
-from eqvae_jax.models.dit import DiTConfig, build_dit
+from eqvae_jax.models.dit import DiTConfig, build
 
 RNG = np.random.default_rng(0)
 SHAPE = (3, 4, 4, 2)
@@ -139,7 +139,7 @@ def test_sde_sample_last_step_and_determinism():
 
 def test_cfg():
     cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=2, num_classes=10)
-    model = build_dit(cfg, seed=1)
+    model = build(cfg, seed=1)
     # give the zero-initialised layers values so the class actually matters
     state = nnx_randomize(model)
     x = f32(RNG.normal(size=(2, 8, 8, 4)))

@@ -70,7 +70,7 @@ def _torch_stats(d) -> dict[str, np.ndarray]:
 
 
 def _our_stats(model) -> dict[str, np.ndarray]:
-    kmap = conv.key_map(model.n_layers)
+    kmap = {r.flax: r.torch for r in conv.key_map(model.n_layers).rows}
     return {kmap[k]: v for k, v in flat_variables(model, nnx.BatchStat).items()}
 
 
@@ -248,7 +248,7 @@ def test_missing_unexpected_misshaped_named(ref_sd, tmp_path):
         conv.convert(_write(tmp_path, bare, "bare.safetensors"), str(tmp_path / "out"))
     with pytest.raises(KeyMismatchError, match="mis-shaped"):  # architecture options are honoured
         conv.convert(_write(tmp_path, ref_sd, "ok.safetensors"), str(tmp_path / "out"), ndf=32)
-    with pytest.raises(ValueError, match="unknown discriminator option"):
+    with pytest.raises(ValueError, match="unknown --extra option.*depth for --kind discriminator"):
         conv.convert(_write(tmp_path, ref_sd, "ok.safetensors"), str(tmp_path / "out"), depth="3")
     with pytest.raises(ValueError, match="no discriminator keys"):  # e.g. an autoencoder-only checkpoint
         conv.convert(_write(tmp_path, {"encoder.conv_in.weight": np.zeros(1, np.float32)}, "ae.safetensors"),

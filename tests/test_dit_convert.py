@@ -11,7 +11,7 @@ from test_dit_model import TINY, inputs, randomized_reference, run_ref, state_di
 from eqvae_jax.convert import dit as conv
 from eqvae_jax.convert.__main__ import main as cli
 from eqvae_jax.convert.torch_files import read_state_dict
-from eqvae_jax.models.dit import load_dit
+from eqvae_jax.models import dit as dit_model
 from eqvae_jax.models.weights import KeyMismatchError, read_config
 
 HEADS = {"num_heads": "2"}  # hidden 64 is not a reference size
@@ -56,7 +56,7 @@ def test_diffusers_parity(tmp_path):
     m.save_pretrained(tmp_path / "hf")
     summary = conv.convert(str(tmp_path / "hf"), str(tmp_path / "w"))
     assert "depth 2" in summary and "heads 2" in summary
-    model = load_dit(str(tmp_path / "w"))
+    model = dit_model.load(str(tmp_path / "w"))
     assert model.config.timestep_freq_shift == 1
     x, t, y = inputs(TINY)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_diffusers_parity(tmp_path):
     assert np.abs(want).max() > 0.1
     # the reference timestep frequencies (shift 0) give a different function: the option matters
     conv.convert(str(tmp_path / "hf"), str(tmp_path / "w0"), timestep_freq_shift="0")
-    assert np.abs(np.asarray(load_dit(str(tmp_path / "w0"))(x, t, y)) - want).max() > 1e-3
+    assert np.abs(np.asarray(dit_model.load(str(tmp_path / "w0"))(x, t, y)) - want).max() > 1e-3
 
 
 def test_diffusers_unshared_embedders_rejected(tmp_path):
@@ -111,7 +111,7 @@ def test_official_parity_and_bitwise_round_trip(official, tmp_path):
         kind == "dit" and cfg["depth"] == 2 and cfg["num_classes"] == 10 and cfg["class_dropout_prob"] == 0.1
     )
     x, t, y = inputs(TINY)
-    err = np.abs(np.asarray(load_dit(str(tmp_path / "w"))(x, t, y)) - run_ref(ref, x, t, y)).max()
+    err = np.abs(np.asarray(dit_model.load(str(tmp_path / "w"))(x, t, y)) - run_ref(ref, x, t, y)).max()
     print(f"official-reference parity max abs err {err:.2e}")
     assert err <= 1e-4
     original = state_dict_np(ref)
@@ -142,7 +142,7 @@ def test_training_checkpoint_entries(tmp_path):
         dst = tmp_path / f"w_{entry}"
         conv.convert(str(tmp_path / "0400000.pt"), str(dst), **opts)
         np.testing.assert_allclose(
-            np.asarray(load_dit(str(dst))(x, t, y)), run_ref(source, x, t, y), atol=1e-4
+            np.asarray(dit_model.load(str(dst))(x, t, y)), run_ref(source, x, t, y), atol=1e-4
         )
     with pytest.raises(ValueError, match="model, ema, opt, args"):
         conv.convert(str(tmp_path / "0400000.pt"), str(tmp_path / "w_bad"), entry="nope", **HEADS)
@@ -184,7 +184,7 @@ def test_existing_dst_overwrite_and_options(official, tmp_path):
     assert read_config(tmp_path / "w")[0] == "dit"
     with pytest.raises(ValueError, match="not a reference DiT size"):
         conv.convert(pt, str(tmp_path / "w2"))
-    with pytest.raises(ValueError, match="unknown dit option"):
+    with pytest.raises(ValueError, match="unknown --extra option.*heads for --kind dit"):
         conv.convert(pt, str(tmp_path / "w2"), heads="2")
     with pytest.raises(ValueError, match=r"\.safetensors or \.pt"):
         conv.convert(str(tmp_path / "w"), str(tmp_path / "out.npz"), to="dit")

@@ -12,7 +12,7 @@ from flax import nnx
 from eqvae_jax.convert.dit import official_to_flax
 from eqvae_jax.models.dit import (
     DiTConfig,
-    build_dit,
+    build,
     dit_config,
     dit_flops,
     sincos_pos_embed_2d,
@@ -60,7 +60,7 @@ def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def ours_from(ref: TorchDiT, cfg: DiTConfig, **overrides) -> nnx.Module:
-    model = build_dit(DiTConfig(**{**cfg.__dict__, **overrides}))
+    model = build(DiTConfig(**{**cfg.__dict__, **overrides}))
     assign_variables(model, official_to_flax(state_dict_np(ref), cfg))
     return model
 
@@ -121,13 +121,13 @@ def test_fixed_embeddings_match_reference():
     got = np.asarray(timestep_embedding(jnp.asarray(t.numpy())))
     np.testing.assert_allclose(got[:2], want[:2], atol=2e-6)
     np.testing.assert_allclose(got[2], want[2], atol=6e-5)  # one float32 ulp of an argument near 999
-    model = build_dit(TINY)
+    model = build(TINY)
     assert isinstance(model.pos_embed, Frozen)
     assert "pos_embed" not in flat_variables(model, nnx.Param)
 
 
 def test_reference_init():
-    model = build_dit(TINY)
+    model = build(TINY)
     v = flat_variables(model)
     for key in (
         "blocks/adaLN_modulation_1/kernel",
@@ -169,23 +169,23 @@ def test_label_dropout():
     assert np.array_equal(np.asarray(emb(labels)), np.asarray(table[labels]))  # no key: no dropout
 
 
-def test_forward_with_cfg_matches_reference_semantics():
+def test_cfg_model_fn_matches_reference_forward_with_cfg():
+    """The samplers' guided model (`guidance.cfg_model_fn` around our DiT) against the reference
+    `forward_with_cfg` arithmetic on the torch DiT: [x; x] with [y; null], guided eps channels (all, or the
+    reference's first 3), variance channels the conditional ones."""
+    from eqvae_jax.diffusion.guidance import cfg_model_fn
+
     ref = randomized_reference(TINY)
     model = ours_from(ref, TINY)
     x, t, y = inputs(TINY, n=2)
-    xx = np.concatenate([x, x[::-1]])  # the second half is ignored, as in the reference
-    tt = np.concatenate([t, t])
-    yy = np.concatenate([y, np.full_like(y, 10)])
-    cond = run_ref(ref, np.concatenate([x, x]), tt, yy)
-    c, u = cond[:2], cond[2:]
+    both = run_ref(ref, np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([y, np.full_like(y, 10)]))
+    c, u = both[:2], both[2:]
     for scale, channels in [(4.0, None), (1.5, 3)]:
-        out = np.asarray(model.forward_with_cfg(xx, tt, yy, scale, guide_channels=channels))
+        fn = cfg_model_fn(lambda a, b, labels: model(a, b, labels), jnp.asarray(y), 10, scale, 4, channels)
+        out = np.asarray(fn(jnp.asarray(x), jnp.asarray(t)))
         n = 4 if channels is None else channels
-        g = u[..., :n] + scale * (c[..., :n] - u[..., :n])
-        np.testing.assert_allclose(out[:2, ..., :n], g, atol=3e-4)
-        np.testing.assert_allclose(out[2:, ..., :n], g, atol=3e-4)
-        np.testing.assert_allclose(out[:2, ..., n:], c[..., n:], atol=1e-4)
-        np.testing.assert_allclose(out[2:, ..., n:], u[..., n:], atol=1e-4)
+        np.testing.assert_allclose(out[..., :n], u[..., :n] + scale * (c[..., :n] - u[..., :n]), atol=3e-4)
+        np.testing.assert_allclose(out[..., n:], c[..., n:], atol=1e-4)
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -1,8 +1,8 @@
-"""Command line: python -m eqvae_jax.convert --kind {kl_vae,lpips,discriminator,dit,...} --src SRC --dst DST [--to T].
+"""Command line: python -m eqvae_jax.convert --kind KIND --src SRC --dst DST [--to T] [--extra K=V] [--overwrite].
 
-Each kind lives in its own module `eqvae_jax.convert.<kind>` exposing
-`convert(src: str, dst: str, to: str, overwrite: bool, **options) -> str` (returns a one-line summary) and
-`TARGETS` (the accepted `--to` values, "flax" first).
+Each kind lives in its own module `eqvae_jax.convert.<kind>` exposing `TARGETS` (the accepted `--to` values,
+"flax" first), `OPTIONS` (the accepted `--extra` names) and `convert(src, dst, to, overwrite, **options) -> str`
+(a one-line summary). Shared checks are in `eqvae_jax.convert.options`.
 """
 
 from __future__ import annotations
@@ -32,24 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from eqvae_jax.convert.options import UsageError, split_extra
+
     args = build_parser().parse_args(argv)
     module = importlib.import_module(KINDS[args.kind])
-    if args.to not in module.TARGETS:
-        print(f"error: --kind {args.kind} supports --to {', '.join(module.TARGETS)}, not {args.to!r}",
-              file=sys.stderr)
-        return 2
-    options = {}
-    for item in args.extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            print(f"error: --extra expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        options[key] = value
     try:
+        options = split_extra(args.extra)
         summary = module.convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, **options)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     print(summary)
     return 0
 

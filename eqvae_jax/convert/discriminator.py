@@ -13,53 +13,45 @@ conv = main.{3n-1}, BatchNorm = main.{3n}; the last conv = main.{3 n_layers + 2}
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import numpy as np
-from flax import nnx
 
 from eqvae_jax.convert.atomic import atomic_path
-from eqvae_jax.convert.torch_files import conv_to_flax, conv_to_torch, read_state_dict, write_safetensors
+from eqvae_jax.convert.key_map import KeyMap, Row, describe_skipped
+from eqvae_jax.convert.options import check_destination, check_target, typed_options
+from eqvae_jax.convert.torch_files import read_state_dict, write_safetensors
 from eqvae_jax.models import discriminator as disc_model
-from eqvae_jax.models.weights import assign_variables, check_shapes, flat_variables, path_key, save_weights
+from eqvae_jax.models.weights import assign_variables, flat_variables, save_weights, variable_shapes
 
 TARGETS = ("flax", "taming")
+OPTIONS = {"input_nc": int, "ndf": int, "n_layers": int, "stats_groups": int}
+DEFAULTS = {"input_nc": 3, "ndf": 64, "n_layers": 3, "stats_groups": 1}
 LDM_PREFIX = "loss.discriminator."
 BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
-def key_map(n_layers: int = 3) -> dict[str, str]:
-    """{flax key: torch key (without prefix)} for a discriminator with `n_layers`."""
+def key_map(n_layers: int = 3, prefix: str = "") -> KeyMap:
+    """The rows of a discriminator with `n_layers` (PyTorch keys under `prefix`)."""
     conv_index = [0] + [3 * n - 1 for n in range(1, n_layers + 1)] + [3 * n_layers + 2]
-    out = {}
+    rows = []
     for i, t in enumerate(conv_index):
-        out[f"convs/{i}/kernel"] = f"main.{t}.weight"
+        rows.append(Row(f"convs/{i}/kernel", f"{prefix}main.{t}.weight", "conv"))
         if i in (0, len(conv_index) - 1):
-            out[f"convs/{i}/bias"] = f"main.{t}.bias"
+            rows.append(Row(f"convs/{i}/bias", f"{prefix}main.{t}.bias"))
     for n in range(1, n_layers + 1):
         for ours, theirs in BN_NAMES.items():
-            out[f"norms/{n - 1}/{ours}"] = f"main.{3 * n}.{theirs}"
-    return out
+            rows.append(Row(f"norms/{n - 1}/{ours}", f"{prefix}main.{3 * n}.{theirs}"))
+    return KeyMap(rows)
 
 
 def _config(options: Mapping[str, str | int]) -> dict[str, int]:
-    allowed = ("input_nc", "ndf", "n_layers", "stats_groups")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown discriminator option(s) {unknown}; allowed: {', '.join(allowed)}.")
-    return {k: int(options.get(k, d)) for k, d in zip(allowed, (3, 64, 3, 1), strict=True)}
+    return {**DEFAULTS, **typed_options(disc_model.KIND, options, OPTIONS)}
 
 
-def torch_shapes(config: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
-    """{torch key (no prefix): shape} the discriminator of `config` expects, from the model itself."""
-    model = disc_model.abstract_discriminator(**config)
-    kmap = key_map(config["n_layers"])
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        shape = tuple(var.get_value().shape)
-        out[kmap[path_key(path)]] = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
-    return out
+def model_shapes(config: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """{Flax key: shape} of the discriminator of `config`."""
+    return variable_shapes(disc_model.abstract_discriminator(**config))
 
 
 def flax_variables(sd: Mapping[str, np.ndarray], config: Mapping[str, int], what: str = "discriminator",
@@ -74,13 +66,7 @@ def flax_variables(sd: Mapping[str, np.ndarray], config: Mapping[str, int], what
         raise ValueError(f"{what}: no discriminator keys (neither main.* nor {LDM_PREFIX}main.*).")
     skipped = sorted(k for k in sd if not k.startswith(prefix))  # num_batches_tracked: dropped, expected
     own = {k: v for k, v in sd.items() if k.startswith(prefix) and not k.endswith(".num_batches_tracked")}
-    expected = {prefix + k: s for k, s in torch_shapes(config).items()}
-    check_shapes(what, {k: np.shape(v) for k, v in own.items()}, expected)
-    flat = {}
-    for fkey, tkey in key_map(config["n_layers"]).items():
-        w = np.asarray(own[prefix + tkey], np.float32)
-        flat[fkey] = conv_to_flax(w) if w.ndim == 4 else w
-    return flat, skipped
+    return key_map(config["n_layers"], prefix).to_flax(own, model_shapes(config), what), skipped
 
 
 def discriminator_from_ldm_state_dict(
@@ -102,34 +88,23 @@ def discriminator_from_ldm_state_dict(
 
 def torch_state_dict(flat: Mapping[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
     """Flat Flax variables -> a bare taming `NLayerDiscriminator` state dict (numpy)."""
-    out = {}
-    for fkey, tkey in key_map(n_layers).items():
-        w = np.asarray(flat[fkey], np.float32)
-        out[tkey] = conv_to_torch(w) if w.ndim == 4 else w
+    out = key_map(n_layers).to_torch(flat)
     for n in range(1, n_layers + 1):
         out[f"main.{3 * n}.num_batches_tracked"] = np.zeros((), np.int64)
     return out
 
 
-def _summary(keys: list[str], limit: int = 5) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
-    return f" (skipped {len(keys)} keys: {shown})"
-
-
 def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: str) -> str:
     """Convert between a taming/LDM PyTorch file and a Flax weights directory; returns a one-line summary."""
-    if to not in TARGETS:
-        raise ValueError(f"--kind discriminator supports --to {', '.join(TARGETS)}, not {to!r}.")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it.")
+    check_target(disc_model.KIND, to, TARGETS)
     config = _config(options)
+    check_destination(dst, overwrite)
     if to == "flax":
         flat, skipped = flax_variables(read_state_dict(src), config, what=src)
         with atomic_path(dst, overwrite) as tmp:
             save_weights(tmp, disc_model.KIND, config, flat)
-        return f"discriminator: wrote {len(flat)} arrays to {dst}{_summary(skipped)}"
+        note = f" (skipped {len(skipped)} keys: {describe_skipped(skipped, grouped=False, limit=5)})" if skipped else ""
+        return f"discriminator: wrote {len(flat)} arrays to {dst}{note}"
     model = disc_model.load(src)
     sd = torch_state_dict(flat_variables(model), model.n_layers)
     with atomic_path(dst, overwrite) as tmp:

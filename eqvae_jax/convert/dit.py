@@ -33,20 +33,14 @@ from typing import Any
 import numpy as np
 
 from eqvae_jax.convert.atomic import atomic_path
-from eqvae_jax.convert.torch_files import (
-    PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIXES,
-    conv_to_flax,
-    conv_to_torch,
-    linear_to_flax,
-    linear_to_torch,
-    read_state_dict,
-    write_safetensors,
-)
-from eqvae_jax.models.dit import FREQ_DIM, SIZES, DiTConfig, sincos_pos_embed_2d
-from eqvae_jax.models.weights import KeyMismatchError, check_shapes, load_weights, save_weights
+from eqvae_jax.convert.key_map import KeyMap, Row
+from eqvae_jax.convert.options import check_destination, check_target, parse_bool, typed_options
+from eqvae_jax.convert.torch_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict, write_safetensors
+from eqvae_jax.models import dit
+from eqvae_jax.models.dit import SIZES, DiTConfig, sincos_pos_embed_2d
+from eqvae_jax.models.weights import KeyMismatchError, check_shapes, load_weights, save_weights, variable_shapes
 
-KIND = "dit"
+KIND = dit.KIND
 TARGETS = ("flax", "dit")
 OPTIONS = {
     "entry": str,
@@ -55,36 +49,30 @@ OPTIONS = {
     "class_dropout_prob": float,
     "timestep_freq_shift": int,
     "compute_dtype": str,
-    "allow_timestep_shift": lambda v: str(v).lower() in ("1", "true", "yes"),
+    "allow_timestep_shift": parse_bool,
 }
 
-# (flax key, torch key, transpose); '{i}' marks a per-block key, stacked along axis 0 in flax
+# (flax key, torch key, layout); '{i}' marks a per-block key, stacked along axis 0 in flax (scanned blocks)
 _GLOBAL = [
-    ("x_embedder/proj/kernel", "x_embedder.proj.weight", "conv"),
-    ("x_embedder/proj/bias", "x_embedder.proj.bias", None),
-    ("pos_embed", "pos_embed", None),
-    ("y_embedder/embedding_table/embedding", "y_embedder.embedding_table.weight", None),
+    Row("x_embedder/proj/kernel", "x_embedder.proj.weight", "conv"),
+    Row("x_embedder/proj/bias", "x_embedder.proj.bias"),
+    Row("pos_embed", "pos_embed"),
+    Row("y_embedder/embedding_table/embedding", "y_embedder.embedding_table.weight"),
 ]
-_LINEARS_GLOBAL = [
+_LINEARS = [
     ("t_embedder/mlp_0", "t_embedder.mlp.0"),
     ("t_embedder/mlp_2", "t_embedder.mlp.2"),
     ("final_layer/linear", "final_layer.linear"),
     ("final_layer/adaLN_modulation_1", "final_layer.adaLN_modulation.1"),
-]
-_LINEARS_BLOCK = [
     ("blocks/attn/qkv", "blocks.{i}.attn.qkv"),
     ("blocks/attn/proj", "blocks.{i}.attn.proj"),
     ("blocks/mlp/fc1", "blocks.{i}.mlp.fc1"),
     ("blocks/mlp/fc2", "blocks.{i}.mlp.fc2"),
     ("blocks/adaLN_modulation_1", "blocks.{i}.adaLN_modulation.1"),
 ]
-KEY_MAP: list[tuple[str, str, str | None]] = (
-    _GLOBAL
-    + [(f"{f}/kernel", f"{t}.weight", "linear") for f, t in _LINEARS_GLOBAL + _LINEARS_BLOCK]
-    + [(f"{f}/bias", f"{t}.bias", None) for f, t in _LINEARS_GLOBAL + _LINEARS_BLOCK]
-)
-_TO_FLAX = {"conv": conv_to_flax, "linear": linear_to_flax, None: lambda a: a}
-_TO_TORCH = {"conv": conv_to_torch, "linear": linear_to_torch, None: lambda a: a}
+ROWS = _GLOBAL + [Row(f"{f}/kernel", f"{t}.weight", "linear") for f, t in _LINEARS] + [
+    Row(f"{f}/bias", f"{t}.bias") for f, t in _LINEARS
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,75 +80,24 @@ _TO_TORCH = {"conv": conv_to_torch, "linear": linear_to_torch, None: lambda a: a
 # ---------------------------------------------------------------------------------------------------------
 
 
+def flax_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the eqvae-jax model's variables for `cfg` (abstract init, no memory)."""
+    return variable_shapes(dit.abstract(cfg))
+
+
 def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Every key of the reference `DiT.state_dict()` for `cfg`, with its shape."""
-    d, p, m = cfg.hidden_size, cfg.patch_size, cfg.mlp_hidden
-    shapes: dict[str, tuple[int, ...]] = {
-        "x_embedder.proj.weight": (d, cfg.in_channels, p, p),
-        "x_embedder.proj.bias": (d,),
-        "pos_embed": (1, cfg.num_patches, d),
-        "t_embedder.mlp.0.weight": (d, FREQ_DIM),
-        "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d),
-        "t_embedder.mlp.2.bias": (d,),
-        "y_embedder.embedding_table.weight": (cfg.num_classes + int(cfg.class_dropout_prob > 0), d),
-        "final_layer.linear.weight": (p * p * cfg.out_channels, d),
-        "final_layer.linear.bias": (p * p * cfg.out_channels,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
-        "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    }
-    block = {
-        "attn.qkv": (3 * d, d),
-        "attn.proj": (d, d),
-        "mlp.fc1": (m, d),
-        "mlp.fc2": (d, m),
-        "adaLN_modulation.1": (6 * d, d),
-    }
-    for i in range(cfg.depth):
-        for name, (dout, din) in block.items():
-            shapes[f"blocks.{i}.{name}.weight"] = (dout, din)
-            shapes[f"blocks.{i}.{name}.bias"] = (dout,)
-    return shapes
+    return KeyMap(ROWS, cfg.depth).torch_shapes(flax_shapes(cfg))
 
 
-def official_to_flax(
-    sd: dict[str, np.ndarray], cfg: DiTConfig, what: str = "source"
-) -> dict[str, np.ndarray]:
+def official_to_flax(sd: dict[str, np.ndarray], cfg: DiTConfig, what: str = "source") -> dict[str, np.ndarray]:
     """Reference state dict -> flat eqvae-jax variables; strict (names missing/unexpected/mis-shaped keys)."""
-    check_shapes(what, {k: np.shape(v) for k, v in sd.items()}, official_shapes(cfg))
-    flat: dict[str, np.ndarray] = {}
-    for fkey, tkey, how in KEY_MAP:
-        fn = _TO_FLAX[how]
-        if "{i}" in tkey:
-            flat[fkey] = np.stack([fn(np.asarray(sd[tkey.format(i=i)])) for i in range(cfg.depth)])
-        else:
-            flat[fkey] = fn(np.asarray(sd[tkey]))
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}
+    return KeyMap(ROWS, cfg.depth).to_flax(sd, flax_shapes(cfg), what)
 
 
 def flax_to_official(flat: dict[str, np.ndarray], cfg: DiTConfig) -> dict[str, np.ndarray]:
     """Flat eqvae-jax variables -> reference `DiT` state dict (float32, contiguous)."""
-    check_shapes("eqvae-jax weights", {k: np.shape(v) for k, v in flat.items()}, flax_shapes(cfg))
-    sd: dict[str, np.ndarray] = {}
-    for fkey, tkey, how in KEY_MAP:
-        fn = _TO_TORCH[how]
-        if "{i}" in tkey:
-            for i in range(cfg.depth):
-                sd[tkey.format(i=i)] = fn(np.asarray(flat[fkey][i]))
-        else:
-            sd[tkey] = fn(np.asarray(flat[fkey]))
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
-
-
-def flax_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the eqvae-jax model's variables for `cfg` (abstract init, no memory)."""
-    from flax import nnx
-
-    from eqvae_jax.models.dit import DiT
-    from eqvae_jax.models.weights import path_key
-
-    model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
-    return {path_key(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
+    return KeyMap(ROWS, cfg.depth).to_torch(flat, flax_shapes(cfg), "eqvae-jax weights")
 
 
 def _strip_wrappers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -344,13 +281,6 @@ def _diffusers_weights_file(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _parse_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown dit option(s) {', '.join(unknown)}; accepted: {', '.join(OPTIONS)}")
-    return {k: OPTIONS[k](v) for k, v in options.items()}
-
-
 def _describe(cfg: DiTConfig) -> str:
     name = next(
         (
@@ -383,11 +313,12 @@ def read_source(src: str, **options: Any) -> tuple[dict[str, np.ndarray], DiTCon
 
 def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: Any) -> str:
     """Convert between the official / diffusers DiT layouts and an eqvae-jax weights directory."""
-    opts = _parse_options(options)
+    check_target(KIND, to, TARGETS)
+    opts = typed_options(KIND, options, OPTIONS)
+    check_destination(dst, overwrite)
     if to == "flax":
         sd, cfg, notes = read_source(src, **opts)
         flat = official_to_flax(sd, cfg, what=src)
-        check_shapes("converted weights", {k: v.shape for k, v in flat.items()}, flax_shapes(cfg))
         with atomic_path(dst, overwrite) as tmp:
             save_weights(tmp, KIND, dataclasses.asdict(cfg), flat)
         extra = f"; note: {'; '.join(notes)}" if notes else ""
@@ -413,4 +344,3 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
 
                 torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
         return f"{_describe(cfg)}: {src} -> {dst} (reference DiT state dict)"
-    raise ValueError(f"--kind dit supports --to {', '.join(TARGETS)}, not {to!r}")

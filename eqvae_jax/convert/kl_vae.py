@@ -31,6 +31,8 @@ import numpy as np
 
 from eqvae_jax.convert import kl_vae_keys as keys
 from eqvae_jax.convert.atomic import atomic_path
+from eqvae_jax.convert.key_map import describe_skipped
+from eqvae_jax.convert.options import check_destination, check_target, dataclass_parsers, typed_options
 from eqvae_jax.convert.torch_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -41,6 +43,7 @@ from eqvae_jax.models import kl_vae, weights
 from eqvae_jax.models.kl_vae import KLVAEConfig
 
 TARGETS = ("flax", "diffusers", "ldm")
+OPTIONS = {"preset": str, **dataclass_parsers(KLVAEConfig)}  # LDM sources: a preset and/or any config field
 LDM_PREFIX = "first_stage_model."
 SKIPPED_PREFIX = "loss."
 DIFFUSERS_CONFIG = "config.json"
@@ -151,32 +154,13 @@ def read_diffusers(src: str) -> tuple[KLVAEConfig, dict[str, np.ndarray]]:
     return cfg, keys.torch_to_flax(state_dict, cfg, "diffusers", what=files[0])
 
 
-def _parse_field(field: dataclasses.Field, value: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-    if kind == "bool":
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--extra {field.name}: expected true/false, got {value!r}.")
-        return value.lower() in ("true", "1")
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    if kind.startswith("tuple"):
-        return tuple(int(v) for v in value.split(","))
-    return value
-
-
 def ldm_config(state_dict: Mapping[str, np.ndarray], what: str = "LDM state dict",
-               **options: str) -> KLVAEConfig:
+               **options: Any) -> KLVAEConfig:
     """The architecture of an LDM KL autoencoder state dict (prefix and loss.* already removed).
 
     Inferred from shapes unless `preset=NAME` is given; other options override single `KLVAEConfig` fields.
     """
-    fields = {f.name: f for f in dataclasses.fields(KLVAEConfig)}
-    unknown = sorted(set(options) - set(fields) - {"preset"})
-    if unknown:
-        raise ValueError(f"unknown --extra option(s) {unknown} for kl_vae; "
-                         f"valid: preset, {', '.join(fields)}.")
+    options = typed_options(kl_vae.KIND, options, OPTIONS)
     preset = options.pop("preset", None)
     if preset is not None:
         if preset not in kl_vae.PRESETS:
@@ -184,7 +168,7 @@ def ldm_config(state_dict: Mapping[str, np.ndarray], what: str = "LDM state dict
         cfg = kl_vae.PRESETS[preset]()
     else:
         cfg = _infer_ldm_config(state_dict, what)
-    return dataclasses.replace(cfg, **{k: _parse_field(fields[k], v) for k, v in options.items()})
+    return dataclasses.replace(cfg, **options)
 
 
 def _infer_ldm_config(sd: Mapping[str, np.ndarray], what: str) -> KLVAEConfig:
@@ -226,7 +210,7 @@ class LDMRead:
     ignored: int  # keys outside `first_stage_model.` in a full LDM/SD checkpoint
 
 
-def read_ldm(src: str, **options: str) -> LDMRead:
+def read_ldm(src: str, **options: Any) -> LDMRead:
     """Read an LDM/CompVis KL autoencoder state dict file into Flax variables (see the module docstring)."""
     raw = read_state_dict(src)
     ignored = 0
@@ -237,16 +221,6 @@ def read_ldm(src: str, **options: str) -> LDMRead:
     state_dict = {k: v for k, v in raw.items() if not k.startswith(SKIPPED_PREFIX)}
     cfg = ldm_config(state_dict, what=src, **options)
     return LDMRead(cfg, keys.torch_to_flax(state_dict, cfg, "ldm", what=src), skipped, ignored)
-
-
-def _summarize_keys(names: list[str]) -> str:
-    """'loss.discriminator.* (12), loss.logvar (1)': skipped keys grouped by their first two components."""
-    groups: dict[str, int] = {}
-    for name in names:
-        parts = name.split(".")
-        group = ".".join(parts[:2]) + (".*" if len(parts) > 2 else "")
-        groups[group] = groups.get(group, 0) + 1
-    return ", ".join(f"{g} ({c})" for g, c in sorted(groups.items()))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -283,13 +257,12 @@ def _read_flax(src: str) -> tuple[KLVAEConfig, dict[str, np.ndarray]]:
     return KLVAEConfig.from_dict(config), flat
 
 
-def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: str) -> str:
+def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: Any) -> str:
     """Convert between PyTorch KL-VAE weights and a Flax weights directory; returns a one-line summary."""
-    if to not in TARGETS:
-        raise ValueError(f"--kind kl_vae converts --to one of {TARGETS}, not {to!r}.")
+    check_target(kl_vae.KIND, to, TARGETS)
+    options = typed_options(kl_vae.KIND, options, OPTIONS)
     fmt = detect_format(src)
-    if os.path.exists(dst) and not overwrite:  # fail before reading a large source
-        raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it.")
+    check_destination(dst, overwrite)
     if options and fmt != "ldm":
         raise ValueError(f"--extra options {sorted(options)} only apply to an LDM state dict source, "
                          f"not a {fmt} source.")
@@ -304,7 +277,7 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
             got = read_ldm(src, **options)
             cfg, flat = got.config, got.flat
             if got.skipped:
-                notes.append(f"skipped {len(got.skipped)} loss keys: {_summarize_keys(got.skipped)}")
+                notes.append(f"skipped {len(got.skipped)} loss keys: {describe_skipped(got.skipped)}")
             if got.ignored:
                 notes.append(f"ignored {got.ignored} keys outside {LDM_PREFIX}*")
         write_flax(dst, cfg, flat, overwrite)

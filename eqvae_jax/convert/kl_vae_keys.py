@@ -20,9 +20,8 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-from flax import nnx
 
-from eqvae_jax.convert.torch_files import conv_to_flax, conv_to_torch, linear_to_flax, linear_to_torch
+from eqvae_jax.convert.key_map import KeyMap, Row
 from eqvae_jax.models import kl_vae, weights
 
 LAYOUTS = ("ldm", "diffusers")
@@ -83,16 +82,17 @@ def module_rows(cfg: kl_vae.KLVAEConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
-def key_map(cfg: kl_vae.KLVAEConfig, layout: str) -> list[tuple[str, str, str]]:
-    """(Flax key, PyTorch key in `layout`, kind) for every parameter."""
+def key_map(cfg: kl_vae.KLVAEConfig, layout: str) -> KeyMap:
+    """The rows (Flax key, PyTorch key in `layout`, tensor layout) of every parameter."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown PyTorch layout {layout!r}; expected one of {LAYOUTS}.")
-    out = []
+    rows = []
     for ldm, diff, kind in module_rows(cfg):
         prefix = ldm if layout == "ldm" else diff
         for flax_name, torch_name in _PARAMS[kind]:
-            out.append((f"{ldm.replace('.', '/')}/{flax_name}", f"{prefix}.{torch_name}", kind))
-    return out
+            tensor_layout = {"conv": "conv", "attn": "linear"}.get(kind) if flax_name == "kernel" else None
+            rows.append(Row(f"{ldm.replace('.', '/')}/{flax_name}", f"{prefix}.{torch_name}", tensor_layout))
+    return KeyMap(rows)
 
 
 def model_shapes(cfg: kl_vae.KLVAEConfig) -> dict[str, tuple[int, ...]]:
@@ -102,22 +102,11 @@ def model_shapes(cfg: kl_vae.KLVAEConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=16)
 def _model_shapes(cfg: kl_vae.KLVAEConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    state = nnx.state(kl_vae.abstract(cfg))
-    return tuple((weights.path_key(p), tuple(v.get_value().shape)) for p, v in nnx.to_flat_state(state))
+    return tuple(weights.variable_shapes(kl_vae.abstract(cfg)).items())
 
 
-def _torch_shape(flax_shape: tuple[int, ...], kind: str, flax_name: str) -> tuple[int, ...]:
-    if flax_name != "kernel":
-        return flax_shape
-    if kind == "conv":
-        h, w, i, o = flax_shape
-        return (o, i, h, w)
-    return tuple(reversed(flax_shape))
-
-
-def _squeeze_1x1(value: np.ndarray) -> np.ndarray:
-    """A 1x1-conv attention weight (out, in, 1, 1) as a linear weight (out, in); anything else unchanged."""
-    return value[:, :, 0, 0] if value.ndim == 4 and value.shape[2:] == (1, 1) else value
+def _attention_keys(km: KeyMap) -> set[str]:
+    return {r.torch for r in km.rows if r.layout == "linear"}
 
 
 def rename_legacy_diffusers(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -137,36 +126,19 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], cfg: kl_vae.KLVAEConfig,
 
     Attention q/k/v/out weights are accepted both as Linear (out, in) and as 1x1 conv (out, in, 1, 1).
     """
-    rows = key_map(cfg, layout)
-    shapes = model_shapes(cfg)
-    expected = {t: _torch_shape(shapes[f], kind, f.rsplit("/", 1)[1]) for f, t, kind in rows}
-    attn_keys = {t for _, t, kind in rows if kind == "attn"}
-    got = {k: (_squeeze_1x1(v) if k in attn_keys else v).shape for k, v in state_dict.items()}
-    weights.check_shapes(what, got, expected)
-    flat = {}
-    for f, t, kind in rows:
-        value = np.asarray(state_dict[t], dtype=np.float32)
-        if f.endswith("/kernel"):
-            value = conv_to_flax(value) if kind == "conv" else linear_to_flax(_squeeze_1x1(value))
-        flat[f] = np.ascontiguousarray(value)
-    weights.check_shapes(f"{what} (converted)", {k: v.shape for k, v in flat.items()}, shapes)
-    return flat
+    km = key_map(cfg, layout)
+    attn = _attention_keys(km)
+    squeezed = {k: (v[:, :, 0, 0] if k in attn and np.ndim(v) == 4 and np.shape(v)[2:] == (1, 1) else v)
+                for k, v in state_dict.items()}
+    return km.to_flax(squeezed, model_shapes(cfg), what)
 
 
 def flax_to_torch(flat: Mapping[str, np.ndarray], cfg: kl_vae.KLVAEConfig, layout: str,
                   what: str = "Flax weights") -> dict[str, np.ndarray]:
     """Flat Flax variables -> a float32 PyTorch state dict in `layout` (LDM attention as 1x1 convs)."""
-    rows = key_map(cfg, layout)
-    weights.check_shapes(what, {k: np.shape(v) for k, v in flat.items()}, model_shapes(cfg))
-    out = {}
-    for f, t, kind in rows:
-        value = np.asarray(flat[f], dtype=np.float32)
-        if f.endswith("/kernel"):
-            if kind == "conv":
-                value = conv_to_torch(value)
-            else:
-                value = linear_to_torch(value)
-                if layout == "ldm":
-                    value = value[:, :, None, None]
-        out[t] = np.ascontiguousarray(value)
+    km = key_map(cfg, layout)
+    out = km.to_torch(flat, model_shapes(cfg), what)
+    if layout == "ldm":
+        for k in _attention_keys(km):
+            out[k] = out[k][:, :, None, None]
     return out

@@ -20,11 +20,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from eqvae_jax.convert.atomic import atomic_path
-from eqvae_jax.convert.torch_files import conv_to_flax, read_state_dict
+from eqvae_jax.convert.key_map import KeyMap, Row
+from eqvae_jax.convert.options import check_destination, check_target, typed_options
+from eqvae_jax.convert.torch_files import read_state_dict
 from eqvae_jax.models import lpips as lpips_model
-from eqvae_jax.models.weights import check_shapes, save_weights
+from eqvae_jax.models.weights import save_weights, variable_shapes
 
 TARGETS = ("flax",)
+OPTIONS = {"lin": str}
 LIN_FILE = os.path.join("weights", "v0.1", "vgg.pth")
 
 
@@ -37,29 +40,14 @@ def _conv_layers() -> list[tuple[str, int, int, int]]:
     return [layer for layer in lpips_model.VGG16_LAYERS if layer != "pool"]
 
 
-def backbone_key_map(source: str) -> dict[str, str]:
-    """{flax key: torch key} for the 13 VGG convs in the `lpips` or `torchvision` layout."""
-    out = {}
+def key_map(source: str) -> KeyMap:
+    """The 13 VGG convs in the `lpips` or `torchvision` layout, plus the 5 lin heads (1x1 convs)."""
+    rows = []
     for name, index, _, _ in _conv_layers():
         prefix = f"net.slice{_slice_of(index)}.{index}" if source == "lpips" else f"features.{index}"
-        out[f"net/{name}/kernel"] = f"{prefix}.weight"
-        out[f"net/{name}/bias"] = f"{prefix}.bias"
-    return out
-
-
-def lin_key_map() -> dict[str, str]:
-    return {f"lin{i}/kernel": f"lin{i}.model.1.weight" for i in range(len(lpips_model.TAP_CHANNELS))}
-
-
-def torch_shapes() -> dict[str, tuple[int, ...]]:
-    """{flax key: expected PyTorch shape} (conv OIHW)."""
-    shapes = {}
-    for name, _, cin, cout in _conv_layers():
-        shapes[f"net/{name}/kernel"] = (cout, cin, 3, 3)
-        shapes[f"net/{name}/bias"] = (cout,)
-    for i, ch in enumerate(lpips_model.TAP_CHANNELS):
-        shapes[f"lin{i}/kernel"] = (1, ch, 1, 1)
-    return shapes
+        rows += [Row(f"net/{name}/kernel", f"{prefix}.weight", "conv"), Row(f"net/{name}/bias", f"{prefix}.bias")]
+    rows += [Row(f"lin{i}/kernel", f"lin{i}.model.1.weight", "conv") for i in range(len(lpips_model.TAP_CHANNELS))]
+    return KeyMap(rows)
 
 
 def default_lin_path() -> str:
@@ -116,23 +104,15 @@ def flax_variables(sd: Mapping[str, np.ndarray], lin: Mapping[str, np.ndarray] |
     else:
         raise ValueError(f"{what}: neither an lpips (net.slice*) nor a torchvision VGG16 (features.*) file.")
     _check_scaling(torch_sd)
-    key_map = {**backbone_key_map(source), **lin_key_map()}
-    expected = {key_map[k]: shape for k, shape in torch_shapes().items()}
-    got = {k: np.shape(v) for k, v in torch_sd.items() if k not in accepted}
-    check_shapes(what, got, expected)
-    flat = {}
-    for fkey, tkey in key_map.items():
-        w = np.asarray(torch_sd[tkey], np.float32)
-        flat[fkey] = conv_to_flax(w) if w.ndim == 4 else w
-    return flat, skipped
+    own = {k: v for k, v in torch_sd.items() if k not in accepted}
+    return key_map(source).to_flax(own, variable_shapes(lpips_model.abstract_lpips()), what), skipped
 
 
-def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, lin: str | None = None) -> str:
+def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: str) -> str:
     """Write the Flax weights directory `dst` from the PyTorch file `src`; returns a one-line summary."""
-    if to not in TARGETS:
-        raise ValueError(f"--kind lpips supports --to {', '.join(TARGETS)}, not {to!r}.")
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it.")
+    check_target(lpips_model.KIND, to, TARGETS)
+    lin = typed_options(lpips_model.KIND, options, OPTIONS).get("lin")
+    check_destination(dst, overwrite)
     sd = read_state_dict(src)
     lin_sd = None
     if not any(k.startswith("lin") for k in sd):

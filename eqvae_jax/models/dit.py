@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eqvae_jax.diffusion.guidance import guide
 from eqvae_jax.models.variables import Frozen
+from eqvae_jax.models.weights import load_model
 
 # (depth, hidden_size, num_heads) of the reference sizes.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -344,33 +344,41 @@ class DiT(nnx.Module):
         out = self.final_layer(h, c).astype(jnp.float32)
         return self.unpatchify(out)
 
-    def forward_with_cfg(
-        self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale: float, guide_channels: int | None = None
-    ) -> jax.Array:
-        """Reference `forward_with_cfg`: the batch is [cond; uncond] (y holds labels then null labels); the
-        first half of `x` is run twice and both halves get the guided output.
 
-        `guide_channels=None` guides the in_channels epsilon channels; the reference DiT/SiT code guides only
-        the first 3 (`guide_channels=3`, kept for exact reproduction). Variance channels are never guided.
-        """
-        half = x[: x.shape[0] // 2]
-        out = self(jnp.concatenate([half, half], axis=0), t, y)
-        cond, uncond = jnp.split(out, 2, axis=0)
-        n = self.config.in_channels if guide_channels is None else guide_channels
-        guided = guide(cond, uncond, cfg_scale, n)
-        other = jnp.concatenate([guided[..., :n], uncond[..., n:]], axis=-1)
-        return jnp.concatenate([guided, other], axis=0)
+KIND = "dit"
 
 
-def build_dit(config: DiTConfig | dict[str, Any], seed: int = 0) -> DiT:
+def build(config: DiTConfig | dict[str, Any], seed: int = 0) -> DiT:
     """A DiT with reference initialisation from a config (or its dict, as stored in weights directories)."""
     if isinstance(config, dict):
         config = DiTConfig(**config)
     return DiT(config, rngs=nnx.Rngs(seed))
 
 
-def load_dit(path: str, **overrides: Any) -> DiT:
-    """Load a weights directory from `python -m eqvae_jax.convert --kind dit`; may override compute_dtype."""
-    from eqvae_jax.models.weights import load_model
+def abstract(config: DiTConfig) -> DiT:
+    """The model with shape-only variables (nothing allocated): for key maps and restore targets."""
+    return nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
 
-    return load_model(path, "dit", lambda cfg: build_dit({**cfg, **overrides}))
+
+def load(path: str, **overrides: Any) -> DiT:
+    """Load a weights directory from `python -m eqvae_jax.convert --kind dit`; may override compute_dtype."""
+    return load_model(path, KIND, lambda cfg: build({**cfg, **overrides}))
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalDiT:
+    """The static half of a DiT for pure functions of its params: graph definition, the non-trainable
+    variables (pos_embed) and the config. Params are a plain nested dict (`nnx.State.to_pure_dict()`)."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    config: DiTConfig
+
+    def apply(self, params: dict[str, Any], x: jax.Array, t: jax.Array, y: jax.Array, **kw: Any) -> jax.Array:
+        return nnx.merge(self.graphdef, nnx.State(params), self.rest)(x, t, y, **kw)
+
+
+def functional(model: DiT) -> tuple[FunctionalDiT, dict[str, Any]]:
+    """(static half, params as a plain dict) of `model`."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return FunctionalDiT(graphdef, rest, model.config), params.to_pure_dict()

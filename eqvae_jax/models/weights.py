@@ -64,6 +64,11 @@ def flat_variables(model: nnx.Module, variable_type: type = nnx.Variable) -> dic
     return {path_key(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)}
 
 
+def variable_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """{'a/b/c': shape} of every variable of `model` (works on `nnx.eval_shape` models: nothing allocated)."""
+    return {path_key(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
 def check_shapes(
     what: str, got: Mapping[str, tuple], expected: Mapping[str, tuple], ignore_unexpected: bool = False
 ) -> None:
