@@ -1,30 +1,27 @@
-"""Compile time per static variant of the EQ-VAE generator step, and the cost of the adaptive GAN weight.
+"""Compile time of the EQ-VAE job's real generator and discriminator steps, one program per (branch, scale).
 
-    python -m benchmarks.equivariance_compile          # from the repo root: tiny KL-VAE, 128 px, 6 buckets
-    python -m benchmarks.equivariance_compile --model sd_vae --size 256 --batch 1 --buckets plain,eq24
+    python -m benchmarks.equivariance_compile [--model tiny] [--size 128] [--batch 2] [--buckets plain,eq8,...]
 
-For each bucket (a `BranchPlan`), the jitted G step (value_and_grad of `transformed_generator_loss` w.r.t. the VAE
-parameters, real LPIPS and PatchGAN) and D step are lowered and compiled ahead of time on abstract inputs (no
-weights are materialised, nothing runs) and the seconds are printed as a table. `--flops` adds XLA's cost
-analysis of the G step with and without the adaptive weight (disc_factor=0 skips it), i.e. its overhead.
+The steps are the job's own (`train.eqvae.steps.compile_steps` on abstract networks, LPIPS included), lowered
+and compiled for the local backend without running; prints lowering and XLA seconds per bucket and the XLA
+FLOPs of the generator program.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from eqvae_jax.losses import autoencoder as ae  # noqa: E402
-from eqvae_jax.losses import equivariance as eq  # noqa: E402
-from eqvae_jax.models import discriminator, kl_vae, lpips  # noqa: E402
+from configs import sdvae_ft
+from eqvae_jax.losses import equivariance as eq
+from eqvae_jax.models import kl_vae
+from eqvae_jax.parallel.mesh import batch_divisor, make_mesh
+from eqvae_jax.train.eqvae import steps as eqvae_steps
+from eqvae_jax.train.eqvae.config import disc_stats_groups, parse_config
+from eqvae_jax.train.eqvae.networks import abstract_networks
 
 BUCKETS = {
     "plain": eq.Draw(eq.Branch.PLAIN, (32, 32), 32),
@@ -33,51 +30,33 @@ BUCKETS = {
 }
 
 
-def build_steps(vae_cfg: kl_vae.KLVAEConfig, loss_cfg: ae.LossConfig):
-    """Abstract models and the jitted G/D steps in the train-step pattern (plan static, merge inside)."""
-    vae = kl_vae.abstract(vae_cfg)
-    lp = lpips.abstract_lpips()
-    disc = discriminator.abstract_discriminator()
-    vgd, vparams = nnx.split(vae)
-    lgd, lstate = nnx.split(lp)
-    dgd, dparams, dstats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-
-    def g_step(vparams, dparams, dstats, lstate, x, plan, rot_k, key, step):
-        def loss_fn(p):
-            v = nnx.merge(vgd, p, copy=True)
-            d = nnx.merge(dgd, dparams, dstats, copy=True)
-            m = nnx.merge(lgd, lstate, copy=True)
-            total, terms, pair = eq.transformed_generator_loss(v, m, d, x, plan, rot_k, key, step, loss_cfg)
-            return total, (terms, pair, nnx.state(d, nnx.BatchStat))
-
-        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(vparams)
-        return aux, grads
-
-    def d_step(dparams, dstats, target, recon, step):
-        def loss_fn(p):
-            d = nnx.merge(dgd, p, dstats, copy=True)
-            loss, terms = ae.discriminator_loss(d, target, recon, step, loss_cfg)
-            return loss, (terms, nnx.state(d, nnx.BatchStat))
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(dparams)
-
-    states = (vparams, dparams, dstats, lstate)
-    return jax.jit(g_step, static_argnames=("plan",)), jax.jit(d_step), states
+def abstract_steps(model: str, size: int, batch: int):
+    """(jitted steps, abstract state, abstract LPIPS state, d-pair flag) of configs/sdvae_ft.py on this host."""
+    config = sdvae_ft.get_config()
+    config.model.init, config.model.preset = "random", model
+    config.lpips.weights = "random"
+    config.data.image_size, config.global_batch_size = size, batch
+    config.mesh.data = 1
+    config.transform.scale_numerators = [8]  # only the shape checks: any bucket below compiles
+    config = parse_config(config, num_devices=jax.device_count())
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    nets = abstract_networks(config, disc_stats_groups(config, batch_divisor(mesh)))
+    spec = eqvae_steps.make_spec(config, nets)
+    state = jax.eval_shape(lambda *a: eqvae_steps.initial_state(spec, *a), nets.vae_params, nets.disc_params,
+                           nets.disc_stats)
+    return eqvae_steps.compile_steps(spec, state, nets.lpips_state, mesh), state, nets.lpips_state
 
 
-def compile_bucket(g, d, states, plan: eq.BranchPlan, batch: int, size: int) -> dict[str, float]:
-    vparams, dparams, dstats, lstate = states
+def compile_bucket(steps, state, lpips_state, plan: eq.BranchPlan, batch: int, size: int) -> dict[str, float]:
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    rot = jax.ShapeDtypeStruct((), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     t0 = time.perf_counter()
-    lowered = g.lower(vparams, dparams, dstats, lstate, x, plan, i32, key, i32)
+    lowered = steps.generator.lower(state, lpips_state, x, rot, key, plan)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    h, w = plan.image_shape((size, size))
-    img = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
-    d.lower(dparams, dstats, img, img, i32).compile()
+    steps.discriminator.lower(state, x, rot, key, None, plan).compile()
     t3 = time.perf_counter()
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     return {"g_lower_s": t1 - t0, "g_compile_s": t2 - t1, "d_total_s": t3 - t2, "g_flops": flops}
@@ -89,28 +68,18 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--buckets", default="plain,low8,low31,eq8,eq20,eq31", help=f"any of {', '.join(BUCKETS)}")
-    p.add_argument("--flops", action="store_true", help="also compile without the adaptive weight")
     args = p.parse_args()
 
-    vae_cfg = kl_vae.PRESETS[args.model]()
     print(f"model {args.model}, {args.size}px, batch {args.batch}, backend {jax.default_backend()}")
     bound = len(eq.all_plans(eq.TransformConfig(), (args.size, args.size)))
     print(f"compiled G-step variants for the reference transform config: {bound}")
-    g, d, states = build_steps(vae_cfg, ae.LossConfig())
-    if args.flops:
-        g0, _, _ = build_steps(vae_cfg, dataclasses.replace(ae.LossConfig(), disc_factor=0.0))
-    print(f"{'bucket':<24}{'G lower s':>10}{'G xla s':>10}{'D total s':>10}{'G GFLOP':>10}{'no-adapt GFLOP':>16}")
+    steps, state, lpips_state = abstract_steps(args.model, args.size, args.batch)
+    print(f"{'bucket':<24}{'G lower s':>10}{'G xla s':>10}{'D total s':>10}{'G GFLOP':>10}")
     for name in args.buckets.split(","):
         plan, _ = BUCKETS[name].plan((args.size, args.size))
-        r = compile_bucket(g, d, states, plan, args.batch, args.size)
-        extra = ""
-        if args.flops:
-            extra = f"{compile_bucket(g0, d, states, plan, args.batch, args.size)['g_flops'] / 1e9:>16.2f}"
-        print(
-            f"{str(plan):<24}{r['g_lower_s']:>10.2f}{r['g_compile_s']:>10.2f}{r['d_total_s']:>10.2f}"
-            f"{r['g_flops'] / 1e9:>10.2f}{extra}",
-            flush=True,
-        )
+        r = compile_bucket(steps, state, lpips_state, plan, args.batch, args.size)
+        print(f"{str(plan):<24}{r['g_lower_s']:>10.2f}{r['g_compile_s']:>10.2f}{r['d_total_s']:>10.2f}"
+              f"{r['g_flops'] / 1e9:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

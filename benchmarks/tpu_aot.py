@@ -8,7 +8,7 @@ in/out shardings on the ('data', 'fsdp') mesh, pure data parallel as the config 
 inputs (random-init SD-VAE shapes, nothing is materialised) and compiled by libtpu for each slice (v4-8, v5p-8,
 v5e-8, v6e-8). Per program and slice: XLA's per-chip memory (arguments + outputs - donated aliases +
 temporaries) against HBM, XLA's FLOPs (cost_analysis per device x chips) per step and per image, and the time
-and images/s that FLOPs imply at 40% MFU of the chip's bf16 peak (targets.md §3; the reference step is fp32,
+and images/s that FLOPs imply at 40% MFU of the chip's bf16 peak (Cloud TPU docs; the reference step is fp32,
 `--dtype bfloat16` sets config.model.dtype). A "micro-step" is one G plus one D call on the same batch.
 
 Programs run in the order given, each on every slice, and a compile is skipped once `--time-limit` would be
@@ -32,7 +32,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 from ml_collections import ConfigDict  # noqa: E402
 
 from benchmarks.tpu_aot_common import (  # noqa: E402
@@ -49,11 +48,11 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     xla_flops,
 )
 from configs import sdvae_ft  # noqa: E402
-from eqvae_jax.losses import autoencoder, equivariance  # noqa: E402
-from eqvae_jax.models import discriminator, kl_vae, lpips  # noqa: E402
+from eqvae_jax.losses import equivariance  # noqa: E402
 from eqvae_jax.parallel.mesh import batch_divisor  # noqa: E402
-from eqvae_jax.train import eqvae_config, eqvae_steps  # noqa: E402
-from eqvae_jax.train.eqvae_state import adam, create_state  # noqa: E402
+from eqvae_jax.train.eqvae import steps as eqvae_steps  # noqa: E402
+from eqvae_jax.train.eqvae.config import EQVAEConfig, disc_stats_groups, parse_config  # noqa: E402
+from eqvae_jax.train.eqvae.networks import abstract_networks  # noqa: E402
 
 TARGETS = (V4_8, V5P_8, V5E_8, V6E_8)
 MFU = 0.4
@@ -65,7 +64,7 @@ def job_config(batch: int, dtype: str) -> ConfigDict:
     config = sdvae_ft.get_config()
     config.model.init, config.model.preset, config.model.dtype = "random", "sd_vae", dtype
     config.lpips.weights = "random"
-    config.data.global_batch_size = batch
+    config.global_batch_size = batch
     return config
 
 
@@ -86,32 +85,18 @@ def parse_plan(name: str, size: int) -> equivariance.BranchPlan:
 
 
 class AbstractJob:
-    """The job's StepSpec, jitted steps and abstract state for one slice (mirrors `eqvae_trainer.build_job`)."""
+    """The job's StepSpec, jitted steps and abstract state for one slice: the job's own pieces (networks,
+    spec, initial state, jitted steps) on shape-only networks and a TPU topology mesh."""
 
     def __init__(self, config: ConfigDict, target: Target):
-        eqvae_config.validate(config, num_devices=target.chips)
+        config: EQVAEConfig = parse_config(config, num_devices=target.chips)
         self.config, self.target = config, target
         mesh = topology_mesh(target, data=target.chips)  # the config's mesh: data=-1 (all chips), fsdp=1
-        groups = config.disc.stats_groups or batch_divisor(mesh)
-        vae = kl_vae.abstract(kl_vae.PRESETS[config.model.preset](dtype=config.model.dtype))
-        disc = discriminator.abstract_discriminator(input_nc=3, ndf=config.disc.ndf, n_layers=config.disc.n_layers,
-                                                    stats_groups=groups)
-        perceptual = lpips.abstract_lpips()
-        vae_graph, vae_params = nnx.split(vae, nnx.Param)
-        disc_graph, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-        lpips_graph, self.lpips_state = nnx.split(perceptual)
-        o = config.optim
-        lr = eqvae_config.learning_rate(config)
-        tx_g = adam(lr, o.b1, o.b2, o.eps, o.accumulate)
-        tx_d = adam(lr, o.b1, o.b2, o.eps, o.accumulate)
-        spec = eqvae_steps.StepSpec(
-            vae_graph=vae_graph, disc_graph=disc_graph, lpips_graph=lpips_graph,
-            loss=autoencoder.LossConfig.from_config(config.loss), tx_g=tx_g, tx_d=tx_d, accumulate=o.accumulate,
-            ema_decay=config.ema.decay if config.ema.enabled else None,
-            return_pair=config.d_step_transform == "shared",
-        )
-        self.state = jax.eval_shape(
-            lambda v, d, s: create_state(v, d, s, tx_g, tx_d, config.ema.enabled), vae_params, disc_params, disc_stats)
+        nets = abstract_networks(config, disc_stats_groups(config, batch_divisor(mesh)))
+        spec = eqvae_steps.make_spec(config, nets)
+        self.lpips_state = nets.lpips_state
+        self.state = jax.eval_shape(lambda *a: eqvae_steps.initial_state(spec, *a), nets.vae_params,
+                                    nets.disc_params, nets.disc_stats)
         self.steps = eqvae_steps.compile_steps(spec, self.state, self.lpips_state, mesh)
         self.return_pair = spec.return_pair
         leaves = jax.tree.leaves((self.state, self.lpips_state))
@@ -234,7 +219,7 @@ def main() -> None:
     deadline = start + args.time_limit
     targets = [t for t in TARGETS if t.name in args.targets.split(",")]
     base = job_config(args.batch or 80, args.dtype)
-    batch = args.batch or base.data.global_batch_size
+    batch = args.batch or base.global_batch_size
     size = base.data.image_size
     programs = [(p.split(":")[0], p.split(":")[1]) for p in args.programs.split(",")]
     print(f"EQ-VAE sdvae_ft micro-step, SD-VAE {args.dtype} compute (f32 params, Adam, LPIPS-VGG, PatchGAN), "

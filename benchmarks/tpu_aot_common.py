@@ -1,7 +1,7 @@
 """Shared pieces of the ahead-of-time TPU compile benchmarks (tpu_aot_dit.py, tpu_aot.py).
 
 Compile-only TPU topologies from `jax.experimental.topologies` (the local backend stays CPU; libtpu's compiler
-must be importable, see requirements-tpu-aot.txt), the slice table with per-chip peaks and HBM (targets.md §3),
+must be importable, see requirements-tpu-aot.txt), the slice table with per-chip peaks and HBM (Cloud TPU docs),
 and XLA's memory/cost analysis of a compiled program. Import this module before jax in a script: it sets the
 environment so that JAX does not probe for real TPUs.
 """
@@ -29,7 +29,7 @@ class Target:
     name: str
     topology: str  # jax.experimental.topologies name
     chips: int
-    peak_tflops: float  # bf16 dense per chip (targets.md §3)
+    peak_tflops: float  # bf16 dense per chip (Cloud TPU docs)
     hbm_bytes: float
     chip_config: str = ""  # 'megacore': v4's two TensorCores as one device, as on v4 TPU VMs
 

@@ -9,7 +9,7 @@ default) is lowered against a compile-only TPU topology and compiled by libtpu. 
 memory analysis (arguments + outputs - donated aliases + temporaries) against the chip's HBM, and the step
 time implied at 40% MFU from the model FLOPs. XLA's `cost_analysis()` counts a lax.scan body once (the 28
 blocks are scanned), so the FLOPs come from `dit_flops` (2 x MACs, train = 3 x forward); XLA's count is shown
-for reference. Compared with the DiT paper's TPU v3-256 rate (5.7 it/s at batch 256, targets.md §4).
+for reference. Compared with the DiT paper's TPU v3-256 rate (5.7 it/s at batch 256).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from benchmarks.tpu_aot_common import (  # noqa: E402
@@ -37,16 +36,17 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     topology_mesh,
     xla_flops,
 )
-from eqvae_jax.models.dit import DiT, dit_flops  # noqa: E402
-from eqvae_jax.train import dit_config, dit_state  # noqa: E402
-from eqvae_jax.train.dit_steps import make_train_step  # noqa: E402
+from eqvae_jax.models.dit import dit_flops  # noqa: E402
+from eqvae_jax.train.dit import state as dit_state  # noqa: E402
+from eqvae_jax.train.dit.config import defaults, parse_config  # noqa: E402
+from eqvae_jax.train.dit.steps import make_train_step  # noqa: E402
 
 TARGETS = (V4_8, V5P_8, V5E_16, V6E_8)
 DIT_V3_STEPS_PER_S = 5.7  # DiT paper, TPU v3-256 (128 chips), DiT-XL/2, global batch 256
 
 
 def job_config(model: str, batch: int, remat: bool):
-    config = dit_config.defaults()
+    config = defaults()
     size, patch = model.split("/")
     config.model.size, config.model.patch, config.model.remat = size, int(patch), remat
     config.global_batch_size = batch
@@ -55,21 +55,18 @@ def job_config(model: str, batch: int, remat: bool):
 
 def compile_step(target: Target, config) -> dict:
     mesh = topology_mesh(target)
-    cfg = dit_config.dit_model_config(config, (32, 32, 4))
-    tx = dit_state.make_optimizer(config)
-    init = dit_state._init_fn(cfg, config, tx)
-    abstract, _ = jax.eval_shape(init)
-    shardings = dit_state.state_shardings(abstract, mesh, tx, config.fsdp_min_size)
-    rest = jax.jit(lambda: init()[1])()  # the fixed position table, a host constant of the program
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0))))
-    model = dit_state.Model(graphdef, rest, cfg)
+    config = parse_config(config, num_devices=target.chips, check_cache=False)
+    cfg = config.dit_config((32, 32, 4))
+    tx = dit_state.make_optimizer(config.optim)
+    state = dit_state.abstract_state(cfg, config.seed, tx, mesh, config.fsdp_min_size)
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    model = dit_state.functional_model(cfg, config.seed)  # the fixed position table: a host constant
     step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings)
 
     b, batch_sharding = config.global_batch_size, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     lat = jax.ShapeDtypeStruct((b, 32, 32, 4), jnp.float32, sharding=batch_sharding)
     batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
     key = jax.eval_shape(lambda: jax.random.key(0))
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     seconds = time.perf_counter() - start

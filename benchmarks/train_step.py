@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--size 256] [--batch 2] [--repeats 3] [--preset sd_vae|tiny]
 
-JAX: the real steps of `eqvae_trainer.build_job` (configs/sdvae_ft.py with a random-init autoencoder and random
+JAX: the real steps of the job (`train.eqvae.job.build`) (configs/sdvae_ft.py with a random-init autoencoder and random
 LPIPS VGG, image size and micro-batch from the flags, optim.accumulate=1 so every step applies Adam).
 PyTorch, same architecture and loss: diffusers `AutoencoderKL` of the preset's shape, `lpips.LPIPS(net='vgg',
 pnet_rand=True)` (train mode: dropout on, as the reference) with a random VGG16 (tests/torch_refs shim), taming's
@@ -60,14 +60,15 @@ def jax_runner(args: argparse.Namespace) -> tuple[Callable[[str], Callable[[], N
     import jax
 
     from configs import sdvae_ft
-    from eqvae_jax.train.eqvae_trainer import build_job
+    from eqvae_jax.train.eqvae.config import parse_config
+    from eqvae_jax.train.eqvae.job import build
 
     config = sdvae_ft.get_config()
     config.model.init, config.model.preset = "random", args.preset
     config.lpips.weights = "random"
-    config.data.image_size, config.data.global_batch_size = args.size, args.batch
+    config.data.image_size, config.global_batch_size = args.size, args.batch
     config.optim.accumulate = 1
-    job = build_job(config)
+    job = build(parse_config(config))
     images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3))
                             .astype(np.float32))
     key = jax.random.key(0)

@@ -1,30 +1,35 @@
-"""Encode ImageNet once into a latent cache for DiT/SiT training (recipe.md §5.1, REPA-style mean + std).
+"""Encode ImageNet once into a latent cache for DiT/SiT training (REPA-style posterior mean + std per image).
 
     python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=gs://.../latents/imagenet256 \
         --config.vae.weights=weights/eq_vae
 
-ADM center crop to 256, no flip (set `flip_copy=True` to also store each image's mirror image, doubling the
-set), float32 mean/std per image. Rerunning the same command finishes an interrupted extraction. `:tiny`
-encodes the demo photographs at 64 px with a random tiny VAE (CPU, seconds).
+ADM center crop to 256 (fast-DiT's extract_features.py), float32 mean/std per image. Rerunning the same command
+finishes an interrupted extraction. `:tiny` encodes the demo photographs at 64 px with a random tiny VAE
+(CPU, seconds).
 """
 
-from eqvae_jax.train.latent_config import defaults
+from eqvae_jax.train.latents.config import defaults
+from eqvae_jax.typed_config import parse_arg
 
 
-def get_config(variant: str = ""):
-    config = defaults()
-    config.data.source = "tfds"
-    config.data.image_size = 256
-    if variant == "tiny":
-        config.vae.init = "random"
-        config.vae.preset = "tiny"
-        config.vae.overrides = {"channel_mult": (1, 2, 2, 2), "base_channels": 16, "norm_num_groups": 8}
-        config.data.source = "demo"
-        config.data.image_size = 64
-        config.data.worker_count = 0
-        config.batch_size = 8
-        config.chunk_size = 8
-        config.flip_copy = True
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} (known: 'tiny')")
-    return config
+def get_config(arg: str = ""):
+    a = parse_arg(arg, tiny=False)
+    c = defaults()
+    c.vae.init = "weights"
+    c.vae.weights = "weights/eq_vae"
+    c.data.source = "tfds"
+    c.data.image_size = 256
+    c.data.transform = "adm_center_crop"
+    c.flip_copy = False
+    c.dtype = "float32"
+    if a.tiny:
+        c.vae.init = "random"
+        c.vae.preset = "tiny"
+        c.vae.overrides = {"channel_mult": (1, 2, 2, 2), "base_channels": 16, "norm_num_groups": 8}
+        c.data.source = "demo"
+        c.data.image_size = 64
+        c.data.worker_count = 0
+        c.batch_size_per_process = 8
+        c.chunk_size = 8
+        c.flip_copy = True
+    return c

@@ -13,3 +13,13 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch_refs"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`torch`: tests of modules that use a PyTorch reference (select with -m torch / deselect with -m 'not torch')."""
+    import pytest
+
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and "torch" in vars(module):
+            item.add_marker(pytest.mark.torch)

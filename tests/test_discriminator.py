@@ -121,6 +121,12 @@ def test_parity_eval_mode(ref, ref_sd):
     assert _max_err(_our_stats(model), _torch_stats(d)) == 0.0  # eval mode leaves the stats alone
 
 
+def _apply(graphdef, params, stats, x, use_running_average=False, stats_groups=None):
+    """Pure forward as the jitted steps do it: merge fresh variables (copy=True), call, return the new stats."""
+    model = nnx.merge(graphdef, params, stats, copy=True)
+    return model(x, use_running_average, stats_groups), nnx.state(model, nnx.BatchStat)
+
+
 def test_pure_jitted_step_two_separate_calls(ref, ref_sd):
     """Real and fake as two forward calls in one jitted function: separate batch stats, two stat updates."""
     d = copy.deepcopy(ref)
@@ -129,8 +135,8 @@ def test_pure_jitted_step_two_separate_calls(ref, ref_sd):
     @jax.jit
     def step(params, stats, real, fake):
         def loss_fn(params):
-            lr, s = disc.apply(graphdef, params, stats, real)
-            lf, s = disc.apply(graphdef, params, s, fake)
+            lr, s = _apply(graphdef, params, stats, real)
+            lf, s = _apply(graphdef, params, s, fake)
             loss = jnp.mean(jax.nn.relu(1 - lr)) + jnp.mean(jax.nn.relu(1 + lf))
             return loss, (lr, lf, s)
 
@@ -145,7 +151,7 @@ def test_pure_jitted_step_two_separate_calls(ref, ref_sd):
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(params))  # grads only for Params
     before = jax.tree.map(np.asarray, stats)
-    disc.apply(graphdef, params, stats, jnp.asarray(real))  # eager: the caller's state is not mutated
+    _apply(graphdef, params, stats, jnp.asarray(real))  # eager: the caller's state is not mutated
     pairs = zip(jax.tree.leaves(before), jax.tree.leaves(stats), strict=True)
     assert all(np.array_equal(a, b) for a, b in pairs)
 
@@ -177,7 +183,7 @@ def test_sharded_batch_sync_bn_vs_groups(ref_sd):
     x = _x(6, b=8, size=32)
     xs = jax.device_put(jnp.asarray(x), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     graphdef, params, stats = nnx.split(_ours(ref_sd), nnx.Param, nnx.BatchStat)
-    fwd = jax.jit(disc.apply, static_argnums=(0, 4, 5))
+    fwd = jax.jit(_apply, static_argnums=(0, 4, 5))
     sharded_global, _ = fwd(graphdef, params, stats, xs, False, 1)
     unsharded_global, _ = fwd(graphdef, params, stats, jnp.asarray(x), False, 1)
     _assert_close(sharded_global, unsharded_global)

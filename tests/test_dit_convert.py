@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_dit_model import TINY, inputs, randomized_reference, run_ref, state_dict_np
+from dit_parity import TINY, inputs, randomized_reference, run_ref, state_dict_np
 
 from eqvae_jax.convert import dit as conv
 from eqvae_jax.convert.__main__ import main as cli

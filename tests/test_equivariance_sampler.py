@@ -9,6 +9,7 @@ import pytest
 
 from eqvae_jax.losses import equivariance as eq
 from eqvae_jax.losses.equivariance import Branch, BranchPlan, Draw, TransformConfig, TransformSampler
+from eqvae_jax.typed_config import default_config, parse
 
 N = 40_000
 
@@ -51,15 +52,15 @@ def test_anisotropic_draws_independent_scales():
 
 
 def test_config_from_config_dict_and_validation():
-    section = eq.default_config()
+    section = default_config(TransformConfig)
     assert isinstance(section, ml_collections.ConfigDict)
-    assert TransformConfig.from_config(section) == TransformConfig()
+    assert parse(TransformConfig, section) == TransformConfig()
     section.scale_numerators = [16, 24]
     section.p_equivariance = 0.25
-    cfg = TransformConfig.from_config(section)
+    cfg = parse(TransformConfig, section)
     assert cfg.scale_numerators == (16, 24) and cfg.marginals()[Branch.PLAIN] == pytest.approx(0.5625)
     with pytest.raises(ValueError, match="unknown"):
-        TransformConfig.from_config({"p_prior": 0.5})
+        parse(TransformConfig, {"p_prior": 0.5})
     with pytest.raises(ValueError):
         TransformConfig(rotations=(4,))
 

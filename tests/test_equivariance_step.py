@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from test_losses_toys import ToyLPIPS, ToyVAE, make_steps
+from toys import ToyLPIPS, ToyVAE, make_steps
 
 from eqvae_jax.losses import equivariance as eq
-from eqvae_jax.losses import variants
 from eqvae_jax.losses.autoencoder import LossConfig
 from eqvae_jax.models.discriminator import NLayerDiscriminator
+from eqvae_jax.train import variants
 
 HW = (64, 64)
 

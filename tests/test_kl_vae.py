@@ -162,7 +162,7 @@ def test_posterior_matches_diffusers_formulas():
     np.testing.assert_array_equal(post.mode(), to_nhwc(ref.mode()))
     assert post.kl().shape == (3,)
     np.testing.assert_allclose(post.kl(), ref.kl().numpy(), rtol=1e-5)
-    # recipe.md §2.1, written out: 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2) per example
+    # the LDM DiagonalGaussianDistribution.kl, written out: 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2) per example
     mu, lv = moments[..., :4].astype(np.float64), np.clip(moments[..., 4:], -30, 20).astype(np.float64)
     expected_kl = 0.5 * np.sum(mu**2 + np.exp(lv) - 1 - lv, axis=(1, 2, 3))
     np.testing.assert_allclose(post.kl(), expected_kl, rtol=1e-5)

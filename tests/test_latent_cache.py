@@ -9,31 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from helpers import load_config
 
 from eqvae_jax.data import latent_cache
 from eqvae_jax.data.decode import decode_image
 from eqvae_jax.data.sources import open_source
 from eqvae_jax.data.transforms import adm_center_crop
+from eqvae_jax.models.autoencoders import build_autoencoder
 from eqvae_jax.parallel.mesh import make_mesh
-from eqvae_jax.train import latent_config, latent_extraction
-from eqvae_jax.train.eqvae_config import ConfigError
+from eqvae_jax.train.dit.config import LatentsConfig
+from eqvae_jax.train.latents import job as latent_extraction
+from eqvae_jax.train.latents.config import parse_config
+from eqvae_jax.typed_config import ConfigError
 
 flags.FLAGS.mark_as_parsed()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("extract_cfg", os.path.join(REPO, "configs/extract_latents.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.data.data_dir = data_dir
-    config.mesh.data = 4  # 4 of the 8 fake devices: batches of 4, two chunks of 4 for the 7 demo images
-    config.batch_size = 4
-    config.chunk_size = 4
-    return config
+    # 4 of the 8 fake devices: batches of 4, two chunks of 4 for the 7 demo images
+    return load_config("extract_latents", "tiny", **{"data.data_dir": data_dir, "mesh.data": 4,
+                                                     "batch_size_per_process": 4, "chunk_size": 4})
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ def test_extraction_stores_the_vae_posterior(cache, demo_dir):
     rec = images[5]
     crop = adm_center_crop(decode_image(rec["bytes"]), 64)
     x = (jnp.asarray(crop, jnp.float32)[None] - 127.5) / 127.5
-    vae = latent_config.load_vae(latent_config.vae_spec(config.vae))
+    vae = build_autoencoder(parse_config(config).vae)
     for flipped, xin in ((False, x), (True, x[:, :, ::-1])):
         post = vae.encode(xin)
         r = next(r for r in records if int(r["index"]) == 5 and bool(r["flipped"]) == flipped)
@@ -114,10 +109,7 @@ def test_restart_skips_finished_chunks(cache, tmp_path):
 
 def test_iterator_reads_cache_and_resumes(cache):
     _, cache_dir, _ = cache
-    from eqvae_jax.train.dit_config import defaults
-
-    lat = defaults().latents
-    lat.cache_dir = cache_dir
+    lat = LatentsConfig(cache_dir=cache_dir)
     mesh = make_mesh(1, -1)
     it, meta = latent_cache.build_latent_iterator(lat, mesh, 8)
     first = next(it)
@@ -139,13 +131,14 @@ def test_iterator_reads_cache_and_resumes(cache):
 def test_config_validation_names_problems():
     config = _config("")
     config.chunk_size = 6
-    with pytest.raises(ConfigError, match="multiple of batch_size"):
-        latent_config.validate(config)
+    with pytest.raises(ConfigError, match="multiple of batch_size_per_process"):
+        parse_config(config)
     config = _config("")
     config.flip_cpy = True
     config.vae.init = "weights"
+    config.vae.weights = ""
     with pytest.raises(ConfigError, match=r"(?s)did you mean 'flip_copy'.*vae.weights is empty"):
-        latent_config.validate(config)
+        parse_config(config)
 
 
 def test_incomplete_cache_is_an_error(tmp_path):

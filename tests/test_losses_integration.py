@@ -11,7 +11,7 @@ import torch
 from contperceptual_reference import LPIPSWithDiscriminator, transformed_forward
 from flax import nnx
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingD
-from test_losses_toys import make_steps
+from toys import make_steps
 
 from eqvae_jax.convert import discriminator as disc_convert
 from eqvae_jax.convert import kl_vae_keys
@@ -40,7 +40,7 @@ def models():
 
     torch.manual_seed(1)
     t_lpips = lpips_ref.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
-    lp = lpips.abstract_lpips()
+    lp = lpips.abstract()
     flat, _ = lpips_convert.flax_variables({k: v.numpy() for k, v in t_lpips.state_dict().items()})
     weights.assign_variables(lp, flat)
 

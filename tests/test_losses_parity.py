@@ -14,7 +14,7 @@ import torch
 from contperceptual_reference import LPIPSWithDiscriminator, transformed_forward
 from flax import nnx
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingD
-from test_losses_toys import TorchToyLPIPS, TorchToyVAE, ToyLPIPS, ToyVAE, make_steps
+from toys import TorchToyLPIPS, TorchToyVAE, ToyLPIPS, ToyVAE, make_steps
 
 from eqvae_jax.convert.discriminator import torch_state_dict
 from eqvae_jax.losses.autoencoder import LossConfig

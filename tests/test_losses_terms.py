@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_losses_toys import ToyLPIPS, ToyVAE
+from toys import ToyLPIPS, ToyVAE
 
 from eqvae_jax.losses import autoencoder as ae
 from eqvae_jax.losses import gan
@@ -14,6 +14,7 @@ from eqvae_jax.losses.nnx_vjp import vjp_wrt_variable
 from eqvae_jax.losses.reconstruction import kl_loss, nll_loss
 from eqvae_jax.models.discriminator import NLayerDiscriminator
 from eqvae_jax.models.kl_vae import DiagonalGaussian
+from eqvae_jax.typed_config import default_config, parse
 
 
 def _images(seed: int, shape=(2, 8, 8, 3)) -> tuple[jax.Array, jax.Array]:
@@ -115,11 +116,11 @@ def test_generator_call_updates_discriminator_batch_stats():
 
 
 def test_loss_config_from_config_dict():
-    section = ae.default_config()
-    assert ae.LossConfig.from_config(section) == ae.LossConfig()
+    section = default_config(ae.LossConfig)
+    assert parse(ae.LossConfig, section) == ae.LossConfig()
     section.disc_start = 50001
-    assert ae.LossConfig.from_config(section).disc_start == 50001
+    assert parse(ae.LossConfig, section).disc_start == 50001
     with pytest.raises(ValueError, match="unknown"):
-        ae.LossConfig.from_config({"disc_weight": 0.5, "pixelloss_weight": 1.0})
+        parse(ae.LossConfig, {"disc_weight": 0.5, "pixelloss_weight": 1.0})
     with pytest.raises(ValueError):
         ae.LossConfig(reduction="avg")

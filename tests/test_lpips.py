@@ -100,7 +100,7 @@ def test_explicit_lin_path_and_identity(converted, reference, images, tmp_path):
 
 
 def test_frozen_only_no_params():
-    model = lpips.random_lpips(seed=1)
+    model = lpips.build(seed=1)
     assert len(nnx.state(model, nnx.Param)) == 0
     all_vars = nnx.to_flat_state(nnx.state(model))
     assert len(all_vars) == 13 * 2 + 5
@@ -137,7 +137,7 @@ def test_dropout_is_inverted_dropout():
 
 
 def test_gradient_finite_on_flat_images():
-    model = lpips.random_lpips()
+    model = lpips.build()
     y = jnp.full((1, 16, 16, 3), -1.0)
     # Flat images make many all-zero relu feature vectors; the zero-distance term (a vs a) must not give NaN.
     g = jax.jit(jax.grad(lambda a: model(a, y).sum() + model(a, a + 0.0).sum()))(jnp.zeros((1, 16, 16, 3)))
@@ -145,7 +145,7 @@ def test_gradient_finite_on_flat_images():
 
 
 def test_rejects_bad_input_shapes():
-    model = lpips.random_lpips()
+    model = lpips.build()
     with pytest.raises(ValueError, match="NHWC"):
         model(jnp.zeros((1, 3, 32, 32)), jnp.zeros((1, 3, 32, 32)))
 

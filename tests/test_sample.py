@@ -9,13 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from test_dit_train import SHAPE, job_config, write_toy_cache
+from helpers import TOY_SHAPE as SHAPE
+from helpers import tiny_dit_config, write_toy_cache
 
-from eqvae_jax import sample
+from eqvae_jax import sample as sample_cli
 from eqvae_jax.diffusion import ddpm_sampling, guidance
+from eqvae_jax.diffusion import sampling as sample
 from eqvae_jax.diffusion.schedule import create_schedule
 from eqvae_jax.parallel.mesh import make_mesh
-from eqvae_jax.train import dit_config, dit_state, dit_trainer
+from eqvae_jax.train.dit import job as dit_job
+from eqvae_jax.train.dit import state as dit_state
+from eqvae_jax.train.dit.config import parse_config
 
 flags.FLAGS.mark_as_parsed()
 
@@ -30,9 +34,9 @@ def toy_cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def model_and_params(toy_cache):
     """A tiny DiT whose zero-initialised output layers are randomised, so predictions are not trivial."""
-    config = job_config("dit_b2", toy_cache)
-    cfg = dit_config.dit_model_config(config, SHAPE)
-    model, state, _ = dit_state.create(cfg, config, make_mesh(1, -1))
+    c = parse_config(tiny_dit_config(toy_cache))
+    model, state, _ = dit_state.create(c.dit_config(SHAPE), c.seed, dit_state.make_optimizer(c.optim),
+                                       make_mesh(1, -1), c.fsdp_min_size)
     leaves, tree = jax.tree.flatten(jax.device_get(state.params))
     rng = np.random.default_rng(1)
     leaves = [x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
@@ -87,10 +91,10 @@ def test_to_uint8_is_custom_to_pil():
 def test_sampling_from_a_workdir_writes_adm_npz(toy_cache, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     compile_cache = str(tmp_path_factory.getbasetemp() / "jax_cache")  # the session's, as in test_dit_train
-    config = job_config("dit_b2", toy_cache, compile_cache, total_steps=2)
-    dit_trainer.run(config, workdir)
+    config = tiny_dit_config(toy_cache, compile_cache, total_updates=2)
+    dit_job.run(config, workdir)
     overrides = {"num_samples": 5, "sampler": "ddim", "num_steps": 4, "batch_size": 8, "seed": 3}
-    path = sample.run_sampling(config.to_dict(), workdir, overrides)
+    path = sample_cli.run_sampling(workdir, overrides)  # the run's own config, read from its checkpoint
     with np.load(path) as f:
         images, labels = f["arr_0"], f["labels"]
     assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8 and labels.shape == (5,)

@@ -105,7 +105,7 @@ def flax_variables(sd: Mapping[str, np.ndarray], lin: Mapping[str, np.ndarray] |
         raise ValueError(f"{what}: neither an lpips (net.slice*) nor a torchvision VGG16 (features.*) file.")
     _check_scaling(torch_sd)
     own = {k: v for k, v in torch_sd.items() if k not in accepted}
-    return key_map(source).to_flax(own, variable_shapes(lpips_model.abstract_lpips()), what), skipped
+    return key_map(source).to_flax(own, variable_shapes(lpips_model.abstract()), what), skipped
 
 
 def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: str) -> str:
@@ -120,7 +120,7 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
     if lin is not None:
         lin_sd = read_state_dict(lin)
     flat, skipped = flax_variables(sd, lin_sd, what=src)
-    model = lpips_model.abstract_lpips()
+    model = lpips_model.abstract()
     with atomic_path(dst, overwrite) as tmp:
         save_weights(tmp, lpips_model.KIND, model.config(), flat)
     note = f" (skipped {len(skipped)} unused keys: {', '.join(skipped)})" if skipped else ""

@@ -2,12 +2,11 @@
 
     python -m eqvae_jax.data --config=configs/<job>.py [--config.data.<field>=...] --batches 20
 
-Reads `config.data` (the schema in eqvae_jax/data/config.py; batch size: config.data.global_batch_size).
+Reads the job config's `data` section (eqvae_jax/data/config.py) and its `global_batch_size`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -17,6 +16,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from eqvae_jax.data.iterator import build_train_iterator
+from eqvae_jax.eval.images import from_unit_range, square_grid
 from eqvae_jax.parallel.mesh import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,30 +26,18 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "batches to time after the first 
 _GRID = flags.DEFINE_string("grid", "data_first_batch.png", "where to write the PNG grid of the first batch")
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) float in [-1, 1] -> one uint8 image with the N images tiled in a near-square grid."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    pixels = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
-    return grid
-
-
 def main(argv: list[str]) -> None:
     del argv
     data = _CONFIG.value.data
-    iterator = build_train_iterator(data, make_mesh(-1, 1))  # the pipeline only needs the batch axes
+    # The pipeline only needs the batch axes of a mesh.
+    iterator = build_train_iterator(data, make_mesh(-1, 1), _CONFIG.value.global_batch_size)
     try:
         start = time.perf_counter()
         first = next(iterator)
         first_s = time.perf_counter() - start
         images = np.asarray(jax.device_get(first["image"]))
         if jax.process_index() == 0:
-            Image.fromarray(image_grid(images)).save(_GRID.value)
+            Image.fromarray(square_grid(from_unit_range(images), len(images))).save(_GRID.value)
         start = time.perf_counter()
         for _ in range(_BATCHES.value):
             batch = next(iterator)

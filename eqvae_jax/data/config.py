@@ -1,53 +1,85 @@
-"""The data config schema. Job configs: `config.data = eqvae_jax.data.config.get_config()`, then override."""
+"""The `data` section of image jobs: a typed schema with ImageNet/EQ-VAE defaults.
+
+Job schemas hold a `DataConfig`; `get_config()` is the same as a ConfigDict (every key present) for config
+files and tests, and `as_data_config` accepts either, so the pipeline always reads one typed section.
+The batch size is not here: it is the job's `global_batch_size` (images per step over all hosts).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import ml_collections
 
+from eqvae_jax.data.transforms import TRANSFORMS
+from eqvae_jax.typed_config import default_config, parse
 
-def get_config() -> ml_collections.ConfigDict:
-    """Defaults: ImageNet from TFDS ArrayRecord, EQ-VAE training crop at 256, ADM center crop for eval."""
-    c = ml_collections.ConfigDict()
+SOURCES = ("tfds", "folder", "demo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
     # Source: 'tfds' (any TFDS dataset prepared as ArrayRecord, default imagenet2012), 'folder' (a directory
     # searched recursively for jpg/jpeg/png/webp) or 'demo' (the photographs shipped in data/demo_images,
     # prepared into `data_dir` as a TFDS ArrayRecord dataset on first use).
-    c.source = "tfds"
-    c.data_dir = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': data_cache/tfds)
-    c.tfds_name = "imagenet2012"
-    c.train_split = "train"
-    c.eval_split = "validation"  # held-out split for periodic eval ('tfds' and 'demo')
-    c.folder = ""  # 'folder' source: training images
-    c.eval_folder = ""  # 'folder' source: held-out images ('' = no eval set)
-    c.label_from_parent = True  # 'folder': label = index of the parent folder name (sorted); else -1
+    source: str = "tfds"
+    data_dir: str = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': data_cache/tfds)
+    tfds_name: str = "imagenet2012"
+    train_split: str = "train"
+    eval_split: str = "validation"  # held-out split for evaluation ('tfds' and 'demo')
+    folder: str = ""  # 'folder' source: training images
+    eval_folder: str = ""  # 'folder' source: held-out images ('' = no eval set)
+    label_from_parent: bool = True  # 'folder': label = index of the parent folder name (sorted); else -1
 
-    # Per-image transform. Training: 'eqvae_train_crop' (reference EQ-VAE fine-tuning) or 'adm_center_crop'.
-    c.image_size = 256
-    c.transform = "eqvae_train_crop"
-    c.eval_transform = "adm_center_crop"
-    c.crop_min_fraction = 0.5  # eqvae_train_crop: side = short_side * U(min, max)
-    c.crop_max_fraction = 1.0
-    c.flip = False  # random horizontal flip (training only; the EQ-VAE recipe has none)
-    c.min_side = 16  # images whose short side is below this are skipped ('too_small'); others are resized
+    # Per-image transforms (data/transforms.py TRANSFORMS). Training: 'eqvae_train_crop' (reference EQ-VAE
+    # fine-tuning) or 'adm_center_crop'; held-out evaluation: 'adm_center_crop'.
+    image_size: int = 256
+    transform: str = "eqvae_train_crop"
+    eval_transform: str = "adm_center_crop"
+    crop_min_fraction: float = 0.5  # eqvae_train_crop: side = short_side * U(min, max)
+    crop_max_fraction: float = 1.0
+    flip: bool = False  # random horizontal flip (training only; the EQ-VAE recipe has none)
+    min_side: int = 16  # images whose short side is below this are skipped ('too_small'); others are resized
 
     # Order and epochs.
-    c.seed = 0
-    c.shuffle = True  # seeded global shuffle, reshuffled every epoch
-    c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
-    c.repeats_per_epoch = 1  # each image appears this many times per epoch (different random crops)
-    c.drop_remainder = True  # training: drop a last partial batch of a finite run
-
-    # Batching. The per-process batch is global_batch_size / process_count.
-    c.global_batch_size = 256
-    c.eval_global_batch_size = 0  # 0 = global_batch_size
+    seed: int = 0
+    shuffle: bool = True  # seeded global shuffle, reshuffled every epoch
+    num_epochs: int | None = None  # None = repeat forever
+    repeats_per_epoch: int = 1  # each image appears this many times per epoch (different random crops)
+    drop_remainder: bool = True  # training: drop a last partial batch of a finite run
 
     # Throughput.
-    c.worker_count = 8  # Grain worker processes (decode + crop); 0 = in the main process
-    c.worker_buffer_size = 2  # batches each worker keeps ready
-    c.read_threads = 4  # threads per worker reading + decoding elements (PIL releases the GIL)
-    c.read_buffer_size = 64  # elements each worker reads ahead
-    c.prefetch = 2  # global batches already transferred to the devices
+    worker_count: int = 8  # Grain worker processes (decode + crop); 0 = in the main process
+    worker_buffer_size: int = 2  # batches each worker keeps ready
+    read_threads: int = 4  # threads per worker reading + decoding elements (PIL releases the GIL)
+    read_buffer_size: int = 64  # elements each worker reads ahead
+    prefetch: int = 2  # global batches already transferred to the devices
     # 'uint8': hosts send uint8 and the devices scale to [-1, 1] (4x less host traffic; measured faster);
     # 'float32': the workers scale. Either way batch['image'] arrives as float32 in [-1, 1].
-    c.output_dtype = "uint8"
-    c.max_consecutive_skips = 10_000  # give up (clear error) when a source yields nothing decodable
-    return c
+    output_dtype: str = "uint8"
+    max_consecutive_skips: int = 10_000  # give up (clear error) when a source yields nothing decodable
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when nothing)."""
+        out = []
+        if self.source not in SOURCES:
+            out.append(f"data.source must be one of {SOURCES}, not {self.source!r}")
+        for name in ("transform", "eval_transform"):
+            if getattr(self, name) not in TRANSFORMS:
+                out.append(f"data.{name} must be one of {TRANSFORMS}, not {getattr(self, name)!r}")
+        if self.output_dtype not in ("uint8", "float32"):
+            out.append(f"data.output_dtype must be 'uint8' or 'float32', not {self.output_dtype!r}")
+        if not 0 < self.crop_min_fraction <= self.crop_max_fraction <= 1:
+            out.append("need 0 < data.crop_min_fraction <= data.crop_max_fraction <= 1")
+        return out
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The defaults as a ConfigDict (for config files and tests)."""
+    return default_config(DataConfig)
+
+
+def as_data_config(config: DataConfig | ml_collections.ConfigDict | Any) -> DataConfig:
+    """A typed data section from a DataConfig (returned as is) or a ConfigDict/mapping (parsed)."""
+    return config if isinstance(config, DataConfig) else parse(DataConfig, config, "data")

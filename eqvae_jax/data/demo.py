@@ -61,6 +61,7 @@ def prepare(data_dir: str) -> str:
     os.makedirs(data_dir, exist_ok=True)
     builder = EqvaeDemo(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
+        tfds.disable_progress_bar()  # nine photographs: the job's own log says what happens
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS

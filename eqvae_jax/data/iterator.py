@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
 from eqvae_jax.data import pipeline
+from eqvae_jax.data.config import DataConfig, as_data_config
 from eqvae_jax.data.decode import SKIP_REASONS
 from eqvae_jax.data.sources import open_source
 from eqvae_jax.parallel.mesh import batch_sharding as mesh_batch_sharding
 
 _DEVICE_KEYS = ("image", "label", "mask")
+log = logging.getLogger(__name__)
 
 
 def batch_sharding(mesh_or_sharding: Mesh | NamedSharding) -> NamedSharding:
@@ -107,7 +108,7 @@ class InputIterator:
         if skips.any():
             self._skips += skips
             new = {r: int(n) for r, n in zip(SKIP_REASONS, skips, strict=True) if n}
-            logging.warning("data: batch had skipped images %s; total %s", new, self.skip_counts)
+            log.warning("data: batch had skipped images %s; total %s", new, self.skip_counts)
         self._fill()
         return batch
 
@@ -157,27 +158,25 @@ def _per_process_batch(global_batch_size: int, sharding: NamedSharding) -> int:
     return global_batch_size // count
 
 
-def build_train_iterator(
-    config: ml_collections.ConfigDict, mesh_or_sharding: Mesh | NamedSharding, global_batch_size: int = 0
-) -> InputIterator:
-    """The training iterator for `config` (a data config): infinite unless config.num_epochs is set."""
+def build_train_iterator(config: DataConfig, mesh_or_sharding: Mesh | NamedSharding,
+                         global_batch_size: int) -> InputIterator:
+    """The training iterator for a data section: infinite unless config.num_epochs is set."""
+    config = as_data_config(config)
     sharding = batch_sharding(mesh_or_sharding)
-    global_batch_size = global_batch_size or config.global_batch_size
     per_process = _per_process_batch(global_batch_size, sharding)
     source = open_source(config, train=True)
-    logging.info("data: training on %r, %d per process", source, per_process)
+    log.info("data: training on %r, %d per process", source, per_process)
     dataset = pipeline.train_dataset(config, source, per_process, jax.process_index(), jax.process_count())
     return InputIterator(
         dataset, sharding, global_batch_size, config.prefetch, config.output_dtype == "uint8"
     )
 
 
-def build_eval_iterator(
-    config: ml_collections.ConfigDict, mesh_or_sharding: Mesh | NamedSharding, global_batch_size: int = 0
-) -> InputIterator:
+def build_eval_iterator(config: DataConfig, mesh_or_sharding: Mesh | NamedSharding,
+                        global_batch_size: int) -> InputIterator:
     """One deterministic pass over the held-out images; batches carry 'mask' (False = padding/bad image)."""
+    config = as_data_config(config)
     sharding = batch_sharding(mesh_or_sharding)
-    global_batch_size = global_batch_size or config.eval_global_batch_size or config.global_batch_size
     per_process = _per_process_batch(global_batch_size, sharding)
     source = open_source(config, train=False)
     count = jax.process_count()

@@ -1,6 +1,6 @@
 """The latent cache: VAE posterior mean and std per image (+ label) in ArrayRecord chunk files, and its reader.
 
-Layout of a cache directory (written by `eqvae_jax.train.latent_extraction`):
+Layout of a cache directory (written by the `extract_latents` job, eqvae_jax/train/latents):
 
     CACHE/meta.json                     what was encoded how (VAE, crop, flip copy, latent shape, scale)
     CACHE/chunks/chunk-00007-of-00040.array_record
@@ -16,6 +16,7 @@ Training draws z = mean + std * eps every step (REPA/edm2 style) and maps it wit
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -24,7 +25,6 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -36,6 +36,18 @@ META_FILE = "meta.json"
 CHUNKS_DIR = "chunks"
 HEADER = struct.Struct("<qiB")  # source index, label, flipped
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentReadConfig:
+    """How a training job reads a latent cache (the fields of its `latents` config section)."""
+
+    cache_dir: str = ""
+    shuffle: bool = True  # seeded global shuffle, reshuffled every epoch
+    seed: int = 0
+    read_threads: int = 4
+    worker_count: int = 0  # decoding a record is a memcpy: threads are enough
+    prefetch: int = 2  # global batches already transferred to the devices
 
 
 def chunk_name(chunk: int, num_chunks: int) -> str:
@@ -129,7 +141,7 @@ class _Decode(grain.transforms.Map):
 
 
 def latent_dataset(
-    config: ml_collections.ConfigDict, per_process_batch: int, process_index: int, process_count: int
+    config: LatentReadConfig, per_process_batch: int, process_index: int, process_count: int
 ) -> tuple[grain.IterDataset, dict[str, Any]]:
     """This process's training batches of {'mean', 'std', 'label'} from the cache, plus the cache meta.
 
@@ -151,7 +163,7 @@ def latent_dataset(
 
 
 def build_latent_iterator(
-    config: ml_collections.ConfigDict, mesh: Mesh, global_batch: int
+    config: LatentReadConfig, mesh: Mesh, global_batch: int
 ) -> tuple[InputIterator, dict[str, Any]]:
     """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta."""
     sharding = batch_sharding(mesh)

@@ -15,16 +15,18 @@ batches; bad images are masked out (and counted) instead of dropped.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
-from absl import logging
 
+from eqvae_jax.data.config import DataConfig
 from eqvae_jax.data.decode import SKIP_REASONS, SkipImage, decode_image, skip_code
 from eqvae_jax.data.transforms import Crop
+
+log = logging.getLogger(__name__)
 
 _NO_SKIP = -1
 _LOG_FIRST = 100  # log every skipped file up to this many per process, then every 1000th
@@ -54,7 +56,7 @@ def _log_skip(name: str, error: SkipImage) -> None:
     global _skips_logged
     _skips_logged += 1
     if _skips_logged <= _LOG_FIRST or _skips_logged % 1000 == 0:
-        logging.warning("data: skipping %s (%s) [%d skipped in this process]", name, error, _skips_logged)
+        log.warning("data: skipping %s (%s) [%d skipped in this process]", name, error, _skips_logged)
 
 
 class DecodeCrop:
@@ -143,7 +145,7 @@ def _drop_train_fields(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def _crop(config: ml_collections.ConfigDict, train: bool) -> Crop:
+def _crop(config: DataConfig, train: bool) -> Crop:
     return Crop(
         config.transform if train else config.eval_transform,
         config.image_size,
@@ -154,7 +156,7 @@ def _crop(config: ml_collections.ConfigDict, train: bool) -> Crop:
 
 
 def _finish(
-    ds: grain.MapDataset, config: ml_collections.ConfigDict, train: bool, per_process_batch: int
+    ds: grain.MapDataset, config: DataConfig, train: bool, per_process_batch: int
 ) -> grain.IterDataset:
     """Shared tail: decode+crop, skip handling, batch, dtype, worker processes."""
     ds = ds.random_map(DecodeCrop(_crop(config, train), config.min_side), seed=config.seed + 1)
@@ -179,7 +181,7 @@ def _finish(
 
 
 def train_dataset(
-    config: ml_collections.ConfigDict,
+    config: DataConfig,
     source: Any,
     per_process_batch: int,
     process_index: int,
@@ -207,7 +209,7 @@ def eval_num_batches(num_records: int, per_process_batch: int, process_count: in
 
 
 def eval_dataset(
-    config: ml_collections.ConfigDict,
+    config: DataConfig,
     source: Any,
     per_process_batch: int,
     process_index: int,

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import ml_collections
+from eqvae_jax.data.config import DataConfig
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -98,7 +98,7 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, {self.split!r}, {len(self)} records)"
 
 
-def default_data_dir(config: ml_collections.ConfigDict) -> str:
+def default_data_dir(config: DataConfig) -> str:
     """The TFDS data dir for this config ('' lets TFDS use $TFDS_DATA_DIR or ~/tensorflow_datasets)."""
     if config.data_dir:
         return os.path.expanduser(config.data_dir)
@@ -107,7 +107,7 @@ def default_data_dir(config: ml_collections.ConfigDict) -> str:
     return ""
 
 
-def open_source(config: ml_collections.ConfigDict, train: bool) -> FolderSource | TfdsSource:
+def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource:
     """The training (`train=True`) or held-out eval source named by the data config."""
     if config.source == "folder":
         root = config.folder if train else config.eval_folder

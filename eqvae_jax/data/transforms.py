@@ -1,12 +1,13 @@
 """Crops that turn a decoded RGB image into a square uint8 array of the target size.
 
-- `eqvae_train_crop`: the EQ-VAE training augmentation (recipe §2): a square crop whose side is
+- `eqvae_train_crop`: the EQ-VAE training augmentation (zelaki/eqvae dataset.py): a square crop whose side is
   int(short_side * U(0.5, 1.0)) at a uniformly random position, then an area resize to the target size.
   OpenCV's INTER_AREA is an exact box average when shrinking; PIL's BOX filter computes the same average.
   When the crop is smaller than the target we upsample with bilinear (INTER_AREA upsampling is a
   bilinear-like interpolation in OpenCV; PIL's BOX would be nearest-neighbour). No flip.
-- `adm_center_crop`: ADM's `center_crop_arr` (recipe §5.1): BOX-halve while the short side is >= 2x the
-  target, BICUBIC resize of the short side to the target, then a center crop. Deterministic.
+- `adm_center_crop`: ADM's `center_crop_arr` (guided-diffusion image_datasets.py; fast-DiT's extraction):
+  BOX-halve while the short side is >= 2x the target, BICUBIC resize of the short side to the target, then a
+  center crop. Deterministic.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ from eqvae_jax.diffusion.likelihood import discretized_gaussian_log_likelihood, 
 from eqvae_jax.diffusion.schedule import Schedule
 
 VAR_TYPES = ("learned_range", "fixed_large", "fixed_small")
+
+
+def var_type_for(learn_sigma: bool) -> str:
+    """DiT's `create_diffusion`: learned-range variance for a model that predicts sigma, else fixed large."""
+    return "learned_range" if learn_sigma else "fixed_large"
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 

@@ -3,15 +3,13 @@
     err_tau(x) = ||tau(E(x)) - E(tau(x))||^2 / ||E(tau(x))||^2
 
 per image, averaged over images, for rotations by 90/180/270 degrees and downscaling by 0.25/0.5/0.75, reported
-per transform and per family (rotation, scale). E(x) is the posterior **mean** (deterministic, so the metric
-measures the encoder and not the sampling noise; the reference code has no implementation of this metric).
-tau is the training transform itself (`eqvae_jax.losses.resample`: PyTorch-exact bilinear without antialias,
-rot90 in the reference direction), applied to the latent and to the image.
+per transform and per family (rotation, scale: the mean of its transforms). E(x) is the posterior **mean**
+(deterministic, so the metric measures the encoder and not the sampling noise; the reference code has no
+implementation of this metric). tau is the training transform itself (`eqvae_jax.losses.resample`:
+PyTorch-exact bilinear without antialias, rot90 in the reference direction), applied to latent and image.
 
-    fn = make_equivariance_fn(vae)            # jitted over (state, images); batch may be sharded
-    meter = EquivarianceMeter()
-    for x in batches: meter.update(fn(x))
-    meter.result()   # {"equivariance/rotation": ..., "equivariance/scale": ..., "equivariance/rot90": ...}
+    errors = equivariance_errors(lambda a: vae.encode(a).mean, images)   # {name: (B,)}, usable under jit
+    with_families(means)   # per-transform means -> + {"rotation": ..., "scale": ...}
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from eqvae_jax.losses import resample
 
@@ -68,40 +65,12 @@ def equivariance_errors(
     return out
 
 
-def make_equivariance_fn(
-    vae: nnx.Module, cfg: EquivarianceEvalConfig = EquivarianceEvalConfig()
-) -> Callable[[jax.Array], dict[str, jax.Array]]:
-    """A jitted `images -> {name: (B,) errors}` using the posterior mean of `vae.encode`."""
-    graphdef, state = nnx.split(vae)
-
-    @jax.jit
-    def run(state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
-        model = nnx.merge(graphdef, state)
-        return equivariance_errors(lambda a: model.encode(a).mean, x, cfg)
-
-    return lambda x: run(state, x)
-
-
-class EquivarianceMeter:
-    """Accumulates per-image errors over batches; `result()` gives per-transform and per-family means."""
-
-    def __init__(self, cfg: EquivarianceEvalConfig = EquivarianceEvalConfig()):
-        self.cfg = cfg
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
-
-    def update(self, errors: Mapping[str, jax.Array]) -> None:
-        for name, e in errors.items():
-            e = np.asarray(e, np.float64)
-            self._sums[name] = self._sums.get(name, 0.0) + float(e.sum())
-            self._counts[name] = self._counts.get(name, 0) + e.size
-
-    def result(self, prefix: str = "equivariance/") -> dict[str, float]:
-        per = {n: self._sums[n] / self._counts[n] for n in self._sums}
-        out = {f"{prefix}{n}": v for n, v in per.items()}
-        for family in (ROTATION, SCALE):
-            names = [n for n, (f, _) in self.cfg.transforms().items() if f == family and n in per]
-            if names:
-                total = sum(self._sums[n] for n in names)
-                out[f"{prefix}{family}"] = total / sum(self._counts[n] for n in names)
-        return out
+def with_families(means: Mapping[str, float], cfg: EquivarianceEvalConfig = EquivarianceEvalConfig(),
+                  prefix: str = "") -> dict[str, float]:
+    """Per-transform means (keys `prefix + name`) plus the family means `prefix + 'rotation'` / `'scale'`."""
+    out = dict(means)
+    for family in (ROTATION, SCALE):
+        names = [f"{prefix}{n}" for n, (f, _) in cfg.transforms().items() if f == family]
+        if names and all(n in means for n in names):
+            out[f"{prefix}{family}"] = float(np.mean([means[n] for n in names]))
+    return out

@@ -1,4 +1,4 @@
-"""Reconstruction metrics as the reference evaluates them (recipe.md §6.1).
+"""Reconstruction metrics as the reference evaluates them (zelaki/eqvae eval.py).
 
 - PSNR on the uint8 images the reference saves: `clamp(127.5 * x + 128, 0, 255)` truncated to uint8 (the +128,
   not +127.5, is the reference's), then 20 log10(255 / sqrt(MSE)) per image over all pixels and channels.

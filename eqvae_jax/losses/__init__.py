@@ -7,5 +7,4 @@ nnx_vjp         VJPs through NNX modules (last-layer gradients without a second 
 autoencoder     LossConfig, generator_loss, discriminator_loss (LDM LPIPSWithDiscriminator)
 equivariance    TransformConfig, TransformSampler, BranchPlan, reconstruct_transformed,
                 transformed_generator_loss
-variants        VariantTracker: counts, times and logs the compiled variants of a jitted step
 """

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from eqvae_jax.losses import gan
 from eqvae_jax.losses.nnx_vjp import vjp_wrt_input, vjp_wrt_variable
 from eqvae_jax.losses.reconstruction import REDUCTIONS, Posterior, kl_loss, nll_loss
-from eqvae_jax.typed_config import from_section
 
 LpipsFn = Callable[..., jax.Array]
 DECODER_LAST_LAYER = ("decoder", "conv_out", "kernel")
@@ -37,7 +34,8 @@ DECODER_LAST_LAYER = ("decoder", "conv_out", "kernel")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights of the objective; defaults are the EQ-VAE fine-tuning config (recipe §2). Hashable: a static arg."""
+    """Weights of the objective; defaults are the EQ-VAE fine-tuning config (zelaki/eqvae eqvae_config.yaml:
+    kl_weight 1e-6, disc_weight 0.5, disc_start 0, hinge, LPIPS 1.0 in train mode). Hashable: a static arg."""
 
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0
@@ -58,18 +56,6 @@ class LossConfig:
             raise ValueError(f"LossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}.")
         if self.disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"LossConfig.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}.")
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict | dict[str, Any]) -> LossConfig:
-        """From a job config's `loss` section (field names as here; unknown names are an error)."""
-        return from_section(cls, cfg)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `loss` section of a job config, with the reference values."""
-    d = dataclasses.asdict(LossConfig())
-    d["last_layer"] = list(d["last_layer"])
-    return ml_collections.ConfigDict(d)
 
 
 def decode_with_last_layer(

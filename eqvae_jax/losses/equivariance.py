@@ -1,6 +1,6 @@
 """EQ-VAE's transform-and-compare (zelaki/eqvae `AutoencoderKL.training_step`), split for `jax.jit`.
 
-Each optimizer step draws one transform on the host, shared by the whole batch (recipe §1.2):
+Each optimizer call draws one transform on the host, shared by the whole batch (the reference's training_step):
   p_equivariance (0.5): scale s = k/32 (k in 8..31) and rot90 by 1..3 quarter turns, applied to the posterior
       *sample* and, identically (resize, then rotate), to the target image;
   else, with p_lowres (0.25, i.e. 0.125 overall): the image is downscaled by s and reconstructed as is;
@@ -22,14 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from eqvae_jax.losses import resample
 from eqvae_jax.losses.autoencoder import LossConfig, LpipsFn, decode_with_last_layer, generator_loss
 from eqvae_jax.losses.reconstruction import Posterior
-from eqvae_jax.typed_config import from_section
 
 
 class Branch(enum.StrEnum):
@@ -74,26 +72,6 @@ class TransformConfig:
             Branch.LOWRES: rest * self.p_lowres,
             Branch.PLAIN: rest * (1.0 - self.p_lowres),
         }
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict | dict[str, Any]) -> TransformConfig:
-        """From a job config's `transform` section (field names as here; unknown names are an error)."""
-        return from_section(cls, cfg)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `transform` section of a job config, with the reference values."""
-    c = TransformConfig()
-    return ml_collections.ConfigDict(
-        {
-            "p_equivariance": c.p_equivariance,
-            "p_lowres": c.p_lowres,
-            "scale_numerators": list(c.scale_numerators),
-            "scale_denominator": c.scale_denominator,
-            "rotations": list(c.rotations),
-            "anisotropic": c.anisotropic,
-        }
-    )
 
 
 @dataclasses.dataclass(frozen=True)

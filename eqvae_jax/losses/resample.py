@@ -41,12 +41,6 @@ def rot90(x: jax.Array, k: int) -> jax.Array:
     return jnp.rot90(x, k % 4, axes=ROT_AXES)
 
 
-def rotated_shape(shape: tuple[int, ...], k: int) -> tuple[int, ...]:
-    """The NHWC shape after k quarter turns."""
-    b, h, w, c = shape
-    return (b, w, h, c) if k % 2 else (b, h, w, c)
-
-
 def rot90_traced(x: jax.Array, k: jax.Array, parity: int | None = None) -> jax.Array:
     """Quarter turns with a traced k in {0, 1, 2, 3}.
 

@@ -10,7 +10,7 @@ variance and updates the `nnx.BatchStat`s `mean`/`var` as `0.9 * old + 0.1 * bat
 `var`); eval mode uses the running statistics. The mode is the attribute `use_running_average` (False =
 train, the default: the reference only ever runs D in train mode; nnx's `.train()`/`.eval()` set it) or the
 per-call override `d(x, use_running_average=True)`. Every train-mode call is one statistics update, so real
-and fake as two calls are each normalised with their own batch statistics (recipe §2.1). In a pure jitted
+and fake as two calls are each normalised with their own batch statistics (the LDM loss calls D twice). In a pure jitted
 step use `apply(graphdef, params, batch_stats, x) -> (logits, new batch_stats)`.
 
 BatchNorm under a sharded batch: inside `jax.jit` the batch is one logical array, so with it sharded over
@@ -116,20 +116,11 @@ class NLayerDiscriminator(nnx.Module):
         return self.convs[-1](h)
 
 
-def apply(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State, x: jax.Array,
-          use_running_average: bool = False, stats_groups: int | None = None) -> tuple[jax.Array, nnx.State]:
-    """Pure forward for jitted steps -> (logits, new batch_stats); inputs from
-    `nnx.split(d, nnx.Param, nnx.BatchStat)`. Differentiate w.r.t. `params` with `has_aux` for the stats."""
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)  # fresh Variables: never mutates the inputs
-    logits = model(x, use_running_average, stats_groups)
-    return logits, nnx.state(model, nnx.BatchStat)
-
-
-def abstract_discriminator(**config: int) -> NLayerDiscriminator:
+def abstract(**config: int) -> NLayerDiscriminator:
     """A discriminator with shape/dtype placeholder variables (no init cost), to be filled by assignment."""
     return nnx.eval_shape(lambda: NLayerDiscriminator(**config, rngs=nnx.Rngs(0)))
 
 
 def load(path: str | os.PathLike, **overrides: int) -> NLayerDiscriminator:
     """A discriminator from a weights directory; `overrides` (e.g. stats_groups=8) replace stored config."""
-    return load_model(path, KIND, lambda cfg: abstract_discriminator(**{**cfg, **overrides}))
+    return load_model(path, KIND, lambda cfg: abstract(**{**cfg, **overrides}))

@@ -290,11 +290,22 @@ class KLVAE(nnx.Module):
 
     def normalize_latents(self, z: jax.Array) -> jax.Array:
         """Posterior sample -> diffusion-model latent: (z - shift_factor) * scaling_factor."""
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        return normalize_latents(z, self.config.scaling_factor, self.config.shift_factor)
 
     def denormalize_latents(self, latents: jax.Array) -> jax.Array:
         """Inverse of `normalize_latents`, applied before `decode`."""
-        return latents / self.config.scaling_factor + self.config.shift_factor
+        return denormalize_latents(latents, self.config.scaling_factor, self.config.shift_factor)
+
+
+def normalize_latents(z: jax.Array, scaling_factor: float, shift_factor: float) -> jax.Array:
+    """(z - shift_factor) * scaling_factor: what a diffusion model trained on this VAE's latents sees. Jobs that
+    only hold the factors (a latent cache records them) call this; with a model, use the methods."""
+    return (z - shift_factor) * scaling_factor
+
+
+def denormalize_latents(latents: jax.Array, scaling_factor: float, shift_factor: float) -> jax.Array:
+    """latents / scaling_factor + shift_factor: the inverse of `normalize_latents`, before decoding."""
+    return latents / scaling_factor + shift_factor
 
 
 def build(config: KLVAEConfig | Mapping[str, Any], *, seed: int = 0) -> KLVAE:

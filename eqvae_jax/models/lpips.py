@@ -15,7 +15,7 @@ arguments inside `jax.jit` (e.g. `nnx.merge(graphdef, state)(x, y, dropout_key=k
 reference keeps this dropout on while training (PyTorch Lightning's `model.train()` recurses into the loss),
 so a faithful train step passes a fresh key per step; evaluation passes none.
 
-`random_lpips(seed)` builds a randomly initialised network without any file in well under a second (tests);
+`build(seed)` builds a randomly initialised network without any file in well under a second (tests);
 `LPIPS(rngs=nnx.Rngs(0))` draws the same distributions with jax.random (one XLA compile per weight shape).
 """
 
@@ -150,13 +150,13 @@ class LPIPS(nnx.Module):
         return total
 
 
-def random_lpips(seed: int = 0, dropout_rate: float = 0.5) -> LPIPS:
+def build(seed: int = 0, dropout_rate: float = 0.5) -> LPIPS:
     """A random LPIPS for tests, needing no file: VGG N(0, 2/fan_out), heads U(0, 0.2), biases 0.
 
     Same distributions as `LPIPS(rngs=...)`, drawn with numpy into an abstract model: no XLA compilation,
     so it takes well under a second instead of one compile per weight shape.
     """
-    model = abstract_lpips(dropout_rate)
+    model = abstract(dropout_rate)
     gen = np.random.default_rng(seed)
     flat = {}
     for layer in VGG16_LAYERS:
@@ -171,11 +171,11 @@ def random_lpips(seed: int = 0, dropout_rate: float = 0.5) -> LPIPS:
     return model
 
 
-def abstract_lpips(dropout_rate: float = 0.5) -> LPIPS:
+def abstract(dropout_rate: float = 0.5) -> LPIPS:
     """An LPIPS whose variables are shape/dtype placeholders (no init cost), to fill by assignment."""
     return nnx.eval_shape(lambda: LPIPS(dropout_rate=dropout_rate, rngs=nnx.Rngs(0)))
 
 
 def load(path: str | os.PathLike) -> LPIPS:
     """An LPIPS from a weights directory (see `eqvae_jax.models.weights`)."""
-    return load_model(path, KIND, lambda cfg: abstract_lpips(**cfg))
+    return load_model(path, KIND, lambda cfg: abstract(**cfg))

@@ -1,14 +1,22 @@
 """The device mesh ('data', 'fsdp'), batch shardings, and rule-based parameter shardings.
 
-One mesh for every job (architecture.md §3). The global batch is always sharded over both axes; parameters
-are replicated unless a rule shards them over 'fsdp'. Axis types are explicitly Auto (jax.make_mesh's default
-became Explicit).
+One mesh for every job, with the same meaning everywhere: the global batch is split over both axes;
+parameters are replicated unless a rule shards them over 'fsdp'. `mesh.data` / `mesh.fsdp` in a job config:
+a positive size, -1 for "all remaining devices", or (data only) 0 for "one group per TPU slice" (data
+parallel across slices, FSDP inside). Axis types are explicitly Auto (jax.make_mesh's default became Explicit).
+
+Parameter sharding is a rule table: (regex over the '/'-joined path, PartitionSpec or FSDP(skip)) pairs, first
+match wins; `FSDP(skip=1)` is the rule for scanned layers (stacked along a leading depth axis that each scan
+iteration slices, so that axis must never be sharded). Optimizer states and EMA copies hold the same paths
+below their own prefix, so one table shards a whole train state consistently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,8 +26,10 @@ AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(num_devices: int, data: int, fsdp: int) -> tuple[int, int]:
-    """Resolve a (data, fsdp) request against the device count; -1 means 'all the rest'."""
+def mesh_shape(num_devices: int, data: int, fsdp: int, slices: int = 1) -> tuple[int, int]:
+    """Resolve a (data, fsdp) request against the device count; -1 means 'all the rest', data 0 the slices."""
+    if data == 0:
+        data = slices
     if data == -1 and fsdp == -1:
         raise ValueError("mesh: at most one of data/fsdp may be -1")
     if fsdp == -1:
@@ -33,10 +43,15 @@ def mesh_shape(num_devices: int, data: int, fsdp: int) -> tuple[int, int]:
     return data, fsdp
 
 
+def slice_count(devices: Sequence[jax.Device] | None = None) -> int:
+    """Number of TPU slices among `devices` (1 without multi-slice, and on CPU/GPU)."""
+    return len({getattr(d, "slice_index", 0) for d in (devices if devices is not None else jax.devices())})
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data','fsdp') mesh over `devices` (default: all devices of all processes)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(len(devices), data, fsdp)
+    shape = mesh_shape(len(devices), data, fsdp, slice_count(devices))
     if devices == jax.devices():
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
@@ -69,29 +84,47 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> Partitio
     return PartitionSpec()
 
 
-def param_shardings(
-    tree,
-    mesh: Mesh,
-    rules: Sequence[tuple[str, PartitionSpec]] = (),
-    fsdp_min_size: int = 2**18,
-):
-    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs).
+@dataclasses.dataclass(frozen=True)
+class FSDP:
+    """Rule: shard the largest dimension divisible by the fsdp axis, never one of the first `skip` axes."""
 
-    `rules` are (regex over the '/'-joined key path, PartitionSpec) pairs, first match wins. Leaves that no rule
-    matches are FSDP-sharded over their largest divisible dimension when the mesh has fsdp > 1 and the leaf has
-    at least `fsdp_min_size` elements; everything else is replicated.
+    skip: int = 0
+
+
+SCANNED_LAYERS = ((r"(^|/)blocks/", FSDP(skip=1)),)  # models whose `blocks` are stacked for lax.scan
+
+
+def param_shardings(
+    tree: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, PartitionSpec | FSDP]] = (),
+    fsdp_min_size: int = 2**18,
+) -> Any:
+    """NamedShardings for a pytree of arrays (or ShapeDtypeStructs), from a rule table (see module docstring).
+
+    Leaves that no rule matches follow FSDP(skip=0). FSDP rules leave tensors with fewer than `fsdp_min_size`
+    elements (norms, biases, counters) replicated, and everything is replicated when the mesh has fsdp == 1.
     """
-    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
     fsdp_size = mesh.shape["fsdp"]
 
     def one(path, leaf):
         name = "/".join(_key_str(k) for k in path)
-        for pattern, spec in compiled:
-            if pattern.search(name):
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, fsdp_spec(tuple(np.shape(leaf)), fsdp_size, fsdp_min_size))
+        rule = next((r for pattern, r in compiled if pattern.search(name)), FSDP())
+        if isinstance(rule, PartitionSpec):
+            return NamedSharding(mesh, rule)
+        shape = tuple(np.shape(leaf))
+        if int(np.prod(shape, dtype=np.int64)) < fsdp_min_size or len(shape) <= rule.skip:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = fsdp_spec(shape[rule.skip:], fsdp_size, 0)
+        return NamedSharding(mesh, PartitionSpec(*([None] * rule.skip), *spec) if len(spec) else PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put a host/device pytree onto the given shardings."""
+    return jax.tree.map(jax.device_put, tree, shardings)
 
 
 def _key_str(k) -> str:

@@ -1,1 +1,10 @@
-"""eqvae_jax.train."""
+"""The run machinery every job shares, and one subpackage per job.
+
+loop          the training loop (resume, steps, logging, eval, checkpoints, stop, non-finite policy, finish)
+services      workdir layout, compilation cache, writer, checkpointer, stop requests
+config        config sections every job has (length, batch, mesh, log, checkpoint) and their checks
+checkpointing Orbax whole-run checkpoints; preemption: SIGTERM handling; guard: the non-finite policy
+console       logging setup and the run's own console output; metrics: TensorBoard + metric buffers
+variants      compile-variant bookkeeping of jitted steps; ema: the EMA update
+eqvae/ dit/ latents/   the jobs (trainer = 'eqvae', 'dit', 'extract_latents')
+"""

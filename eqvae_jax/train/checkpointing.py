@@ -1,30 +1,33 @@
 """Orbax checkpoints of a whole run: train state, host RNG state, data iterator state and config.
 
-One composite item per step (architecture.md §5):
+One composite item per step:
   state   the jax train state (StandardSave), restored onto abstract targets that carry the *current*
           shardings, so a run resumes on a different device count;
   host    JSON: host-side RNG state (the equivariance-transform sampler) and counters;
   data    the Grain iterator (grain.checkpoint handler), optional;
   config  JSON of the run's config, for humans and for checking a resume uses a compatible config.
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save leaves
-the previous checkpoint as the latest. Saving is asynchronous; `wait()` before exiting.
+the previous checkpoint as the latest. Saving is asynchronous; `close()` waits for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
-    every_steps: int = 1000  # save interval
+    every_steps: int = 1000  # save interval (in the loop's unit: optimizer updates)
     max_to_keep: int = 3  # keep the last N ...
     keep_every: int | None = None  # ... plus every step divisible by K (None: none)
     async_save: bool = True
@@ -80,20 +83,16 @@ class Checkpointer:
         data_iterator: Any = None,
     ) -> None:
         """Start saving `step` (asynchronous unless disabled). Callers never pass non-finite state."""
-        import grain
-
         items: dict[str, Any] = {"state": ocp.args.StandardSave(state), "host": ocp.args.JsonSave(host)}
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        log.info("checkpoint: saving step %d to %s", step, self.directory)
 
     def restore(self, step: int, target_state: Any, data_iterator: Any = None) -> Restored:
         """Restore `step` onto the shapes/shardings of `target_state`; `data_iterator` is restored in place."""
-        import grain
-
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract_like(target_state)),
             "host": ocp.args.JsonRestore(),
@@ -106,15 +105,21 @@ class Checkpointer:
                 raise ValueError(f"checkpoint step {step} in {self.directory} has no data iterator state")
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        logging.info("checkpoint: restored step %d from %s", step, self.directory)
+        log.info("checkpoint: restored step %d from %s", step, self.directory)
         return Restored(step, restored["state"], dict(restored["host"]), restored.get("config"))
 
     def _item_names(self, step: int) -> set[str]:
         path = epath.Path(self.directory) / str(step)
         return {p.name for p in path.iterdir() if p.is_dir()} if path.is_dir() else set()
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def read_json(self, step: int, names: tuple[str, ...] = ("host", "config")) -> dict[str, Any]:
+        """The JSON items (host state, config) of a checkpoint that has them, without restoring any arrays."""
+        saved = self._item_names(step)
+        wanted = [n for n in names if n in saved]
+        if not wanted:
+            return {}
+        out = self._manager.restore(step, args=ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in wanted}))
+        return {n: dict(out[n]) for n in wanted}
 
     def close(self) -> None:
         self._manager.wait_until_finished()

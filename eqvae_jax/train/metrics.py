@@ -1,7 +1,8 @@
-"""Metric writers (TensorBoard event files + console via clu) and host-side averaging of step metrics.
+"""TensorBoard metric writing and host-side averaging of step metrics.
 
-Step functions return small dicts of scalar device arrays; the loop keeps them on device and only fetches them
-every `log.every_steps` steps (one host sync per log interval, not per step).
+Step functions return small dicts of scalar device arrays; the loop keeps them on device and fetches them
+once per log interval (one host sync per interval, not per step). Console lines are the loop's own
+(train/console.py); the writer only writes TensorBoard event files (process 0).
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from clu import metric_writers
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """TensorBoard files under WORKDIR/tensorboard plus console logging; only process 0 writes files."""
-    return metric_writers.create_default_writer(
-        os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0, asynchronous=True
-    )
+    """Asynchronous TensorBoard writer under WORKDIR/tensorboard on process 0; a no-op writer elsewhere."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
 
 
 class MetricBuffer:
-    """Collects per-step metric dicts (device arrays) and summarises them at log time."""
+    """Collects per-step metric dicts (device arrays) until the next fetch."""
 
     def __init__(self) -> None:
         self._steps: list[Mapping[str, jax.Array]] = []
@@ -33,9 +34,14 @@ class MetricBuffer:
     def __len__(self) -> int:
         return len(self._steps)
 
-    def summary(self) -> dict[str, float]:
-        """Mean of every metric over the buffered steps (keys missing from some steps averaged where present)."""
+    def fetch(self) -> list[dict[str, np.ndarray]]:
+        """The buffered steps' metrics on the host (one transfer), emptying the buffer."""
         fetched = jax.device_get(self._steps)
         self._steps = []
-        keys = sorted({k for m in fetched for k in m})
-        return {k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched if k in m])) for k in keys}
+        return fetched
+
+
+def mean_of(steps: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Mean of every metric over the steps (keys missing from some steps averaged where present)."""
+    keys = sorted({k for m in steps for k in m})
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in steps if k in m])) for k in keys}

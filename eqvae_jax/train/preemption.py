@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 import jax
-from absl import logging
+
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -26,10 +28,10 @@ class StopRequest:
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handle)
             except ValueError:  # not the main thread (e.g. under some test runners)
-                logging.warning("StopRequest: cannot install a SIGTERM handler outside the main thread")
+                log.warning("StopRequest: cannot install a SIGTERM handler outside the main thread")
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("received signal %d: will save a checkpoint and stop after this step", signum)
+        log.warning("received signal %d: will save a checkpoint and stop after this step", signum)
         self._event.set()
 
     def request(self) -> None:

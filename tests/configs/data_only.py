@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.source = "demo"
     config.data.data_dir = "data_cache/tfds"
     config.data.image_size = 32
-    config.data.global_batch_size = 8
+    config.global_batch_size = 8
     config.data.repeats_per_epoch = 4
     config.data.worker_count = 0
     config.data.read_threads = 1

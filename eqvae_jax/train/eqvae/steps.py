@@ -2,8 +2,8 @@
 
 Each is compiled once per static `BranchPlan` (branch + scale bucket, see losses/equivariance.py) with explicit
 in/out shardings on the ('data','fsdp') mesh and the train state donated; the rotation and all randomness are
-traced. A step whose loss, gradients or new parameters are not finite is not applied (state unchanged except
-the non-finite counters).
+traced. A step whose loss, gradients or new parameters are not finite is not applied (its optimizer and
+network state stay as they were; the metric `g/nonfinite` or `d/nonfinite` is 1).
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from jax.sharding import Mesh
 
 from eqvae_jax.losses import autoencoder, equivariance
 from eqvae_jax.parallel.mesh import batch_sharding, param_shardings, replicated
-from eqvae_jax.train.eqvae_state import EQVAEState
-from eqvae_jax.train.run import all_finite, select
+from eqvae_jax.train.ema import ema_update
+from eqvae_jax.train.eqvae.config import EQVAEConfig
+from eqvae_jax.train.eqvae.networks import Networks
+from eqvae_jax.train.eqvae.state import EQVAEState, adam, create_state
+from eqvae_jax.train.guard import all_finite, select
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,6 +43,24 @@ class StepSpec:
     return_pair: bool  # the generator step also returns (target, reconstruction) for a 'shared' D step
 
 
+def make_spec(config: EQVAEConfig, nets: Networks) -> StepSpec:
+    """The static ingredients of both steps for a config: graphs, loss weights, the two Adams, accumulation."""
+    o = config.optim
+    return StepSpec(
+        vae_graph=nets.vae_graph, disc_graph=nets.disc_graph, lpips_graph=nets.lpips_graph, loss=config.loss,
+        tx_g=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
+        tx_d=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
+        accumulate=o.accumulate, ema_decay=config.ema.decay if config.ema.enabled else None,
+        return_pair=config.d_step_transform == "shared",
+    )
+
+
+def initial_state(spec: StepSpec, vae_params: nnx.State, disc_params: nnx.State, disc_stats: nnx.State,
+                  ) -> EQVAEState:
+    """The train state at step 0 (under `jax.eval_shape`, from abstract networks, too)."""
+    return create_state(vae_params, disc_params, disc_stats, spec.tx_g, spec.tx_d, spec.ema_decay is not None)
+
+
 def _lpips_fn(spec: StepSpec, lpips_state: nnx.State | None) -> Callable[..., jax.Array]:
     if spec.lpips_graph is None:
         return lambda x, y, dropout_key=None: jnp.zeros((x.shape[0],), jnp.float32)
@@ -48,15 +69,8 @@ def _lpips_fn(spec: StepSpec, lpips_state: nnx.State | None) -> Callable[..., ja
 
 
 def _apply_guarded(state: EQVAEState, ok: jax.Array, **new: Any) -> EQVAEState:
-    """Replace the given fields with their new values if `ok`, and update the non-finite counters."""
-    kept = select(ok, new, {name: getattr(state, name) for name in new})
-    bad = jnp.logical_not(ok).astype(jnp.int32)
-    return state.replace(
-        step=state.step + 1,
-        nonfinite_run=jnp.where(ok, 0, state.nonfinite_run + 1),
-        nonfinite_total=state.nonfinite_total + bad,
-        **kept,
-    )
+    """Replace the given fields with their new values if `ok` (else keep them)."""
+    return state.replace(**select(ok, new, {name: getattr(state, name) for name in new}))
 
 
 def generator_step(
@@ -88,14 +102,11 @@ def generator_step(
     if spec.ema_decay is not None:
         # Did this micro-step apply an optimizer update? (MultiSteps: its mini-step counter wrapped to 0.)
         updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
-        decay = jnp.where(updated, spec.ema_decay, 1.0)
-        new["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, vae)
-    new_state = _apply_guarded(state, ok, **new)
+        new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
+    new_state = _apply_guarded(state, ok, **new).replace(step=state.step + 1)
     metrics = {f"g/{k}": v for k, v in terms.items()}
     metrics["g/grad_norm"] = optax.global_norm(grads)
-    metrics["g/finite"] = ok.astype(jnp.float32)
-    metrics["nonfinite_run"] = jnp.maximum(new_state.nonfinite_run, new_state.nonfinite_run_d)
-    metrics["nonfinite_total"] = new_state.nonfinite_total
+    metrics["g/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics, (pair if spec.return_pair else None)
 
 
@@ -130,21 +141,10 @@ def discriminator_step(
     updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
     disc = optax.apply_updates(state.disc, updates)
     ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(disc)
-    kept = select(ok, {"disc": disc, "opt_d": opt_d, "disc_stats": disc_stats},
-                  {"disc": state.disc, "opt_d": state.opt_d, "disc_stats": state.disc_stats})
-    new_state = state.replace(
-        nonfinite_run_d=jnp.where(ok, 0, state.nonfinite_run_d + 1),
-        nonfinite_total=state.nonfinite_total + jnp.logical_not(ok).astype(jnp.int32),
-        **kept,
-    )
+    new_state = _apply_guarded(state, ok, disc=disc, opt_d=opt_d, disc_stats=disc_stats)
     metrics = {f"d/{k}": v for k, v in terms.items()}
-    metrics["d/finite"] = ok.astype(jnp.float32)
+    metrics["d/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
-
-
-def state_shardings(state: EQVAEState, mesh: Mesh) -> Any:
-    """Replicated small tensors; large ones follow the fsdp rule (pure data parallel when fsdp == 1)."""
-    return param_shardings(state, mesh)
 
 
 @dataclasses.dataclass
@@ -157,7 +157,9 @@ class CompiledSteps:
 
 
 def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | None, mesh: Mesh) -> CompiledSteps:
-    s_sh = state_shardings(state, mesh)
+    """jit both steps with explicit shardings: small tensors replicated, large ones by the default FSDP rule
+    (pure data parallel when fsdp == 1), the batch split over the mesh, the state donated."""
+    s_sh = param_shardings(state, mesh)
     l_sh = jax.tree.map(lambda _: replicated(mesh), lpips_state) if lpips_state is not None else None
     b_sh = batch_sharding(mesh)
     rep = replicated(mesh)
@@ -177,9 +179,4 @@ def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | No
         donate_argnums=(0,),
     )
     return CompiledSteps(gen, disc, s_sh)
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """Put a host/device pytree onto the given shardings."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
 

@@ -2,24 +2,27 @@
 
 All randomness of step s comes from fold_in(key, s), so an interrupted and resumed run draws exactly what an
 uninterrupted one draws. A step whose loss, gradients or new params are not finite is not applied (the
-step counter still advances with the data); the metric `finite` reports it.
+step counter still advances with the data); the metric `nonfinite` reports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from eqvae_jax.diffusion import gaussian, interpolant
 from eqvae_jax.diffusion.schedule import create_schedule
-from eqvae_jax.models.dit import DiTConfig
-from eqvae_jax.train.dit_state import Model, TrainState
-from eqvae_jax.train.run import all_finite, select
+from eqvae_jax.models.dit import FunctionalDiT
+from eqvae_jax.models.kl_vae import normalize_latents
+from eqvae_jax.parallel.mesh import batch_sharding, replicated
+from eqvae_jax.train.dit.config import DiTJobConfig
+from eqvae_jax.train.dit.state import TrainState
+from eqvae_jax.train.ema import ema_update
+from eqvae_jax.train.guard import all_finite, select
 
 Batch = dict[str, jax.Array]
 
@@ -29,18 +32,13 @@ def latents_from_batch(batch: Batch, key: jax.Array, scale: float, shift: float,
     z = batch["mean"]
     if sample:
         z = z + batch["std"] * jax.random.normal(key, z.shape, z.dtype)
-    return (z - shift) * scale
+    return normalize_latents(z, scale, shift)
 
 
-def var_type_of(cfg: DiTConfig) -> str:
-    """DiT's `create_diffusion`: learned-range variance with learn_sigma, else fixed large."""
-    return "learned_range" if cfg.learn_sigma else "fixed_large"
-
-
-def make_loss_fn(model: Model, objective: str, num_timesteps: int = 1000, rescale_vb: bool = False):
+def make_loss_fn(model: FunctionalDiT, objective: str, num_timesteps: int = 1000, rescale_vb: bool = False):
     """loss(params, z, y, key, train) -> (mean loss, per-term metrics); `train` enables label dropout."""
     sched = create_schedule("", num_timesteps) if objective == "ddpm" else None
-    var_type = var_type_of(model.config)
+    var_type = gaussian.var_type_for(model.config.learn_sigma)
 
     def loss_fn(params: dict, z: jax.Array, y: jax.Array, key: jax.Array, train: bool = True):
         k_t, k_noise, k_drop = jax.random.split(key, 3)
@@ -59,9 +57,9 @@ def make_loss_fn(model: Model, objective: str, num_timesteps: int = 1000, rescal
 
 
 def make_train_step(
-    model: Model,
+    model: FunctionalDiT,
     tx: optax.GradientTransformation,
-    config: Any,
+    config: DiTJobConfig,
     scale: float,
     shift: float,
     mesh: Mesh,
@@ -78,13 +76,13 @@ def make_train_step(
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, z, batch["label"], k_loss)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params)
+        ema = ema_update(state.ema, params, decay)
         ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
         new = select(ok, TrainState(state.step, params, ema, opt_state), state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": ok.astype(jnp.float32), **terms}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "nonfinite": 1.0 - ok.astype(jnp.float32),
+                   **terms}
         return new.replace(step=state.step + 1), metrics
 
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    rep = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(shardings, batch_sharding, rep), out_shardings=(shardings, rep),
+    rep = replicated(mesh)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), rep), out_shardings=(shardings, rep),
                    donate_argnums=(0,))

@@ -14,7 +14,7 @@ from flax import nnx, struct
 class EQVAEState:
     """Everything on device that a checkpoint must hold (host RNG and data state are saved beside it).
 
-    step counts micro-batches (train steps); the optimizers apply an update every `accumulate` of them.
+    `step` counts micro-steps; the optimizers apply an update every `accumulate` of them (optax.MultiSteps).
     """
 
     step: jax.Array
@@ -24,9 +24,6 @@ class EQVAEState:
     opt_g: Any
     opt_d: Any
     ema: Any  # EMA of `vae` (an nnx.State) or an empty dict when disabled
-    nonfinite_run: jax.Array  # consecutive generator micro-steps skipped for non-finite values
-    nonfinite_run_d: jax.Array  # consecutive discriminator micro-steps skipped
-    nonfinite_total: jax.Array  # skipped G or D updates in all
 
 
 def adam(lr: float, b1: float, b2: float, eps: float, accumulate: int) -> optax.GradientTransformation:
@@ -51,7 +48,4 @@ def create_state(
         opt_g=tx_g.init(vae_params),
         opt_d=tx_d.init(disc_params),
         ema=jax.tree.map(jnp.copy, vae_params) if ema else {},
-        nonfinite_run=jnp.zeros((), jnp.int32),
-        nonfinite_run_d=jnp.zeros((), jnp.int32),
-        nonfinite_total=jnp.zeros((), jnp.int32),
     )

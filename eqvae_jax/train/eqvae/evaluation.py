@@ -1,15 +1,25 @@
-"""Periodic evaluation of the autoencoder on held-out images: PSNR, SSIM, LPIPS and the equivariance error,
-plus image summaries (inputs, reconstructions, decoded transformed latents)."""
+"""Periodic monitoring of the autoencoder on a few held-out batches: PSNR, SSIM, LPIPS and the equivariance
+error, plus image summaries (inputs, reconstructions, transformed inputs, decoded transformed latents).
+
+This is monitoring on `eval.batches` batches, not the paper's evaluation on 50K ImageNet-val images with rFID
+(that is `configs/eval_vae.py` / the evaluation suite)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
+from PIL import Image
 
+from eqvae_jax.data.iterator import build_eval_iterator
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import reconstruction
+from eqvae_jax.eval.images import row_grid
 from eqvae_jax.losses import resample
 
 SUMMARY_SCALE = (1, 2)  # decoded-transformed summary: latent scaled by 1/2 and rotated a quarter turn
@@ -19,8 +29,9 @@ SUMMARY_ROT = 1
 def make_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, seed: int):
     """jit((vae_params, lpips_state, images, mask) -> {metric: sum over valid images}, replicated).
 
-    Reconstructions decode a posterior sample with a fixed key, as the reference's eval.py samples (recipe.md
-    §6.1); LPIPS runs without dropout. Sums are reduced on device, so multi-host runs need no gather.
+    Reconstructions decode a posterior sample with a fixed key, as the reference's eval.py samples
+    (`encode(x).sample()`); LPIPS runs without dropout. Sums are reduced on device, so multi-host runs need no
+    gather.
     """
 
     @jax.jit
@@ -60,18 +71,9 @@ def evaluate(step, vae_params, lpips_state, batches, max_batches: int) -> dict[s
     count = totals.pop("images", 0.0)
     if not count:
         return {}
-    out = {f"eval/{k}": v / count for k, v in totals.items()}
-    for family, names in _families().items():
-        out[f"eval/equivariance/{family}"] = float(np.mean([out[f"eval/equivariance/{n}"] for n in names]))
+    out = eq_eval.with_families({f"eval/{k}": v / count for k, v in totals.items()}, prefix="eval/equivariance/")
     out["eval/images"] = count
     return out
-
-
-def _families() -> dict[str, list[str]]:
-    families: dict[str, list[str]] = {}
-    for name, (family, _) in eq_eval.EquivarianceEvalConfig().transforms().items():
-        families.setdefault(family, []).append(name)
-    return families
 
 
 def make_summary_fn(vae_graph: nnx.GraphDef):
@@ -94,14 +96,25 @@ def _half(x: jax.Array) -> jax.Array:
     return resample.resize(x, (SUMMARY_SCALE[0], SUMMARY_SCALE[0]), SUMMARY_SCALE[1])
 
 
-def image_grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Stack rows of NHWC [0, 1] images (each row may have its own size) into one uint8 HWC grid."""
-    height = max(r.shape[1] for r in rows)
-    width = max(r.shape[0] * (r.shape[2] + pad) for r in rows)
-    grid = np.ones((len(rows) * (height + pad), width, 3), np.float32)
-    for i, row in enumerate(rows):
-        y = i * (height + pad)
-        for j, img in enumerate(row):
-            x = j * (img.shape[1] + pad)
-            grid[y : y + img.shape[0], x : x + img.shape[1]] = img
-    return (grid * 255.0 + 0.5).astype(np.uint8)
+def write_image_summaries(summary_fn, vae_params, config: Any, mesh: Any, writer: Any, update: int,
+                          workdir: str) -> str | None:
+    """Inputs / reconstructions / transformed inputs / decoded transformed latents of the first held-out batch,
+    to TensorBoard and WORKDIR/reconstructions.png; returns the PNG's path (None without valid images)."""
+    it = build_eval_iterator(config.data, mesh, config.eval_batch_size)
+    try:
+        batch = next(iter(it))
+    finally:
+        it.close()
+    outputs = summary_fn(vae_params, batch["image"]) + (batch["image"], batch["mask"])
+    recon, decoded_t, target_t, images, mask = (np.asarray(a) for a in process_allgather(outputs, tiled=True))
+    keep = np.flatnonzero(mask)[: config.eval.images]  # padding of the last eval batch is not shown
+    if keep.size == 0:
+        return None
+    images = np.clip((images + 1) / 2, 0, 1)
+    grid = row_grid([images[keep], recon[keep], target_t[keep], decoded_t[keep]])
+    writer.write_images(update, {"reconstructions": grid[None]})
+    path = f"{workdir}/reconstructions.png"
+    if jax.process_index() == 0:
+        with epath.Path(path).open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
+    return path

@@ -12,7 +12,9 @@ dispatched asynchronously one batch ahead of the host-side record writing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -21,17 +23,19 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from eqvae_jax.data import latent_cache, pipeline
 from eqvae_jax.data.sources import open_source
 from eqvae_jax.data.transforms import Crop
-from eqvae_jax.parallel.mesh import make_mesh
-from eqvae_jax.train import latent_config
-from eqvae_jax.train.run import enable_compilation_cache
+from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, replicated
+from eqvae_jax.train.latents.config import ExtractConfig, parse_config
+from eqvae_jax.train.services import enable_compilation_cache
+
+log = logging.getLogger(__name__)
 
 
 class _ChunkRecords:
@@ -77,10 +81,10 @@ def chunk_plan(num_images: int, chunk_size: int, batch_size: int, process: int, 
     return plan
 
 
-def _meta(config: ConfigDict, num_images: int, latent_shape: tuple[int, ...], vae: Any) -> dict[str, Any]:
+def _meta(config: ExtractConfig, num_images: int, latent_shape: tuple[int, ...], vae: Any) -> dict[str, Any]:
     d = config.data
     return {
-        "vae": latent_config.vae_spec(config.vae),
+        "vae": dataclasses.asdict(config.vae),
         "scaling_factor": float(vae.config.scaling_factor),
         "shift_factor": float(vae.config.shift_factor),
         "latent_shape": list(latent_shape),
@@ -123,21 +127,21 @@ def make_encoder(vae: nnx.Module, flip_copy: bool, sharding: NamedSharding):
         post = model.encode(x)
         return jnp.concatenate([post.mean, post.std], axis=-1)
 
-    replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    state = jax.device_put(state, replicated)
-    fn = jax.jit(encode, in_shardings=(replicated, sharding), out_shardings=sharding)
+    rep = replicated(sharding.mesh)
+    state = jax.device_put(state, rep)
+    fn = jax.jit(encode, in_shardings=(rep, sharding), out_shardings=sharding)
     return lambda images: fn(state, images)
 
 
-def run(config: ConfigDict, workdir: str) -> dict[str, float]:
+def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
     """Encode this process's unfinished chunks; returns counts and the throughput of this process."""
-    latent_config.validate(config)
+    config = config if isinstance(config, ExtractConfig) else parse_config(config)
     cache_dir = os.path.abspath(workdir)
     os.makedirs(os.path.join(cache_dir, latent_cache.CHUNKS_DIR), exist_ok=True)
     enable_compilation_cache(config.compilation_cache_dir or os.path.join(cache_dir, "jax_cache"))
 
     source = open_source(config.data, train=config.split == "train")
-    vae = latent_config.load_vae(latent_config.vae_spec(config.vae))
+    vae = build_autoencoder(config.vae)
     size = config.data.image_size
     latent_shape = jax.eval_shape(lambda: vae.encode(jnp.zeros((1, size, size, 3)))).mean.shape[1:]
     meta = _meta(config, len(source), latent_shape, vae)
@@ -145,9 +149,9 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
 
     k = meta["num_chunks"]
     done = {i for i in range(k) if os.path.isfile(latent_cache.chunk_path(cache_dir, i, k))}
-    plan = chunk_plan(len(source), config.chunk_size, config.batch_size, jax.process_index(),
+    plan = chunk_plan(len(source), config.chunk_size, config.batch_size_per_process, jax.process_index(),
                       jax.process_count(), done)
-    logging.info("extract: %d images in %d chunks; %d done, %d to encode on process %d", len(source), k,
+    log.info("extract: %d images in %d chunks; %d done, %d to encode on process %d", len(source), k,
                  len(done), len(plan), jax.process_index())
     stats = {"chunks_written": 0, "chunks_skipped": len(done), "images": 0, "records": 0, "skipped": 0,
              "seconds": 0.0, "images_per_s": 0.0}
@@ -158,9 +162,9 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     if config.mesh.data > 0 and config.mesh.fsdp > 0:  # an explicit mesh may use fewer devices
         devices = devices[: config.mesh.data * config.mesh.fsdp]
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {len(devices)} devices")
+    sharding = batch_sharding(mesh)
+    if config.batch_size_per_process % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size={config.batch_size_per_process} is not divisible by the {len(devices)} devices")
     encode = make_encoder(vae, config.flip_copy, sharding)
 
     indices = np.concatenate([idx for _, idx in plan])
@@ -170,11 +174,11 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     ds = ds.map(_Blank(size))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.data.read_threads),
                                               prefetch_buffer_size=config.data.read_buffer_size))
-    it = it.batch(config.batch_size, drop_remainder=False)
+    it = it.batch(config.batch_size_per_process, drop_remainder=False)
     if config.data.worker_count:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
 
-    owners = [chunk for chunk, idx in plan for _ in range(len(idx) // config.batch_size)]
+    owners = [chunk for chunk, idx in plan for _ in range(len(idx) // config.batch_size_per_process)]
     remaining = collections.Counter(owners)
     records: dict[int, list[bytes]] = collections.defaultdict(list)
     inflight: collections.deque = collections.deque()
@@ -198,7 +202,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
             latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, chunk, k), records.pop(chunk))
             stats["chunks_written"] += 1
             elapsed = time.perf_counter() - start
-            logging.info("extract: chunk %d/%d written; %d images in %.1f s (%.1f img/s)", chunk + 1, k,
+            log.info("extract: chunk %d/%d written; %d images in %.1f s (%.1f img/s)", chunk + 1, k,
                          stats["images"], elapsed, stats["images"] / elapsed)
 
     for chunk, host in zip(owners, it, strict=False):
@@ -211,5 +215,5 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     stats["seconds"] = time.perf_counter() - start
     stats["records"] = stats["images"] * (2 if config.flip_copy else 1)
     stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
-    logging.info("extract: process %d done: %s", jax.process_index(), stats)
+    log.info("extract: process %d done: %s", jax.process_index(), stats)
     return stats

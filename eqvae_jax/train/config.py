@@ -1,0 +1,78 @@
+"""Config sections every training job shares, and the checks they share.
+
+A job's schema is a frozen dataclass that inherits `RunConfig` (seed, length, mesh, logging, checkpoints,
+non-finite policy, compilation cache) and adds its own sections. Every count of training progress is in
+optimizer updates (`*_updates`); a job with gradient accumulation runs several micro-steps per update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from eqvae_jax.parallel.mesh import mesh_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """('data', 'fsdp') axis sizes: positive, -1 = all remaining devices, data 0 = one group per TPU slice."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_updates: int = 1000
+    max_to_keep: int = 3  # keep the last N checkpoints ...
+    keep_every: int = 0  # ... plus every update divisible by this (0 = none)
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every_updates: int = 50  # one console line + TensorBoard scalars per this many updates
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The fields of every training job (subclasses add theirs; all fields have defaults)."""
+
+    trainer: str = ""
+    seed: int = 0
+    total_updates: int = 1
+    global_batch_size: int = 256  # images (or latents) per micro-step over all hosts
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    max_consecutive_nonfinite: int = 20  # stop after this many consecutive steps skipped for NaN/Inf
+    compilation_cache_dir: str = ""  # '' = WORKDIR/jax_cache
+
+
+def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[str]:
+    """What is wrong with the shared fields for `num_devices` devices (empty list when nothing)."""
+    problems = []
+    try:
+        data, fsdp = mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp, slices)
+        if config.global_batch_size % (data * fsdp):
+            problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
+                            f"{data * fsdp} batch shards (mesh data={data} x fsdp={fsdp})")
+    except ValueError as e:
+        problems.append(str(e))
+    if config.total_updates < 1:
+        problems.append("total_updates must be >= 1")
+    for name, value in (("log.every_updates", config.log.every_updates),
+                        ("checkpoint.every_updates", config.checkpoint.every_updates),
+                        ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
+        if value < 1:
+            problems.append(f"{name} must be >= 1")
+    return problems
+
+
+def weights_dir_problem(name: str, path: str, required: bool = True) -> str | None:
+    """Why `path` is not a converted weights dir (None when it is, or when it is empty and optional)."""
+    if not path:
+        return f"{name} is empty: give a converted Flax weights dir (python -m eqvae_jax.convert)" if required else None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"{name}={path!r} is not a converted weights dir (no config.json there)"
+    return None

@@ -1,0 +1,140 @@
+"""Schema and checks of the DiT / SiT training job on a latent cache (`trainer = 'dit'`).
+
+Defaults are the DiT / fast-DiT recipe the EQ-VAE paper trains with: AdamW lr 1e-4, wd 0, betas (0.9, 0.999),
+constant LR, no clipping, global batch 256, EMA 0.9999 every step (initialised as a copy), 10% label dropout,
+1000 classes, learned sigma, 400K updates. `objective='ddpm'` is DiT (1000-step linear schedule, eps
+prediction, MSE + VB); 'sit' is SiT (linear interpolant, velocity prediction). FSDP over the devices of a
+slice, data parallel across slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from ml_collections import ConfigDict
+
+from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig
+from eqvae_jax.models.dit import PATCHES, SIZES, DiTConfig, dit_config
+from eqvae_jax.train.config import CheckpointConfig, LogConfig, MeshConfig, RunConfig, run_problems
+from eqvae_jax.typed_config import ConfigError, default_config, parse_collect
+
+OBJECTIVES = ("ddpm", "sit")
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "sit": ("ode", "sde")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    size: str = "XL"  # 'S', 'B', 'L', 'XL'
+    patch: int = 2
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # DiTConfig fields (tiny: depth, width)
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True  # SiT keeps the 8-channel head and ignores the sigma half, as the reference
+    compute_dtype: str = "bfloat16"  # matmuls in bf16, LN/softmax/residual in f32 (reference: fp16 autocast)
+    remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    num_timesteps: int = 1000  # ddpm
+    rescale_vb: bool = False  # ddpm: loss_type RESCALED_MSE
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentsConfig(LatentReadConfig):
+    """The latent cache (python -m eqvae_jax.main --config=configs/extract_latents.py) and how it is used."""
+
+    sample_posterior: bool = True  # z = mean + std * eps every step; False: z = mean
+    scaling_factor: float = 0.0  # 0 = the cache's (the VAE's: 0.18215 for SD-VAE / EQ-VAE)
+    shift_factor: float | None = None  # None = the cache's
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = none (DiT); REPA/SiT-REPA use 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Sampling settings (`python -m eqvae_jax.sample` reads them too) and the periodic sample grid."""
+
+    sampler: str = ""  # '' = 'ddpm' for DiT, 'sde' for SiT; also 'ddim' (DiT), 'ode' (SiT)
+    num_steps: int = 250
+    cfg_scale: float = 1.0  # the EQ-VAE README evaluates without guidance
+    guide_channels: int = 0  # 0 = all latent channels; 3 reproduces the reference DiT/SiT quirk
+    ode_method: str = "heun"
+    seed: int = 0
+    vae: str = ""  # '' = the VAE recorded in the latent cache; else a weights dir to decode with
+    grid_every_updates: int = 0  # 0 = no periodic sample grid
+    grid_count: int = 16
+    grid_steps: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTJobConfig(RunConfig):
+    trainer: str = "dit"
+    seed: int = 0
+    total_updates: int = 400_000  # the paper's 400K iterations
+    global_batch_size: int = 256
+    objective: str = "ddpm"
+    mesh: MeshConfig = MeshConfig(data=0, fsdp=-1)  # FSDP inside a slice, data parallel across slices
+    fsdp_min_size: int = 2**14  # tensors with fewer elements stay replicated
+    checkpoint: CheckpointConfig = CheckpointConfig(every_updates=50_000)
+    log: LogConfig = LogConfig(every_updates=100)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = DiffusionConfig()
+    latents: LatentsConfig = LatentsConfig()
+    optim: OptimConfig = OptimConfig()
+    ema_decay: float = 0.9999
+    sample: SampleConfig = SampleConfig()
+
+    @property
+    def sampler(self) -> str:
+        return self.sample.sampler or ("ddpm" if self.objective == "ddpm" else "sde")
+
+    def dit_config(self, latent_shape: tuple[int, int, int]) -> DiTConfig:
+        """The backbone for latents of shape (h, w, c)."""
+        m = self.model
+        base = dit_config(m.size, m.patch, input_size=latent_shape[0], in_channels=latent_shape[2],
+                          num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
+                          learn_sigma=m.learn_sigma, compute_dtype=m.compute_dtype, remat=m.remat)
+        return dataclasses.replace(base, **m.overrides)
+
+
+def defaults() -> ConfigDict:
+    return default_config(DiTJobConfig)
+
+
+def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache: bool = True) -> DiTJobConfig:
+    """The typed config, or a ConfigError listing every problem."""
+    c, problems = parse_collect(DiTJobConfig, config)
+    problems += run_problems(c, jax.device_count() if num_devices is None else num_devices,
+                             len({getattr(d, "slice_index", 0) for d in jax.devices()}))
+    if c.objective not in OBJECTIVES:
+        problems.append(f"objective must be one of {OBJECTIVES}, not {c.objective!r}")
+    elif c.sampler not in SAMPLERS[c.objective]:
+        problems.append(f"sample.sampler {c.sample.sampler!r} does not fit objective {c.objective!r} "
+                        f"(use one of {SAMPLERS[c.objective]})")
+    if c.model.size not in SIZES or c.model.patch not in PATCHES:
+        problems.append(f"model size/patch {c.model.size}/{c.model.patch} unknown (sizes {sorted(SIZES)}, "
+                        f"patches {PATCHES})")
+    if c.model.compute_dtype not in ("float32", "bfloat16"):
+        problems.append(f"model.compute_dtype must be 'float32' or 'bfloat16', not {c.model.compute_dtype!r}")
+    if not 0.0 <= c.ema_decay < 1.0:
+        problems.append("ema_decay must be in [0, 1)")
+    if check_cache:
+        if not c.latents.cache_dir:
+            problems.append("latents.cache_dir is empty: extract latents first (configs/extract_latents.py)")
+        elif not os.path.isfile(os.path.join(c.latents.cache_dir, META_FILE)):
+            problems.append(f"latents.cache_dir={c.latents.cache_dir!r} is not a latent cache (no {META_FILE})")
+    if problems:
+        raise ConfigError(problems)
+    return c

@@ -1,0 +1,94 @@
+"""DiT / SiT training on a latent cache (`trainer = 'dit'`): configs/dit.py (`:model=XL/2,objective=sit,tiny`).
+
+    python -m eqvae_jax.main --config=configs/dit.py:model=XL/2 --workdir=gs://.../dit_xl2 \
+        --config.latents.cache_dir=gs://.../latents/imagenet256
+
+One jitted step per update (FSDP inside a slice); the shared loop (train/loop.py) does resume, logging,
+checkpoints, stopping and the non-finite policy. A periodic sample grid from the EMA weights is optional.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+from ml_collections import ConfigDict
+
+from eqvae_jax.data.latent_cache import build_latent_iterator
+from eqvae_jax.diffusion import sampling
+from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
+from eqvae_jax.models.dit import FunctionalDiT, dit_flops
+from eqvae_jax.parallel.mesh import make_mesh
+from eqvae_jax.train import loop
+from eqvae_jax.train.dit import state as dit_state
+from eqvae_jax.train.dit.config import DiTJobConfig, parse_config
+from eqvae_jax.train.dit.steps import make_train_step
+from eqvae_jax.train.services import open_run
+from eqvae_jax.typed_config import parse
+
+log = logging.getLogger(__name__)
+# Config entries a resumed run must keep: they change the model or what it learns.
+RESUME_MUST_MATCH = ("objective", "model", "latents.cache_dir")
+
+
+def cache_autoencoder(host: dict[str, Any], vae_weights: str = "") -> AutoencoderSpec:
+    """The autoencoder that encoded the cache (recorded in its meta), or `vae_weights` instead."""
+    spec = parse(AutoencoderSpec, host["vae"], "latent cache vae")
+    return AutoencoderSpec(init="weights", weights=vae_weights, dtype=spec.dtype) if vae_weights else spec
+
+
+def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
+    """Train until config.total_updates (or a stop request); returns the loop's summary (train/loop.py)."""
+    config = config if isinstance(config, DiTJobConfig) else parse_config(config)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    data, meta = build_latent_iterator(config.latents, mesh, config.global_batch_size)
+    scale = config.latents.scaling_factor or meta["scaling_factor"]
+    shift = meta["shift_factor"] if config.latents.shift_factor is None else config.latents.shift_factor
+    cfg = config.dit_config(tuple(meta["latent_shape"]))
+    services = open_run(config, workdir)
+    tx = dit_state.make_optimizer(config.optim)
+    model, state, shardings = dit_state.create(cfg, config.seed, tx, mesh, config.fsdp_min_size)
+    flops = dit_flops(cfg, config.global_batch_size, train=True)
+    log.info("dit: %s; %.1f TFLOP per update; mesh %s", cfg, flops / 1e12, dict(mesh.shape))
+    step_fn = make_train_step(model, tx, config, float(scale), float(shift), mesh, shardings)
+    key = jax.random.key(config.seed)
+    host = {"scaling_factor": float(scale), "shift_factor": float(shift), "latent_shape": list(meta["latent_shape"]),
+            "vae": meta["vae"]}
+    grid = _grid_sampler(config, model, mesh, host) if config.sample.grid_every_updates else None
+
+    def evaluate(state: dit_state.TrainState, update: int, writer: Any) -> dict[str, float]:
+        if grid is not None and (update % config.sample.grid_every_updates == 0 or update == config.total_updates):
+            writer.write_images(update, {"samples": grid(state.ema)[None]})
+        return {}
+
+    def log_scalars(scalars: dict[str, float]) -> dict[str, float]:
+        return {"perf/model_tflops_per_s": flops * scalars["perf/updates_per_s"] / 1e12}
+
+    job = loop.Job(
+        name="dit",
+        state=state,
+        train_step=lambda s, batch, micro: step_fn(s, batch, key),
+        data=data,
+        resume_must_match=RESUME_MUST_MATCH,
+        host_state=lambda: dict(host),
+        evaluate=evaluate if grid is not None else None,
+        eval_every=config.sample.grid_every_updates,
+        log_scalars=log_scalars,
+        console_fields=(("loss", "loss"), ("mse", "mse"), ("vb", "vb"), ("grad", "grad_norm")),
+        overview={"DiT": state.params, "EMA": state.ema, "optimizer state": state.opt_state},
+    )
+    try:
+        return loop.run(job, config, services, stop_after)
+    finally:
+        data.close()
+        services.close()
+
+
+def _grid_sampler(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, host: dict[str, Any]):
+    """A small decoded sample grid from the EMA params (fixed seed and labels, so grids are comparable)."""
+    vae = build_autoencoder(cache_autoencoder(host, config.sample.vae))
+    decode = sampling.make_decoder(vae, host["scaling_factor"], host["shift_factor"])
+    return sampling.grid_sampler(model, decode, mesh, config.sampler, config.sample.grid_steps,
+                                 config.sample.grid_count, config.sample.seed, cfg_scale=config.sample.cfg_scale,
+                                 guide_channels=config.sample.guide_channels, ode_method=config.sample.ode_method)

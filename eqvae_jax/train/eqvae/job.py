@@ -1,0 +1,168 @@
+"""The EQ-VAE fine-tuning job (`trainer = 'eqvae'`): python -m eqvae_jax.main --config=configs/sdvae_ft.py.
+
+Per micro-step, as the reference's two Lightning optimizer calls: the host draws a transform (branch, scale,
+rotation), the jitted generator step updates the autoencoder, the host draws again (or, in 'shared' mode,
+reuses the generator's pair) and the jitted discriminator step updates D. Each (branch, scale) is its own
+compiled program; they are counted and timed. The shared loop (train/loop.py) does resume, logging,
+evaluation, checkpoints and stopping; the end of training exports the autoencoder for diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from eqvae_jax.data.iterator import build_eval_iterator, build_train_iterator
+from eqvae_jax.losses import equivariance
+from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, place, replicated
+from eqvae_jax.train import loop
+from eqvae_jax.train.eqvae import evaluation, export, steps
+from eqvae_jax.train.eqvae.config import EQVAEConfig, disc_stats_groups, parse_config
+from eqvae_jax.train.eqvae.networks import Networks, build_networks
+from eqvae_jax.train.eqvae.state import EQVAEState
+from eqvae_jax.train.services import open_run
+from eqvae_jax.train.variants import VariantTracker
+
+log = logging.getLogger(__name__)
+PLAIN = equivariance.Draw(equivariance.Branch.PLAIN, (1, 1), 1)
+# Config entries a resumed run must keep: they change the state's structure or what a step means.
+RESUME_MUST_MATCH = ("model", "disc.ndf", "disc.n_layers", "optim.accumulate", "ema.enabled", "global_batch_size",
+                     "data.image_size")
+
+
+@dataclasses.dataclass
+class Built:
+    """The job's networks, jitted steps and initial state on the mesh (nothing compiled yet)."""
+
+    config: EQVAEConfig
+    mesh: Mesh
+    nets: Networks
+    spec: steps.StepSpec
+    steps: steps.CompiledSteps
+    state: EQVAEState
+    lpips_state: Any
+
+
+def build(config: EQVAEConfig) -> Built:
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    nets = build_networks(config, disc_stats_groups(config, batch_divisor(mesh)))
+    spec = steps.make_spec(config, nets)
+    state = steps.initial_state(spec, nets.vae_params, nets.disc_params, nets.disc_stats)
+    compiled = steps.compile_steps(spec, state, nets.lpips_state, mesh)
+    lpips_state = jax.device_put(nets.lpips_state, replicated(mesh)) if nets.lpips_state is not None else None
+    return Built(config, mesh, nets, spec, compiled, place(state, compiled.state_sharding), lpips_state)
+
+
+def evaluated_params(config: EQVAEConfig, state: EQVAEState) -> Any:
+    """The autoencoder weights that are evaluated and exported: the EMA when enabled."""
+    return state.ema if config.ema.enabled else state.vae
+
+
+def branch_metrics(prefix: str, draw: equivariance.Draw) -> dict[str, float]:
+    out = {f"{prefix}/{b.value}": float(draw.branch is b) for b in equivariance.Branch}
+    out[f"{prefix}/scale"] = draw.scale[0] / draw.denominator
+    return out
+
+
+def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) to config.total_updates; returns the loop's summary (train/loop.py)."""
+    config = config if isinstance(config, EQVAEConfig) else parse_config(config)
+    built = build(config)
+    services = open_run(config, workdir)
+    image_hw = (config.data.image_size,) * 2
+    sampler = equivariance.TransformSampler(config.transform, config.seed)
+    plans = equivariance.all_plans(config.transform, image_hw)
+    pretrain_micro = config.pretrain_updates * config.optim.accumulate
+    expected = len(plans) + (1 if pretrain_micro and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans
+                             else 0)
+    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s; %d compiled variants per step %s",
+             config.learning_rate, config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape),
+             expected, equivariance.plans_summary(plans))
+    g_variants = VariantTracker("g_step", expected, log.info)
+    d_variants = VariantTracker("d_step", expected, log.info)
+    base_key = jax.random.key(config.seed)
+    data = build_train_iterator(config.data, built.mesh, config.global_batch_size)
+    eval_step = evaluation.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
+    summary_fn = evaluation.make_summary_fn(built.spec.vae_graph)
+
+    def draw(micro: int) -> tuple[equivariance.BranchPlan, np.int32, equivariance.Draw]:
+        d = PLAIN if micro < pretrain_micro else sampler.draw()
+        plan, rot = d.plan(image_hw)
+        return plan, rot, d
+
+    def train_step(state: EQVAEState, batch: dict[str, jax.Array], micro: int):
+        key_g, key_d = jax.random.split(jax.random.fold_in(base_key, micro))
+        plan, rot, d = draw(micro)
+        state, g_metrics, pair = g_variants(plan, built.steps.generator, state, built.lpips_state, batch["image"],
+                                            rot, key_g, plan)
+        d_plan, d_rot, d_draw = (plan, rot, d) if built.spec.return_pair else draw(micro)
+        state, d_metrics = d_variants(d_plan, built.steps.discriminator, state, batch["image"], d_rot, key_d, pair,
+                                      d_plan)
+        nonfinite = g_metrics["g/nonfinite"] + d_metrics["d/nonfinite"]
+        return state, {**g_metrics, **d_metrics, "nonfinite": nonfinite, **branch_metrics("branch_g", d),
+                       **branch_metrics("branch_d", d_draw)}
+
+    def evaluate(state: EQVAEState, update: int, writer: Any) -> dict[str, float]:
+        params = evaluated_params(config, state)
+        results = {}
+        if config.eval.batches:
+            results = evaluation.evaluate(eval_step, params, built.lpips_state,
+                                          build_eval_iterator(config.data, built.mesh, config.eval_batch_size),
+                                          config.eval.batches)
+        if config.eval.images:
+            grid = evaluation.write_image_summaries(summary_fn, params, config, built.mesh, writer, update,
+                                                    services.workdir)
+            if grid:
+                outputs["reconstructions"] = grid
+        return results
+
+    def log_scalars(scalars: dict[str, float]) -> dict[str, float]:
+        out = {**g_variants.summary(), **d_variants.summary()}
+        out.update({f"data/skipped_{k}": float(v) for k, v in data.skip_counts.items()})
+        return out
+
+    outputs: dict[str, str] = {}
+
+    def finish(state: EQVAEState) -> dict[str, str]:
+        if config.export_diffusers:
+            outputs["diffusers export"] = export.export_autoencoder(
+                built.spec.vae_graph, evaluated_params(config, state), f"{services.workdir}/export")
+        return outputs
+
+    job = loop.Job(
+        name="eqvae",
+        state=built.state,
+        train_step=train_step,
+        data=data,
+        micro_steps_per_update=config.optim.accumulate,
+        resume_must_match=RESUME_MUST_MATCH,
+        host_state=lambda: {"sampler": sampler.state()},
+        load_host_state=lambda saved: sampler.set_state(saved["sampler"]),
+        evaluate=evaluate,
+        eval_every=config.eval.every_updates,
+        eval_at=(config.pretrain_updates,) if 0 < config.pretrain_updates < config.total_updates else (),
+        save_at=(config.pretrain_updates,) if config.pretrain_updates else (),
+        log_scalars=log_scalars,
+        console_fields=(("g", "g/total"), ("l1", "g/rec_l1"), ("lpips", "g/lpips"), ("d_weight", "g/d_weight"),
+                        ("d", "d/disc_loss"), ("eq", "branch_g/equivariance"), ("lowres", "branch_g/lowres"),
+                        ("plain", "branch_g/plain")),
+        summary_metrics=("eval/equivariance/rotation", "eval/equivariance/scale", "eval/psnr", "eval/ssim",
+                         "eval/lpips"),
+        finish=finish,
+        overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,
+                  "LPIPS (frozen)": built.lpips_state or {}, "optimizer states": (built.state.opt_g,
+                                                                                  built.state.opt_d)},
+    )
+    try:
+        summary = loop.run(job, config, services, stop_after)
+    finally:
+        services.close()
+        data.close()
+    summary["g_variants"], summary["d_variants"] = g_variants.count, d_variants.count
+    return summary

@@ -1,0 +1,72 @@
+"""The three networks of the EQ-VAE job (autoencoder, discriminator, LPIPS), each split once into
+(graphdef, state) for the functional jitted steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from flax import nnx
+
+from eqvae_jax.models import discriminator, kl_vae, lpips
+from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.models.host_init import init_on_host
+from eqvae_jax.train.eqvae.config import DiscConfig, EQVAEConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """Static graph definitions plus initial states of the job's networks."""
+
+    vae_graph: nnx.GraphDef
+    vae_params: nnx.State
+    vae_config: kl_vae.KLVAEConfig
+    disc_graph: nnx.GraphDef
+    disc_params: nnx.State
+    disc_stats: nnx.State
+    lpips_graph: nnx.GraphDef | None
+    lpips_state: nnx.State | None
+
+
+def build_discriminator(d: DiscConfig, stats_groups: int, seed: int) -> discriminator.NLayerDiscriminator:
+    """From `d.weights` (ndf / n_layers then come from the weights), else taming's weights_init."""
+    if d.weights:
+        log.info("discriminator: loaded %s", d.weights)
+        return discriminator.load(d.weights, stats_groups=stats_groups)
+    # weights_init: conv N(0, 0.02), BN scale N(1, 0.02), BN bias 0; drawn on the host (fast).
+    return init_on_host(
+        lambda: discriminator.NLayerDiscriminator(3, d.ndf, d.n_layers, stats_groups=stats_groups, rngs=nnx.Rngs(0)),
+        seed, kernel_std=0.02, norm_scale_std=0.02,
+    )
+
+
+def build_lpips(weights: str, seed: int) -> lpips.LPIPS | None:
+    if weights == "":
+        return None
+    if weights == "random":
+        log.warning("LPIPS: random VGG weights (demo/test only; not a perceptual metric)")
+        return lpips.build(seed=seed)
+    return lpips.load(weights)
+
+
+def _split(vae: kl_vae.KLVAE, disc: discriminator.NLayerDiscriminator, perceptual: lpips.LPIPS | None) -> Networks:
+    vae_graph, vae_params = nnx.split(vae, nnx.Param)
+    disc_graph, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
+    lpips_graph, lpips_state = nnx.split(perceptual) if perceptual is not None else (None, None)
+    return Networks(vae_graph, vae_params, vae.config, disc_graph, disc_params, disc_stats, lpips_graph, lpips_state)
+
+
+def build_networks(config: EQVAEConfig, stats_groups: int) -> Networks:
+    """The job's networks with their weights (loaded, or initialised like the reference)."""
+    return _split(build_autoencoder(config.model), build_discriminator(config.disc, stats_groups, config.seed + 1),
+                  build_lpips(config.lpips.weights, config.seed + 2))
+
+
+def abstract_networks(config: EQVAEConfig, stats_groups: int) -> Networks:
+    """The same networks with shape-only variables (ahead-of-time compiles, e.g. for TPU targets on a CPU)."""
+    d = config.disc
+    disc = discriminator.abstract(input_nc=3, ndf=d.ndf, n_layers=d.n_layers, stats_groups=stats_groups)
+    perceptual = lpips.abstract() if config.lpips.weights else None
+    return _split(kl_vae.abstract(config.model.model_config()), disc, perceptual)

@@ -1,0 +1,1 @@
+"""Latent extraction: encode a dataset once into a latent cache (config + job)."""

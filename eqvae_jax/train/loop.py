@@ -1,0 +1,187 @@
+"""The training loop every job shares.
+
+A job builds its pieces into a `Job` (state, a micro-step function, a checkpointable data iterator, optional
+evaluation and end-of-run hooks) and calls `run(job, config, services)`. The loop does everything else, the
+same way for every job:
+
+  resume   from the latest checkpoint in the workdir (state onto its current shardings, the data iterator,
+           the job's host state such as RNG), after checking that the saved config agrees on the keys the
+           job names in `resume_must_match`;
+  step     `job.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
+  log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
+           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA);
+  eval     at update 0 of a fresh run, every `job.eval_every` updates, at `job.eval_at`, and at the end;
+  save     every `checkpoint.every_updates`, at `job.save_at`, on a stop request and at the end; never
+           state that failed the non-finite check;
+  stop     on SIGTERM (TPU preemption) or after `stop_after` updates of this call: save and return;
+  finish   after the last update: `job.finish` (exports), then a summary table of evaluations and outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from eqvae_jax.train import console
+from eqvae_jax.train.config import RunConfig
+from eqvae_jax.train.guard import NonFiniteCounter
+from eqvae_jax.train.metrics import MetricBuffer, mean_of
+from eqvae_jax.train.services import RunServices
+from eqvae_jax.typed_config import dotted, to_json_dict
+
+log = logging.getLogger(__name__)
+
+Metrics = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass
+class Job:
+    """What a job hands the loop. Only `state`, `train_step` and `data` are required."""
+
+    name: str
+    state: Any  # device pytree; checkpointed; replaced by every micro-step
+    train_step: Callable[[Any, Mapping[str, jax.Array], int], tuple[Any, Metrics]]  # (state, batch, micro_step)
+    data: Any  # iterator of batches with the Grain checkpoint protocol (get_state / set_state)
+    micro_steps_per_update: int = 1
+    resume_must_match: tuple[str, ...] = ()  # dotted config keys a resumed run must not change
+    host_state: Callable[[], dict[str, Any]] = dict  # extra host state to checkpoint (e.g. an RNG)
+    load_host_state: Callable[[dict[str, Any]], None] = lambda saved: None
+    evaluate: Callable[[Any, int, Any], dict[str, float]] | None = None  # (state, update, writer) -> scalars
+    eval_every: int = 0  # updates between evaluations (0: start and end only)
+    eval_at: tuple[int, ...] = ()  # further updates to evaluate at (e.g. the end of a pre-training phase)
+    save_at: tuple[int, ...] = ()  # further updates to checkpoint at
+    log_scalars: Callable[[dict[str, float]], dict[str, float]] | None = None  # extras per log line, given it
+    console_fields: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress line
+    summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
+    finish: Callable[[Any], dict[str, str]] | None = None  # after the last update: {output name: path}
+    overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
+
+
+class ResumeError(ValueError):
+    """The workdir's checkpoint was written with a config that is incompatible with this one."""
+
+
+def _check_resume(saved: Mapping[str, Any] | None, config: Any, keys: tuple[str, ...]) -> None:
+    if not saved:
+        return
+    now = to_json_dict(config)
+    changed = [(k, dotted(saved, k), dotted(now, k)) for k in keys if dotted(saved, k) != dotted(now, k)]
+    if changed:
+        detail = "; ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in changed)
+        raise ResumeError(f"resuming with a different config ({detail}); use a new --workdir or the saved config")
+
+
+def _restore(job: Job, config: Any, services: RunServices, counter: NonFiniteCounter) -> int:
+    latest = services.checkpointer.latest_step()
+    if latest is None:
+        return 0
+    _check_resume(services.checkpointer.read_json(latest, ("config",)).get("config"), config, job.resume_must_match)
+    restored = services.checkpointer.restore(latest, job.state, data_iterator=job.data)
+    job.state = restored.state
+    job.load_host_state(restored.host)
+    counter.total = int(restored.host.get("nonfinite_total", 0))
+    log.info("%s: resumed at update %d from %s", job.name, latest, services.checkpointer.directory)
+    return latest
+
+
+def _evaluate(job: Job, update: int, services: RunServices, summary: dict[str, Any]) -> None:
+    if job.evaluate is None:
+        return
+    results = job.evaluate(job.state, update, services.writer)
+    if not results:
+        return
+    services.writer.write_scalars(update, results)
+    summary["evals"][update] = results
+    shown = [k for k in job.summary_metrics if k in results] or sorted(results)
+    log.info("eval at update %d: %s", update,
+             "  ".join(f"{k.removeprefix('eval/')} {console.number(results[k])}" for k in shown))
+
+
+def _summary_table(job: Job, summary: dict[str, Any], services: RunServices) -> str:
+    lines = [console.table([("TensorBoard", f"{services.workdir}/tensorboard"),
+                            ("checkpoints", f"{services.workdir}/checkpoints"),
+                            *summary.get("outputs", {}).items()])]
+    evals = summary["evals"]
+    keys = [k for k in job.summary_metrics if any(k in r for r in evals.values())]
+    if evals and keys:
+        rows = [(f"update {u}", *(console.number(r[k]) if k in r else "" for k in keys))
+                for u, r in sorted(evals.items())]
+        lines.append(console.table(rows, ("eval", *(k.removeprefix("eval/") for k in keys))))
+    return "\n\n".join(lines)
+
+
+def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) to config.total_updates; returns a summary (see the module docstring).
+
+    summary: start_update, updates (the last one reached), stopped (if a stop request ended the call),
+    evals ({update: scalars}), last_metrics, outputs ({name: path} from `job.finish`), state.
+    `stop_after=N` ends the call like a SIGTERM would (checkpoint, then return) after N updates.
+    """
+    total, k = config.total_updates, job.micro_steps_per_update
+    counter = NonFiniteCounter(config.max_consecutive_nonfinite)
+    start = _restore(job, config, services, counter)
+    summary: dict[str, Any] = {"start_update": start, "updates": start, "evals": {}, "outputs": {}, "state": job.state}
+    if start >= total:
+        log.info("%s: already trained to update %d in %s; nothing to do", job.name, start, services.workdir)
+        return summary
+    if job.overview and jax.process_index() == 0:
+        log.info("%s: networks and state\n%s", job.name, console.parameter_table(job.overview))
+    if start == 0:
+        _evaluate(job, 0, services, summary)
+    buffer = MetricBuffer()
+    last_time, last_update = time.perf_counter(), start
+
+    def flush(update: int) -> dict[str, float]:
+        steps = buffer.fetch()
+        for m in steps:
+            counter.update(m.get("nonfinite", 0.0))
+        counter.check(update)
+        return mean_of(steps)
+
+    def save(update: int) -> None:
+        host = {**job.host_state(), "update": update, "nonfinite_total": counter.total}
+        services.checkpointer.save(update, job.state, host, to_json_dict(config), job.data)
+
+    update = start
+    for update in range(start + 1, total + 1):
+        for micro in range((update - 1) * k, update * k):
+            job.state, metrics = job.train_step(job.state, next(job.data), micro)
+            buffer.add(metrics)
+        if stop_after is not None and update - start >= stop_after:
+            services.stop.request()
+        stop = services.stop.should_stop(update)
+        saving = update in job.save_at or update == total or stop or services.checkpointer.should_save(update)
+        if update % config.log.every_updates == 0 or saving:
+            scalars = flush(update)
+            now = time.perf_counter()
+            rate = (update - last_update) / max(now - last_time, 1e-9)
+            last_time, last_update = now, update
+            scalars["perf/updates_per_s"] = rate
+            if job.log_scalars is not None:
+                scalars.update(job.log_scalars(scalars))
+            services.writer.write_scalars(update, scalars)
+            summary["last_metrics"] = scalars
+            log.info(console.progress_line(update, total, scalars, job.console_fields, rate, (total - update) / rate))
+        evaluate = update in job.eval_at or (job.eval_every and update % job.eval_every == 0)
+        if evaluate and update != total:
+            _evaluate(job, update, services, summary)
+        if saving and update not in services.checkpointer.all_steps():
+            save(update)
+        summary["updates"] = update
+        if stop:
+            log.warning("%s: stopped at update %d (checkpoint saved)", job.name, update)
+            summary["stopped"] = update
+            summary["state"] = job.state
+            return summary
+    _evaluate(job, total, services, summary)
+    if job.finish is not None:
+        summary["outputs"] = job.finish(job.state)
+    summary["state"] = job.state
+    if jax.process_index() == 0:
+        log.info("%s: done\n%s", job.name, _summary_table(job, summary, services))
+    return summary

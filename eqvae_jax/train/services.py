@@ -1,0 +1,67 @@
+"""The services of one run in its workdir: layout, persistent compilation cache, metric writer, checkpoints,
+stop requests. Workdirs may be local or on GCS (gs://...)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+from clu import metric_writers
+from etils import epath
+
+from eqvae_jax.train import metrics
+from eqvae_jax.train.checkpointing import Checkpointer, CheckpointOptions
+from eqvae_jax.train.config import RunConfig
+from eqvae_jax.train.preemption import StopRequest
+from eqvae_jax.typed_config import to_json_dict
+
+
+@dataclasses.dataclass
+class RunServices:
+    workdir: str
+    writer: metric_writers.MetricWriter
+    checkpointer: Checkpointer
+    stop: StopRequest
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.writer.flush()
+        self.writer.close()
+        self.stop.restore_handlers()
+
+
+def resolve(path: str) -> str:
+    """Absolute local path, or a URL (gs://...) unchanged."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Persistent XLA cache so a restarted run does not pay the compile time of every variant again."""
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """WORKDIR/config.json (process 0): the run's full config, for humans and for the CLIs that read a run."""
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(to_json_dict(config), indent=2, default=str))
+
+
+def open_run(config: RunConfig, workdir: str) -> RunServices:
+    """Create the workdir layout and the services of a run (call after the config was parsed)."""
+    workdir = resolve(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
+    write_config(workdir, config)
+    c = config.checkpoint
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        CheckpointOptions(every_steps=c.every_updates, max_to_keep=c.max_to_keep,
+                          keep_every=c.keep_every or None, async_save=c.async_save),
+    )
+    return RunServices(workdir, metrics.create_writer(workdir), checkpointer,
+                       StopRequest(sync_every=config.log.every_updates))

@@ -1,0 +1,70 @@
+"""Helpers shared by the job tests: config files with their variants, a toy latent cache, tree comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from eqvae_jax.data import latent_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_SHAPE = (8, 8, 4)  # latent shape of the toy cache
+
+
+def load_config(name: str, arg: str = "", **changes: Any):
+    """configs/NAME.py's get_config(arg) (as `--config=configs/NAME.py:arg` would), with dotted-key changes."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def tiny_eqvae_config(cache_dir: str, **changes: Any):
+    """configs/sdvae_ft.py:tiny with the compilation cache and the demo TFDS data under `cache_dir`."""
+    return load_config("sdvae_ft", "tiny", compilation_cache_dir=cache_dir,
+                       **{"data.data_dir": os.path.join(cache_dir, "tfds")}, **changes)
+
+
+def tiny_dit_config(cache_dir: str, compile_cache: str = "", objective: str = "ddpm", **changes: Any):
+    """configs/dit.py:tiny on the toy latent cache `cache_dir`."""
+    return load_config("dit", f"objective={objective},tiny", compilation_cache_dir=compile_cache,
+                       **{"latents.cache_dir": cache_dir}, **changes)
+
+
+def write_toy_cache(cache_dir: str, n: int = 16, classes: int = 4) -> None:
+    """n records: class c has a fixed smooth pattern as mean and a small std (a learnable toy set)."""
+    rng = np.random.default_rng(0)
+    patterns = rng.standard_normal((classes,) + TOY_SHAPE).astype(np.float32)
+    records = []
+    for i in range(n):
+        c = i % classes
+        moments = np.concatenate([patterns[c], np.full(TOY_SHAPE, 0.05, np.float32)], axis=-1)
+        records.append(latent_cache.encode_record(i, c, False, moments, "float32"))
+    vae = {"init": "random", "preset": "tiny", "seed": 0, "dtype": "float32", "weights": "",
+           "overrides": {"channel_mult": [1, 2, 2, 2], "base_channels": 16, "norm_num_groups": 8},
+           "scaling_factor": 0.0, "shift_factor": None}
+    latent_cache.write_meta(cache_dir, {"num_chunks": 1, "latent_shape": list(TOY_SHAPE), "dtype": "float32",
+                                        "scaling_factor": 1.0, "shift_factor": 0.0, "vae": vae})
+    latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, 0, 1), records)
+
+
+def toy_patterns(classes: int = 4) -> np.ndarray:
+    """The per-class means of `write_toy_cache`."""
+    return np.random.default_rng(0).standard_normal((classes,) + TOY_SHAPE).astype(np.float32)
+
+
+def leaves_equal(a: Any, b: Any) -> bool:
+    """Same tree structure and bit-identical leaves."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))

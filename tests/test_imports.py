@@ -1,0 +1,62 @@
+"""The package has no import cycles: a static walk of every module's `eqvae_jax` imports (top-level and
+deferred ones alike) finds no cycle, so a CLI imports the library and never the other way round."""
+
+import ast
+import os
+import pkgutil
+
+import eqvae_jax
+
+PACKAGE_DIR = os.path.dirname(eqvae_jax.__file__)
+
+
+def _modules() -> dict[str, str]:
+    out = {"eqvae_jax": os.path.join(PACKAGE_DIR, "__init__.py")}
+    for info in pkgutil.walk_packages([PACKAGE_DIR], "eqvae_jax."):
+        path = os.path.join(PACKAGE_DIR, *info.name.split(".")[1:])
+        out[info.name] = os.path.join(path, "__init__.py") if info.ispkg else path + ".py"
+    return out
+
+
+def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in modules and t != name)
+    return found
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    assert len(graph) > 60  # the walk found the package
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
