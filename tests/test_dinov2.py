@@ -116,7 +116,8 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_parity_native_and_resampled_grid(tiny):
-    assert "depth 2, heads 4, mlp 256, patch 14, position grid 5x5" in tiny["summary"]
+    assert "depth 2, heads 4, mlp 256, patch 14, position grid 5x5, resampled antialias" in tiny["summary"]
+    assert "pos_interpolation=bicubic to match it" in tiny["summary"]
     model = dinov2.load(tiny["w"])
     x = images(2, 70, 70)
     ref = run_hf(tiny["ref"], x)

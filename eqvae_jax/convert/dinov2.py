@@ -285,7 +285,8 @@ def describe(cfg: DINOv2Config) -> str:
                  if (h, d, heads, ffn) == (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.ffn)), "DINOv2")
     regs = f", {cfg.num_register_tokens} registers" if cfg.num_register_tokens else ""
     return (f"{name} (hidden {cfg.hidden_size}, depth {cfg.depth}, heads {cfg.num_heads}, {cfg.ffn} "
-            f"{cfg.mlp_hidden}, patch {cfg.patch_size}, position grid {cfg.pos_grid}x{cfg.pos_grid}{regs})")
+            f"{cfg.mlp_hidden}, patch {cfg.patch_size}, position grid {cfg.pos_grid}x{cfg.pos_grid}{regs}, "
+            f"resampled {cfg.pos_interpolation})")
 
 
 def read_source(src: str, **options: Any) -> tuple[dict[str, np.ndarray], DINOv2Config, str]:
@@ -300,6 +301,13 @@ def read_source(src: str, **options: Any) -> tuple[dict[str, np.ndarray], DINOv2
     return sd, infer_hub_config(sd, src, **options), "torch-hub"
 
 
+def _notes(cfg: DINOv2Config, layout: str) -> str:
+    if layout == "transformers" and not cfg.num_register_tokens and cfg.pos_interpolation == "antialias":
+        return ("; note: off the native grid, transformers' Dinov2Model resamples position embeddings without "
+                "antialias (pass --extra pos_interpolation=bicubic to match it); REPA/timm use antialias")
+    return ""
+
+
 def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: Any) -> str:
     """Convert between the torch-hub / transformers DINOv2 layouts and an eqvae-jax weights directory."""
     check_target(KIND, to, TARGETS)
@@ -310,7 +318,7 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         flat = hub_to_flax(sd, cfg, what=src)
         with atomic_path(dst, overwrite) as tmp:
             save_weights(tmp, KIND, cfg.to_dict(), flat)
-        return f"{describe(cfg)}: {layout} {src} -> {dst} ({len(flat)} frozen arrays)"
+        return f"{describe(cfg)}: {layout} {src} -> {dst} ({len(flat)} frozen arrays){_notes(cfg, layout)}"
     kind, config, flat = load_weights(src)
     if kind != KIND:
         raise ValueError(f"{src} holds a {kind!r} model, not {KIND!r}")
