@@ -16,6 +16,7 @@ KINDS = {
     "lpips": "eqvae_jax.convert.lpips",
     "discriminator": "eqvae_jax.convert.discriminator",
     "dit": "eqvae_jax.convert.dit",
+    "dinov2": "eqvae_jax.convert.dinov2",
 }
 
 

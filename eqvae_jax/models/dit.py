@@ -6,7 +6,8 @@ Attribute names follow the reference state dict (`x_embedder.proj`, `t_embedder.
 
 The transformer blocks are stored stacked (every block variable has a leading `depth` axis) and run with
 `jax.lax.scan`, so compile time does not grow with depth. Consequence: XLA's `cost_analysis()` counts the
-scanned block once, not `depth` times; use `dit_flops` for model FLOPs.
+scanned block once, not `depth` times; use `dit_flops` for model FLOPs. `model(x, t, y, tap=k)` also returns
+the tokens after block k (REPA's alignment tap) by splitting the scan in two.
 
 Precision: parameters are float32; `compute_dtype="bfloat16"` runs the matmuls in bf16 while LayerNorm,
 softmax, the timestep frequencies and the residual stream stay float32 (like PyTorch autocast).
@@ -323,8 +324,14 @@ class DiT(nnx.Module):
         *,
         drop_key: jax.Array | None = None,
         force_drop_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Forward pass; label dropout happens only with `drop_key` (training) or `force_drop_ids`."""
+        tap: int | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Forward pass; label dropout happens only with `drop_key` (training) or `force_drop_ids`.
+
+        With `tap=k` (1 <= k <= depth) it returns `(output, tokens)` where tokens (N, T, hidden) float32 are
+        the hidden states after the first k blocks (REPA's `encoder_depth`, whose projection is aligned with a
+        teacher). The stacked blocks are then scanned as [0, k) and [k, depth): still two scans, no unrolling.
+        """
         cfg = self.config
         if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
             raise ValueError(
@@ -340,9 +347,17 @@ class DiT(nnx.Module):
 
         if cfg.remat:
             body = jax.checkpoint(body)
-        h, _ = jax.lax.scan(body, h, state)
-        out = self.final_layer(h, c).astype(jnp.float32)
-        return self.unpatchify(out)
+        if tap is None:
+            h, _ = jax.lax.scan(body, h, state)
+        else:
+            if not 1 <= tap <= cfg.depth:
+                raise ValueError(f"tap={tap}: must be a block count in [1, {cfg.depth}]")
+            h, _ = jax.lax.scan(body, h, jax.tree.map(lambda a: a[:tap], state))
+            tapped = h
+            if tap < cfg.depth:
+                h, _ = jax.lax.scan(body, h, jax.tree.map(lambda a: a[tap:], state))
+        out = self.unpatchify(self.final_layer(h, c).astype(jnp.float32))
+        return out if tap is None else (out, tapped)
 
 
 KIND = "dit"
