@@ -39,3 +39,15 @@ def test_param_shardings_rules_then_fsdp_then_replicated():
     assert sh["blocks"]["bias"].spec == P("fsdp")  # 1536 elements >= min size
     small = mesh.param_shardings(tree, m, fsdp_min_size=10**9)
     assert all(s.spec == P() for s in jax.tree.leaves(small))
+
+
+def test_scanned_layer_rule_never_shards_the_depth_axis_and_data_zero_means_slices():
+    m = mesh.make_mesh(2, 4)
+    tree = {"params": {"blocks": {"w": np.zeros((12, 64, 256)), "b": np.zeros((12, 256))}, "head": np.zeros((8, 512))},
+            "opt": {"mu": {"blocks": {"w": np.zeros((12, 64, 256))}}}}
+    sh = mesh.param_shardings(tree, m, mesh.SCANNED_LAYERS, fsdp_min_size=1024)
+    assert sh["params"]["blocks"]["w"].spec == P(None, None, "fsdp")  # 256 is the largest dim after depth
+    assert sh["params"]["blocks"]["b"].spec == P(None, "fsdp")
+    assert sh["opt"]["mu"]["blocks"]["w"].spec == sh["params"]["blocks"]["w"].spec  # optimizer moments follow
+    assert sh["params"]["head"].spec == P(None, "fsdp")  # no rule: the default FSDP rule
+    assert mesh.mesh_shape(8, 0, -1) == (1, 8) and mesh.mesh_shape(8, 0, -1, slices=2) == (2, 4)
