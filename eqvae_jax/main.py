@@ -14,7 +14,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (clu's writers do)
+# Before anything imports TensorFlow (clu's metric writers do): no TF C++ INFO lines; TF's oneDNN notice is
+# printed before its log level applies, and TF only writes TensorBoard summaries here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (ml_collections).", lock_config=True)

@@ -257,7 +257,9 @@ def hf_config_json(cfg: DINOv2Config) -> dict[str, Any]:
     out = {
         "model_type": model_type, "architectures": [HF_MODEL_TYPES[model_type]],
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
-        "mlp_ratio": cfg.mlp_ratio, "use_swiglu_ffn": cfg.ffn == "swiglu", "patch_size": cfg.patch_size,
+        # transformers' strict config dataclass wants an int ratio (all DINOv2 sizes use 4)
+        "mlp_ratio": int(cfg.mlp_ratio) if float(cfg.mlp_ratio).is_integer() else cfg.mlp_ratio,
+        "use_swiglu_ffn": cfg.ffn == "swiglu", "patch_size": cfg.patch_size,
         "image_size": cfg.image_size, "num_channels": cfg.in_channels, "layer_norm_eps": cfg.layer_norm_eps,
         "hidden_act": "gelu", "qkv_bias": True, "layerscale_value": 1.0,
     }

@@ -26,6 +26,7 @@ _FORMAT = "%(asctime)s %(message)s"
 def setup_logging(library_level: str | int = "WARNING") -> None:
     """Our progress on stdout at INFO; third-party loggers at `library_level`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF's oneDNN notice ignores the log level
     level = logging.getLevelName(library_level.upper()) if isinstance(library_level, str) else library_level
     ours = logging.getLogger("eqvae_jax")
     if not any(getattr(h, "_eqvae", False) for h in ours.handlers):
