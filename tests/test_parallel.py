@@ -39,3 +39,17 @@ def test_param_shardings_rules_then_fsdp_then_replicated():
     assert sh["blocks"]["bias"].spec == P("fsdp")  # 1536 elements >= min size
     small = mesh.param_shardings(tree, m, fsdp_min_size=10**9)
     assert all(s.spec == P() for s in jax.tree.leaves(small))
+
+
+def test_param_shardings_never_shard_the_scanned_layer_axis():
+    m = mesh.make_mesh(2, 4)
+    # depth 8 is the largest divisible dim of the first leaf: only the scanned rule keeps it whole
+    tree = {"blocks": {"w": np.zeros((8, 4, 6)), "b": np.zeros((8, 3)), "s": np.zeros((8, 2))},
+            "head": np.zeros((8, 4, 6))}
+    sh = mesh.param_shardings(tree, m, fsdp_min_size=24, scanned=[r"^blocks/"])
+    assert sh["blocks"]["w"].spec == P(None, "fsdp", None)
+    assert sh["blocks"]["b"].spec == P(None)  # nothing but the layer axis divides by 4: replicated
+    assert sh["blocks"]["s"].spec == P()  # below the minimum size
+    assert sh["head"].spec == P("fsdp", None, None)  # not scanned: the largest divisible dim
+    ruled = mesh.param_shardings(tree, m, rules=[(r"blocks/w", P("fsdp"))], fsdp_min_size=24, scanned=[r"^blocks/"])
+    assert ruled["blocks"]["w"].spec == P("fsdp")  # explicit rules still come first

@@ -74,14 +74,18 @@ def param_shardings(
     mesh: Mesh,
     rules: Sequence[tuple[str, PartitionSpec]] = (),
     fsdp_min_size: int = 2**18,
+    scanned: Sequence[str] = (),
 ):
     """NamedShardings for a pytree of arrays (or ShapeDtypeStructs).
 
     `rules` are (regex over the '/'-joined key path, PartitionSpec) pairs, first match wins. Leaves that no rule
     matches are FSDP-sharded over their largest divisible dimension when the mesh has fsdp > 1 and the leaf has
-    at least `fsdp_min_size` elements; everything else is replicated.
+    at least `fsdp_min_size` elements; everything else is replicated. Leaves whose path matches a regex in
+    `scanned` carry a leading layer axis consumed by `jax.lax.scan` (stacked blocks): that axis is never
+    sharded (each scan step would gather every layer otherwise), the FSDP choice is made among the others.
     """
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+    stacked = [re.compile(pattern) for pattern in scanned]
     fsdp_size = mesh.shape["fsdp"]
 
     def one(path, leaf):
@@ -89,7 +93,12 @@ def param_shardings(
         for pattern, spec in compiled:
             if pattern.search(name):
                 return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, fsdp_spec(tuple(np.shape(leaf)), fsdp_size, fsdp_min_size))
+        shape = tuple(np.shape(leaf))
+        if any(pattern.search(name) for pattern in stacked):
+            if len(shape) < 2 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
+                return NamedSharding(mesh, PartitionSpec())
+            return NamedSharding(mesh, PartitionSpec(None, *fsdp_spec(shape[1:], fsdp_size, 0)))
+        return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, fsdp_min_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
