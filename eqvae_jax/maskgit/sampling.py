@@ -102,6 +102,8 @@ def decode(
     sample, e.g. `fold_in(key(seed), global sample index)`: a sample depends on its key and label only.
     `mask_id` defaults to codebook_size. A Python `cfg_scale` of 0 runs the unguided model alone (v1's w == 0
     branch); any other value, or a traced one, runs both passes. All options but `cfg_scale` are static.
+    Under `jax.jit`, pass the weights as an argument (`lambda t, y, d: fn.apply(params, t, y, d)` with
+    `models.maskgit.functional`): a closed-over model is baked into the program as constants.
     """
     if randomize not in RANDOMIZE:
         raise ValueError(f"unknown randomize {randomize!r}; one of {', '.join(RANDOMIZE)}")
