@@ -51,3 +51,17 @@ def test_scanned_layer_rule_never_shards_the_depth_axis_and_data_zero_means_slic
     assert sh["opt"]["mu"]["blocks"]["w"].spec == sh["params"]["blocks"]["w"].spec  # optimizer moments follow
     assert sh["params"]["head"].spec == P(None, "fsdp")  # no rule: the default FSDP rule
     assert mesh.mesh_shape(8, 0, -1) == (1, 8) and mesh.mesh_shape(8, 0, -1, slices=2) == (2, 4)
+
+
+def test_param_shardings_never_shard_the_scanned_layer_axis():
+    m = mesh.make_mesh(2, 4)
+    # depth 8 is the largest divisible dim of the first leaf: only the scanned rule keeps it whole
+    tree = {"blocks": {"w": np.zeros((8, 4, 6)), "b": np.zeros((8, 3)), "s": np.zeros((8, 2))},
+            "head": np.zeros((8, 4, 6))}
+    sh = mesh.param_shardings(tree, m, mesh.SCANNED_LAYERS, fsdp_min_size=24)
+    assert sh["blocks"]["w"].spec == P(None, "fsdp", None)
+    assert sh["blocks"]["b"].spec == P()  # nothing but the layer axis divides by 4: replicated
+    assert sh["blocks"]["s"].spec == P()  # below the minimum size
+    assert sh["head"].spec == P("fsdp", None, None)  # not scanned: the largest divisible dim
+    ruled = mesh.param_shardings(tree, m, [(r"blocks/w", P("fsdp")), *mesh.SCANNED_LAYERS], fsdp_min_size=24)
+    assert ruled["blocks"]["w"].spec == P("fsdp")  # explicit rules still come first

@@ -17,6 +17,7 @@ KINDS = {
     "discriminator": "eqvae_jax.convert.discriminator",
     "dit": "eqvae_jax.convert.dit",
     "dinov2": "eqvae_jax.convert.dinov2",
+    "maskgit": "eqvae_jax.convert.maskgit",
 }
 
 

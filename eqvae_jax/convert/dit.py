@@ -35,7 +35,13 @@ import numpy as np
 from eqvae_jax.convert.atomic import atomic_path
 from eqvae_jax.convert.key_map import KeyMap, Row
 from eqvae_jax.convert.options import check_destination, check_target, parse_bool, typed_options
-from eqvae_jax.convert.torch_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict, write_safetensors
+from eqvae_jax.convert.torch_files import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    read_state_dict,
+    strip_wrapper_prefixes,
+    write_safetensors,
+)
 from eqvae_jax.models import dit
 from eqvae_jax.models.dit import SIZES, DiTConfig, sincos_pos_embed_2d
 from eqvae_jax.models.weights import KeyMismatchError, check_shapes, load_weights, save_weights, variable_shapes
@@ -98,14 +104,6 @@ def official_to_flax(sd: dict[str, np.ndarray], cfg: DiTConfig, what: str = "sou
 def flax_to_official(flat: dict[str, np.ndarray], cfg: DiTConfig) -> dict[str, np.ndarray]:
     """Flat eqvae-jax variables -> reference `DiT` state dict (float32, contiguous)."""
     return KeyMap(ROWS, cfg.depth).to_torch(flat, flax_shapes(cfg), "eqvae-jax weights")
-
-
-def _strip_wrappers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix that every key carries."""
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
 
 
 def infer_config(sd: dict[str, np.ndarray], what: str, **options: Any) -> DiTConfig:
@@ -307,7 +305,7 @@ def read_source(src: str, **options: Any) -> tuple[dict[str, np.ndarray], DiTCon
         cfg, notes = diffusers_config(src, **options)
         sd = read_state_dict(_diffusers_weights_file(src))
         return diffusers_to_official(sd, cfg, src), cfg, notes
-    sd = _strip_wrappers(read_state_dict(src, entry=options.get("entry", "ema")))
+    sd = strip_wrapper_prefixes(read_state_dict(src, entry=options.get("entry", "ema")))
     return sd, infer_config(sd, src, **options), []
 
 

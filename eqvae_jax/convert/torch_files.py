@@ -66,6 +66,14 @@ def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndar
     return out
 
 
+def strip_wrapper_prefixes(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix that every key carries."""
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
