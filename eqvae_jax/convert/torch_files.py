@@ -1,15 +1,29 @@
 """Read and write PyTorch-style state dicts as {name: numpy array}.
 
 safetensors files are read with the numpy backend (no torch needed); pickled `.ckpt`/`.pt`/`.pth`/`.bin`
-files need torch (a conversion-only dependency) and are loaded with `weights_only=True`.
+files need torch (a conversion-only dependency) and are always loaded with `weights_only=True`.
+
+Lightning training checkpoints (`last.ckpt`) also pickle optimizer states, callback states and
+hyper-parameters, which may name classes that the weights-only unpickler refuses (callbacks keyed by their
+class, OmegaConf configs, Lightning's AttributeDict, numpy scalars). Such a file is read with every global that
+torch does not allowlist replaced by an inert stand-in (`StandIn`): a class that accepts any construction or
+state and does nothing, registered under the refused name for this one load. The real class or function is
+never imported or called, modules torch blocks (os, sys, ...) stay refused, and only the tensors of the state
+dict are kept.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -42,11 +56,7 @@ def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndar
         raise ImportError(
             f"Reading {path} needs torch (pip install -r requirements-dev.txt); safetensors files do not."
         ) from e
-    import argparse
-
-    # Training checkpoints (DiT, fast-DiT) pickle their argparse.Namespace next to the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -64,6 +74,71 @@ def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndar
                 value = value.float()
             out[key] = value.detach().cpu().numpy()
     return out
+
+
+class StandIn:
+    """An inert stand-in for a pickled global that torch's weights-only unpickler refuses.
+
+    Subclasses (one per refused name, `stand_in_for`) accept any call, construction and state and keep nothing.
+    """
+
+    stand_in_for = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.stand_in_for}>"
+
+
+def _stand_in(name: str, container: type | None) -> type:
+    # A refused dict/list subclass (e.g. Lightning's AttributeDict) is filled with SETITEMS/APPENDS, which the
+    # weights-only unpickler only allows on exact dicts/lists: such names are replaced by dict/list themselves.
+    return container or type(f"StandIn[{name}]", (StandIn,), {"stand_in_for": name})
+
+
+def _torch_load(path: str) -> Any:
+    """torch.load(weights_only=True), retried with inert stand-ins for refused globals (module docstring)."""
+    import argparse
+
+    import torch
+
+    # Training checkpoints (DiT, fast-DiT) pickle their argparse.Namespace next to the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as first:
+            if not zipfile.is_zipfile(path):
+                raise ValueError(f"{path}: the weights-only unpickler refused it ({first}); only the zip format "
+                                 "of torch.save can be read with stand-ins for unknown classes.") from first
+            refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            if not refused:
+                raise
+        containers: dict[str, type | None] = dict.fromkeys(refused)
+        for _ in range(len(refused) + 1):  # each retry turns one stand-in into a dict or a list
+            stand_ins = {name: _stand_in(name, containers[name]) for name in refused}
+            try:
+                with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                message = str(e)
+                named = [n for n, c in stand_ins.items() if containers[n] is None and f"{c.__name__}'" in message]
+                culprit = named[0] if named else None
+                container = dict if "SETITEM" in message else list if "lists" in message else None
+                if culprit is None or container is None:
+                    raise ValueError(f"{path}: the weights-only unpickler refused it even with stand-ins for "
+                                     f"{refused}: {e}") from e
+                containers[culprit] = container
+                continue
+            log.info("%s: replaced %d pickled globals by inert stand-ins: %s", path, len(refused), refused)
+            return obj
+    raise AssertionError("unreachable")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
