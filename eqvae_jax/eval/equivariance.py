@@ -12,6 +12,13 @@ rot90 in the reference direction), applied to the latent and to the image.
     meter = EquivarianceMeter()
     for x in batches: meter.update(fn(x))
     meter.result()   # {"equivariance/rotation": ..., "equivariance/scale": ..., "equivariance/rot90": ...}
+
+VQ autoencoders (`make_vq_equivariance_fn`): the same error on the pre-quantization features (E(x) is
+`vq.encode(x).latents`, the features EQ-VQGAN transforms), plus, for rotations, the fraction of code indices
+that commute with the transform: indices of quantize(rot(E(x))) against those of quantize(E(rot(x))), per image
+("codes/rot90", ...; 1 = every code commutes). Rotations permute positions exactly, so this is the fraction of
+positions whose nearest code survives the rotation of the image. Scales have no such count (the resized features
+are interpolations, not codes of the resized image at the same positions in general).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from flax import nnx
 from eqvae_jax.losses import resample
 
 ROTATION, SCALE = "rotation", "scale"
+CODES = "codes/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +90,47 @@ def make_equivariance_fn(
     return lambda x: run(state, x)
 
 
+def code_agreement(
+    encode: Callable[[jax.Array], jax.Array],
+    indices_of: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    cfg: EquivarianceEvalConfig = EquivarianceEvalConfig(),
+) -> dict[str, jax.Array]:
+    """{"codes/rotN": (B,) fraction of equal code indices} for each rotation of `cfg`: indices_of(rot(encode(x)))
+    against indices_of(encode(rot(x))); `encode` gives pre-quantization features, `indices_of` (B, h, w) codes."""
+    ex = encode(x)
+    out = {}
+    for name, (family, param) in cfg.transforms().items():
+        if family != ROTATION:
+            continue
+        got = indices_of(_apply(family, param, ex))
+        want = indices_of(encode(_apply(family, param, x)))
+        if got.shape != want.shape:
+            raise ValueError(f"{name}: code grids {got.shape} and {want.shape} differ; use square images.")
+        out[f"{CODES}{name}"] = jnp.mean((got == want).astype(jnp.float32), axis=(1, 2))
+    return out
+
+
+def vq_equivariance(vq: nnx.Module, x: jax.Array, cfg: EquivarianceEvalConfig = EquivarianceEvalConfig()
+                    ) -> dict[str, jax.Array]:
+    """Latent equivariance errors on the pre-quantization features and code agreement under rotations."""
+    encode = lambda a: vq.encode(a).latents
+    return {**equivariance_errors(encode, x, cfg), **code_agreement(encode, lambda z: vq.quantize(z).indices, x, cfg)}
+
+
+def make_vq_equivariance_fn(
+    vq: nnx.Module, cfg: EquivarianceEvalConfig = EquivarianceEvalConfig()
+) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """A jitted `images -> {name: (B,) values}` of `vq_equivariance` (errors and "codes/rotN" agreements)."""
+    graphdef, state = nnx.split(vq)
+
+    @jax.jit
+    def run(state: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
+        return vq_equivariance(nnx.merge(graphdef, state), x, cfg)
+
+    return lambda x: run(state, x)
+
+
 class EquivarianceMeter:
     """Accumulates per-image errors over batches; `result()` gives per-transform and per-family means."""
 
@@ -97,11 +146,14 @@ class EquivarianceMeter:
             self._counts[name] = self._counts.get(name, 0) + e.size
 
     def result(self, prefix: str = "equivariance/") -> dict[str, float]:
+        """Per-name means, plus per-family means of the errors (rotation, scale) and of the code agreements
+        ("codes/rotation")."""
         per = {n: self._sums[n] / self._counts[n] for n in self._sums}
         out = {f"{prefix}{n}": v for n, v in per.items()}
-        for family in (ROTATION, SCALE):
-            names = [n for n, (f, _) in self.cfg.transforms().items() if f == family and n in per]
+        transforms = self.cfg.transforms().items()
+        for family, head in ((ROTATION, ""), (SCALE, ""), (ROTATION, CODES)):
+            names = [f"{head}{n}" for n, (f, _) in transforms if f == family and f"{head}{n}" in per]
             if names:
                 total = sum(self._sums[n] for n in names)
-                out[f"{prefix}{family}"] = total / sum(self._counts[n] for n in names)
+                out[f"{prefix}{head}{family}"] = total / sum(self._counts[n] for n in names)
         return out
