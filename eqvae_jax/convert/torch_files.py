@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -103,42 +104,54 @@ def _stand_in(name: str, container: type | None) -> type:
     return container or type(f"StandIn[{name}]", (StandIn,), {"stand_in_for": name})
 
 
+_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+
+
 def _torch_load(path: str) -> Any:
-    """torch.load(weights_only=True), retried with inert stand-ins for refused globals (module docstring)."""
+    """torch.load(weights_only=True), retried with inert stand-ins for refused globals (module docstring).
+
+    The refused names come from a static scan of the pickle (zip format) or, for the legacy format, from the
+    unpickler's own errors, one name per retry. A stand-in that the pickle fills like a dict or a list becomes a
+    plain dict or list.
+    """
     import argparse
 
     import torch
 
-    # Training checkpoints (DiT, fast-DiT) pickle their argparse.Namespace next to the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    stand_ins: dict[str, type] = {}
+    for _ in range(_MAX_RETRIES):
+        # Training checkpoints (DiT, fast-DiT) pickle their argparse.Namespace next to the weights.
+        allowed = [argparse.Namespace, *((cls, name) for name, cls in stand_ins.items())]
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as first:
-            if not zipfile.is_zipfile(path):
-                raise ValueError(f"{path}: the weights-only unpickler refused it ({first}); only the zip format "
-                                 "of torch.save can be read with stand-ins for unknown classes.") from first
-            refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-            if not refused:
-                raise
-        containers: dict[str, type | None] = dict.fromkeys(refused)
-        for _ in range(len(refused) + 1):  # each retry turns one stand-in into a dict or a list
-            stand_ins = {name: _stand_in(name, containers[name]) for name in refused}
-            try:
-                with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
-                    obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                message = str(e)
-                named = [n for n, c in stand_ins.items() if containers[n] is None and f"{c.__name__}'" in message]
-                culprit = named[0] if named else None
-                container = dict if "SETITEM" in message else list if "lists" in message else None
-                if culprit is None or container is None:
-                    raise ValueError(f"{path}: the weights-only unpickler refused it even with stand-ins for "
-                                     f"{refused}: {e}") from e
-                containers[culprit] = container
-                continue
-            log.info("%s: replaced %d pickled globals by inert stand-ins: %s", path, len(refused), refused)
-            return obj
-    raise AssertionError("unreachable")
+            with torch.serialization.safe_globals(allowed):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            message = str(e)
+            if not stand_ins and zipfile.is_zipfile(path):
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                if names:
+                    stand_ins = {name: _stand_in(name, None) for name in names}
+                    continue
+            refused = _REFUSED.search(message)
+            if refused:
+                name = refused[1] if "." in refused[1] else f"builtins.{refused[1]}"
+                if name not in stand_ins:
+                    stand_ins[name] = _stand_in(name, None)
+                    continue
+            filled = [n for n, c in stand_ins.items() if issubclass(c, StandIn) and f"{c.__name__}'" in message]
+            container = dict if "SETITEM" in message else list if "lists" in message else None
+            if not filled or container is None:
+                raise ValueError(f"{path}: the weights-only unpickler refused it"
+                                 f"{f' even with stand-ins for {sorted(stand_ins)}' if stand_ins else ''}: {e}") from e
+            stand_ins[filled[0]] = container
+            continue
+        if stand_ins:
+            log.info("%s: replaced %d pickled globals by inert stand-ins: %s", path, len(stand_ins), sorted(stand_ins))
+        return obj
+    raise ValueError(f"{path}: more than {_MAX_RETRIES} refused globals; not read.")
+
+
+_MAX_RETRIES = 256
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:

@@ -45,8 +45,9 @@ class RunsAShell:
         return (os.system, ("echo this must never run",))
 
 
-def lightning_checkpoint(state_dict: dict, path, dangerous: bool = False) -> None:
-    """torch.save a Lightning-style checkpoint holding `state_dict` and the extras above."""
+def lightning_checkpoint(state_dict: dict, path, dangerous: bool = False, legacy_format: bool = False) -> None:
+    """torch.save a Lightning-style checkpoint holding `state_dict` and the extras above (in torch's zip format,
+    or the pre-1.6 legacy format)."""
     params = [v for v in state_dict.values() if v.is_floating_point()][:2]
     ckpt = {
         "epoch": 7,
@@ -62,4 +63,4 @@ def lightning_checkpoint(state_dict: dict, path, dangerous: bool = False) -> Non
     }
     if dangerous:
         ckpt["callbacks"]["shell"] = RunsAShell()
-    torch.save(ckpt, path)
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy_format)
