@@ -13,6 +13,7 @@ import sys
 
 KINDS = {
     "kl_vae": "eqvae_jax.convert.kl_vae",
+    "vq_vae": "eqvae_jax.convert.vq_vae",
     "lpips": "eqvae_jax.convert.lpips",
     "discriminator": "eqvae_jax.convert.discriminator",
     "dit": "eqvae_jax.convert.dit",

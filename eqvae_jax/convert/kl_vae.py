@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from eqvae_jax.convert import kl_vae_keys as keys
+from eqvae_jax.convert import ldm_keys
 from eqvae_jax.convert.atomic import atomic_path
 from eqvae_jax.convert.key_map import describe_skipped
 from eqvae_jax.convert.options import check_destination, check_target, dataclass_parsers, typed_options
@@ -49,6 +50,7 @@ SKIPPED_PREFIX = "loss."
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _DIFFUSERS_EPS = 1e-6  # diffusers hard-codes GroupNorm eps=1e-6 in AutoencoderKL
+VQ_CODEBOOK_KEY = "quantize.embedding.weight"  # taming VQModel: the sign of a VQ checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -172,29 +174,22 @@ def ldm_config(state_dict: Mapping[str, np.ndarray], what: str = "LDM state dict
 
 
 def _infer_ldm_config(sd: Mapping[str, np.ndarray], what: str) -> KLVAEConfig:
-    needed = ["encoder.conv_in.weight", "encoder.down.0.block.0.conv2.weight", "decoder.conv_in.weight",
-              "decoder.conv_out.weight"]
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise weights.KeyMismatchError(f"{what} (inferring the architecture)", missing=missing)
-    base, in_ch = sd["encoder.conv_in.weight"].shape[:2]
-    mult = []
-    while f"encoder.down.{len(mult)}.block.0.conv2.weight" in sd:
-        out = sd[f"encoder.down.{len(mult)}.block.0.conv2.weight"].shape[0]
-        if out % base:
-            raise ValueError(f"{what}: level {len(mult)} has {out} channels, not a multiple of {base}.")
-        mult.append(out // base)
-    n_blocks = 0
-    while f"encoder.down.0.block.{n_blocks}.conv1.weight" in sd:
-        n_blocks += 1
+    if VQ_CODEBOOK_KEY in sd:
+        raise ValueError(f"{what} is a VQ autoencoder ({VQ_CODEBOOK_KEY} {tuple(np.shape(sd[VQ_CODEBOOK_KEY]))}), "
+                         "not a KL one: use --kind vq_vae.")
+    t = ldm_keys.infer_trunk(sd, what)
+    if t["encoder_out"] != 2 * t["decoder_in"]:
+        raise ValueError(f"{what}: encoder.conv_out gives {t['encoder_out']} channels but decoder.conv_in takes "
+                         f"{t['decoder_in']}; a KL autoencoder's encoder outputs mean and logvar (2 x latent "
+                         "channels). A VQ autoencoder (double_z=False) converts with --kind vq_vae.")
     return KLVAEConfig(
-        in_channels=int(in_ch),
-        out_channels=int(sd["decoder.conv_out.weight"].shape[0]),
-        base_channels=int(base),
-        channel_mult=tuple(mult),
-        num_res_blocks=n_blocks,
-        latent_channels=int(sd["decoder.conv_in.weight"].shape[1]),
-        mid_attention="encoder.mid.attn_1.q.weight" in sd,
+        in_channels=t["in_channels"],
+        out_channels=t["out_channels"],
+        base_channels=t["base_channels"],
+        channel_mult=t["channel_mult"],
+        num_res_blocks=t["num_res_blocks"],
+        latent_channels=t["decoder_in"],
+        mid_attention=t["mid_attention"],
         use_quant_conv="quant_conv.weight" in sd,
         use_post_quant_conv="post_quant_conv.weight" in sd,
     )

@@ -9,7 +9,14 @@ implementation of this metric). tau is the training transform itself (`eqvae_jax
 PyTorch-exact bilinear without antialias, rot90 in the reference direction), applied to latent and image.
 
     errors = equivariance_errors(lambda a: vae.encode(a).mean, images)   # {name: (B,)}, usable under jit
-    with_families(means)   # per-transform means -> + {"rotation": ..., "scale": ...}
+    with_families(means)   # per-transform means -> + {"rotation": ..., "scale": ..., "codes/rotation"}
+
+VQ autoencoders (`vq_equivariance`): the same error on the pre-quantization features (E(x) is
+`vq.encode(x).latents`, the features EQ-VQGAN transforms), plus, for rotations, the fraction of code indices
+that commute with the transform: indices of quantize(rot(E(x))) against those of quantize(E(rot(x))), per image
+("codes/rot90", ...; 1 = every code commutes). Rotations permute positions exactly, so this is the fraction of
+positions whose nearest code survives the rotation of the image. Scales have no such count (the resized features
+are interpolations, not codes of the resized image at the same positions in general).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from eqvae_jax.losses import resample
 
 ROTATION, SCALE = "rotation", "scale"
+CODES = "codes/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +76,39 @@ def equivariance_errors(
 
 def with_families(means: Mapping[str, float], cfg: EquivarianceEvalConfig = EquivarianceEvalConfig(),
                   prefix: str = "") -> dict[str, float]:
-    """Per-transform means (keys `prefix + name`) plus the family means `prefix + 'rotation'` / `'scale'`."""
+    """Per-transform means (keys `prefix + name`) plus the family means `prefix + 'rotation'` / `'scale'`, and for
+    VQ code agreements (`prefix + 'codes/rot90'`, ...) their mean `prefix + 'codes/rotation'`."""
     out = dict(means)
-    for family in (ROTATION, SCALE):
-        names = [f"{prefix}{n}" for n, (f, _) in cfg.transforms().items() if f == family]
+    for family, head in ((ROTATION, ""), (SCALE, ""), (ROTATION, CODES)):
+        names = [f"{prefix}{head}{n}" for n, (f, _) in cfg.transforms().items() if f == family]
         if names and all(n in means for n in names):
-            out[f"{prefix}{family}"] = float(np.mean([means[n] for n in names]))
+            out[f"{prefix}{head}{family}"] = float(np.mean([means[n] for n in names]))
     return out
+
+
+def code_agreement(
+    encode: Callable[[jax.Array], jax.Array],
+    indices_of: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    cfg: EquivarianceEvalConfig = EquivarianceEvalConfig(),
+) -> dict[str, jax.Array]:
+    """{"codes/rotN": (B,) fraction of equal code indices} for each rotation of `cfg`: indices_of(rot(encode(x)))
+    against indices_of(encode(rot(x))); `encode` gives pre-quantization features, `indices_of` (B, h, w) codes."""
+    ex = encode(x)
+    out = {}
+    for name, (family, param) in cfg.transforms().items():
+        if family != ROTATION:
+            continue
+        got = indices_of(_apply(family, param, ex))
+        want = indices_of(encode(_apply(family, param, x)))
+        if got.shape != want.shape:
+            raise ValueError(f"{name}: code grids {got.shape} and {want.shape} differ; use square images.")
+        out[f"{CODES}{name}"] = jnp.mean((got == want).astype(jnp.float32), axis=(1, 2))
+    return out
+
+
+def vq_equivariance(vq: nnx.Module, x: jax.Array, cfg: EquivarianceEvalConfig = EquivarianceEvalConfig()
+                    ) -> dict[str, jax.Array]:
+    """Latent equivariance errors on the pre-quantization features and code agreement under rotations."""
+    encode = lambda a: vq.encode(a).latents
+    return {**equivariance_errors(encode, x, cfg), **code_agreement(encode, lambda z: vq.quantize(z).indices, x, cfg)}

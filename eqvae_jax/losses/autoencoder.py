@@ -6,6 +6,7 @@
 
 generator (optimizer 0): nll_loss + kl_weight * kl + d_weight * disc_factor(step) * g_loss, with
 d_weight = disc_weight * sg(clip(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, 1e4)) and W the decoder's last conv kernel.
+Everything but the KL term is `adversarial_generator_loss`, which the VQ objective (`losses.vq`) shares.
 discriminator (optimizer 1): disc_factor(step) * hinge(D(sg(x)), D(sg(x_hat))), real and fake in two D calls
 (so train-mode BatchNorm normalises each with its own batch statistics, as in the reference).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -69,23 +71,41 @@ def _lpips(lpips: LpipsFn, target: jax.Array, recon: jax.Array, key: jax.Array |
     return lpips(target, recon) if key is None else lpips(target, recon, dropout_key=key)
 
 
-def generator_loss(
+class AdversarialConfig(Protocol):
+    """What `adversarial_generator_loss` and `discriminator_loss` read from a loss config (`LossConfig`, or
+    `losses.vq.VQLossConfig`)."""
+
+    perceptual_weight: float
+    logvar: float
+    reduction: str
+    disc_weight: float
+    disc_factor: float
+    disc_start: int
+    disc_loss: str
+    adaptive_eps: float
+    adaptive_max: float
+
+
+def adversarial_generator_loss(
     target: jax.Array,
     recon: jax.Array,
     last_layer_vjp: Callable[[jax.Array], jax.Array] | None,
-    posterior: Posterior,
     lpips: LpipsFn,
     disc: nnx.Module,
     step: jax.Array | int,
-    cfg: LossConfig,
+    cfg: AdversarialConfig,
     lpips_key: jax.Array | None = None,
+    regularizer: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total, terms): the reference generator objective for one (target, reconstruction) pair.
+    """(total, terms) with total = nll + regularizer + d_weight * disc_factor(step) * g_loss: the generator
+    objective shared by the KL (`generator_loss`: regularizer kl_weight * KL) and VQ
+    (`losses.vq.vq_generator_loss`: codebook_weight * codebook loss) autoencoders.
 
-    `posterior` is that of the encoder's actual input (its KL is the KL term). `last_layer_vjp` maps a cotangent
-    of `recon` to the gradient w.r.t. the decoder's last kernel (from `decode_with_last_layer`); with None, or
-    cfg.disc_factor == 0 (the reference's static switch), d_weight is 0. terms: total, nll, rec_l1, lpips,
-    rec_loss, kl, g_loss, d_weight, disc_factor, logvar (all scalars, nothing to differentiate).
+    nll uses cfg.reduction ('sum' / B for LDM's KL model, 'mean' for taming's VQ model). `last_layer_vjp` maps a
+    cotangent of `recon` to the gradient w.r.t. the decoder's last kernel (from `decode_with_last_layer`); with
+    None, or cfg.disc_factor == 0 (LDM's static switch), d_weight is 0. `regularizer` is already weighted and
+    stays differentiable. terms: total, nll, rec_l1, lpips, rec_loss, g_loss, d_weight, disc_factor (scalars,
+    nothing to differentiate).
     """
 
     def nll_of(r: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,24 +130,45 @@ def generator_loss(
         g_grad = last_layer_vjp(disc_vjp(jnp.full_like(logits_fake, -1.0 / logits_fake.size)))
         d_weight = gan.adaptive_weight(nll_grad, g_grad, cfg.disc_weight, cfg.adaptive_eps, cfg.adaptive_max)
     factor = gan.disc_factor(step, cfg.disc_start, cfg.disc_factor)
-    kl = kl_loss(posterior, cfg.reduction)
-    total = nll + cfg.kl_weight * kl + d_weight * factor * g
+    total = nll + regularizer + d_weight * factor * g
     sg = jax.lax.stop_gradient
     terms = {
         "total": sg(total),
         "nll": sg(nll),
         **{k: sg(v) for k, v in nll_terms.items()},
-        "kl": sg(kl),
         "g_loss": sg(g),
         "d_weight": d_weight,
         "disc_factor": factor,
-        "logvar": jnp.float32(cfg.logvar),
     }
     return total, terms
 
 
+def generator_loss(
+    target: jax.Array,
+    recon: jax.Array,
+    last_layer_vjp: Callable[[jax.Array], jax.Array] | None,
+    posterior: Posterior,
+    lpips: LpipsFn,
+    disc: nnx.Module,
+    step: jax.Array | int,
+    cfg: LossConfig,
+    lpips_key: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total, terms): the reference generator objective for one (target, reconstruction) pair.
+
+    `posterior` is that of the encoder's actual input (its KL is the KL term); the rest is
+    `adversarial_generator_loss` with regularizer kl_weight * KL. terms: total, nll, rec_l1, lpips, rec_loss, kl,
+    g_loss, d_weight, disc_factor, logvar (all scalars, nothing to differentiate).
+    """
+    kl = kl_loss(posterior, cfg.reduction)
+    total, terms = adversarial_generator_loss(target, recon, last_layer_vjp, lpips, disc, step, cfg, lpips_key,
+                                              regularizer=cfg.kl_weight * kl)
+    terms.update(kl=jax.lax.stop_gradient(kl), logvar=jnp.float32(cfg.logvar))
+    return total, terms
+
+
 def discriminator_loss(
-    disc: nnx.Module, target: jax.Array, recon: jax.Array, step: jax.Array | int, cfg: LossConfig
+    disc: nnx.Module, target: jax.Array, recon: jax.Array, step: jax.Array | int, cfg: AdversarialConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(d_loss, terms): disc_factor * D loss on D(sg(target)) then D(sg(recon)), two separate calls.
 

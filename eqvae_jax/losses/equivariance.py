@@ -11,7 +11,15 @@ to the (transformed target, reconstruction) pair.
 Host side: `TransformSampler(cfg, seed).draw()` -> `Draw`; `draw.plan(image_hw)` -> (`BranchPlan`, rot_k).
 `BranchPlan` is the static part (branch, scale numerators, rotation parity when the shape depends on it): one
 compiled program per plan. rot_k (int32 in 0..3) is traced and applied with `lax.switch`.
-Device side (inside any jit): `reconstruct_transformed` and `transformed_generator_loss`.
+Device side (inside any jit): `reconstruct_transformed` and `transformed_generator_loss` (KL-VAE);
+`reconstruct_transformed_vq` and `transformed_vq_generator_loss` (VQ-VAE).
+
+EQ-VQGAN (EQ-VAE paper §3.3: "apply the transformations on the latent features E(x) before the quantization")
+transforms the VQ model's pre-quantization features, then quantizes the transformed features and decodes. Taken
+after quant_conv here; before it would be the same, since a 1x1 conv acts on each position alone and so commutes
+with rot90 and with bilinear resizing (both mix positions with weights shared across channels). The codebook
+loss is that of the transformed features (what is quantized). Both autoencoders go through one
+`encode_transformed`: the branch logic only needs the `LatentAutoencoder` protocol.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -28,6 +36,8 @@ from flax import nnx
 from eqvae_jax.losses import resample
 from eqvae_jax.losses.autoencoder import LossConfig, LpipsFn, decode_with_last_layer, generator_loss
 from eqvae_jax.losses.reconstruction import Posterior
+from eqvae_jax.losses.vq import VQLossConfig, vq_generator_loss
+from eqvae_jax.models.vq_vae import code_counts, codebook_usage, perplexity
 
 
 class Branch(enum.StrEnum):
@@ -196,17 +206,40 @@ def transform_pair(
     return out[0], out[1]
 
 
+class LatentAutoencoder(Protocol):
+    """What the EQ transform needs from an autoencoder (`KLVAE`, `VQVAE`): the latent it acts on, and a decoder.
+
+    `transformable_latent(x, key)` -> (latent, encoded): the KL-VAE's posterior sample (key) and its posterior
+    (for the KL term); the VQ-VAE's pre-quantization features and None. What `decode` takes is the latent
+    itself (KL) or its quantization (VQ, `vq.quantize(latent).quantized`).
+    """
+
+    def transformable_latent(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, Any]: ...
+
+    def decode(self, z: jax.Array) -> jax.Array: ...
+
+
+def _transformable_latent(vae: nnx.Module, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, Any]:
+    if hasattr(vae, "transformable_latent"):
+        return vae.transformable_latent(x, key)
+    posterior = vae.encode(x)  # a KL autoencoder without the method (e.g. a test model): encode -> posterior
+    return posterior.sample(key), posterior
+
+
 def encode_transformed(
-    vae: nnx.Module, x: jax.Array, plan: BranchPlan, rot_k: jax.Array | int, key: jax.Array
-) -> tuple[jax.Array, jax.Array, Posterior]:
-    """(target, latent to decode, posterior of the encoder's input) for one branch; `x` NHWC in [-1, 1]."""
+    vae: LatentAutoencoder, x: jax.Array, plan: BranchPlan, rot_k: jax.Array | int, key: jax.Array | None
+) -> tuple[jax.Array, jax.Array, Any]:
+    """(target, transformed latent, encoder output) for one branch; `x` NHWC in [-1, 1].
+
+    For the KL-VAE the latent is a posterior sample drawn with `key` and the encoder output is the posterior of
+    the encoder's input; for the VQ-VAE (key unused) the pre-quantization features and None.
+    """
     if plan.branch is Branch.LOWRES:
         x = resample.resize(x, plan.scale, plan.denominator)
-    posterior = vae.encode(x)
-    z = posterior.sample(key)
+    z, encoded = _transformable_latent(vae, x, key)
     if plan.branch is Branch.EQUIVARIANCE:
         z, x = transform_pair(z, x, plan, rot_k)
-    return x, z, posterior
+    return x, z, encoded
 
 
 def reconstruct_transformed(
@@ -239,6 +272,45 @@ def transformed_generator_loss(
     total, terms = generator_loss(
         target, recon, last_layer_vjp, posterior, lpips, disc, step, cfg, lpips_key if cfg.lpips_dropout else None
     )
+    return total, terms, (target, recon)
+
+
+def reconstruct_transformed_vq(
+    vq: nnx.Module, x: jax.Array, plan: BranchPlan, rot_k: jax.Array | int
+) -> tuple[jax.Array, jax.Array, Any]:
+    """(target, reconstruction, `VQEncoding` of the transformed features): EQ-VQGAN's forward for one branch
+    (encode, transform the pre-quantization features, quantize, decode); deterministic, usable inside any jit."""
+    target, latents, _ = encode_transformed(vq, x, plan, rot_k, None)
+    encoding = vq.quantize(latents)
+    return target, vq.decode(encoding.quantized), encoding
+
+
+def transformed_vq_generator_loss(
+    vq: nnx.Module,
+    lpips: LpipsFn,
+    disc: nnx.Module,
+    x: jax.Array,
+    plan: BranchPlan,
+    rot_k: jax.Array | int,
+    key: jax.Array,
+    step: jax.Array | int,
+    cfg: VQLossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array], tuple[jax.Array, jax.Array]]:
+    """(total, terms, (target, reconstruction)): the VQGAN generator objective (`losses.vq`) of one branch.
+
+    `key` is split like `transformed_generator_loss`'s; only its second half is used (the LPIPS dropout key, if
+    cfg.lpips_dropout). terms add `codebook_usage` and `perplexity` of this batch's code indices (see
+    `models.vq_vae`; accumulate `code_counts` over steps for epoch-level figures). Differentiate `total` w.r.t.
+    the VQ model's parameters (the codebook included); D's BatchStat is updated in place.
+    """
+    _, lpips_key = jax.random.split(key)
+    target, latents, _ = encode_transformed(vq, x, plan, rot_k, None)
+    encoding = vq.quantize(latents)
+    recon, last_layer_vjp = decode_with_last_layer(vq, encoding.quantized, cfg.last_layer)
+    total, terms = vq_generator_loss(target, recon, last_layer_vjp, encoding.codebook_loss, lpips, disc, step, cfg,
+                                     lpips_key if cfg.lpips_dropout else None)
+    counts = code_counts(encoding.indices, vq.quantize.n_embed)
+    terms.update(codebook_usage=codebook_usage(counts), perplexity=perplexity(counts))
     return total, terms, (target, recon)
 
 

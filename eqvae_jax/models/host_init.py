@@ -7,7 +7,9 @@ distributions with numpy takes milliseconds and is identical on every backend an
 Rules, applied to every module that owns a `kernel` Param (conv or linear) and every normalisation layer:
   kernel  U(+-1/sqrt(fan_in)) (PyTorch's default kaiming_uniform(a=sqrt(5))), or N(0, kernel_std) if given;
   bias    U(+-1/sqrt(fan_in)) of its module's kernel (PyTorch's default);
-  norm    scale 1 (+ N(0, norm_scale_std) if given), bias 0; BatchStat mean 0, var 1.
+  norm    scale 1 (+ N(0, norm_scale_std) if given), bias 0; BatchStat mean 0, var 1;
+  own     a module that defines `host_init(rng)` initialises its own variables with the numpy Generator `rng`
+          (e.g. the VQ codebook, uniform(-1/n, 1/n) like taming).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def init_on_host(make: Callable[[], M], seed: int, kernel_std: float | None = No
                      key=lambda item: tuple(str(x) for x in item[0]))
     for _, module in modules:
         own = _variables(module)
-        if "kernel" in own and isinstance(own["kernel"], nnx.Param):
+        if callable(getattr(type(module), "host_init", None)):
+            module.host_init(rng)
+        elif "kernel" in own and isinstance(own["kernel"], nnx.Param):
             shape = own["kernel"].shape
             bound = 1.0 / np.sqrt(int(np.prod(shape[:-1])))
             kernel = (rng.normal(0.0, kernel_std, shape) if kernel_std is not None

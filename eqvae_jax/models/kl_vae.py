@@ -33,7 +33,7 @@ from flax import nnx
 
 from eqvae_jax.models import weights
 from eqvae_jax.models.host_init import init_on_host
-from eqvae_jax.models.layers import AttnBlock, Downsample, GroupNorm, ResnetBlock, Upsample, conv
+from eqvae_jax.models.layers import Decoder, Encoder, Trunk, conv
 from eqvae_jax.typed_config import from_section
 
 KIND = "kl_vae"
@@ -74,6 +74,11 @@ class KLVAEConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    def trunk(self) -> Trunk:
+        """The shared LDM Encoder/Decoder shape (no attention inside the levels, as in every KL-VAE)."""
+        return Trunk(self.base_channels, self.channel_mult, self.num_res_blocks, self.mid_attention,
+                     norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, dtype=self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -144,108 +149,6 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
-def _res_blocks(in_ch: int, out_ch: int, n: int, config: KLVAEConfig, rngs: nnx.Rngs) -> nnx.List:
-    blocks = []
-    for _ in range(n):
-        blocks.append(ResnetBlock(in_ch, out_ch, num_groups=config.norm_num_groups, epsilon=config.norm_eps,
-                                  dtype=jnp.dtype(config.dtype), rngs=rngs))
-        in_ch = out_ch
-    return nnx.List(blocks)
-
-
-class _DownLevel(nnx.Module):
-    """Encoder level: `block` (ResnetBlocks) then `downsample` (None at the last level)."""
-
-    def __init__(self, in_ch: int, out_ch: int, downsample: bool, config: KLVAEConfig, rngs: nnx.Rngs):
-        self.block = _res_blocks(in_ch, out_ch, config.num_res_blocks, config, rngs)
-        self.downsample = Downsample(out_ch, dtype=jnp.dtype(config.dtype), rngs=rngs) if downsample else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.block:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-class _UpLevel(nnx.Module):
-    """Decoder level: `block` (num_res_blocks + 1 ResnetBlocks) then `upsample` (None at level 0)."""
-
-    def __init__(self, in_ch: int, out_ch: int, upsample: bool, config: KLVAEConfig, rngs: nnx.Rngs):
-        self.block = _res_blocks(in_ch, out_ch, config.num_res_blocks + 1, config, rngs)
-        self.upsample = Upsample(out_ch, dtype=jnp.dtype(config.dtype), rngs=rngs) if upsample else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for block in self.block:
-            x = block(x)
-        return x if self.upsample is None else self.upsample(x)
-
-
-class _Mid(nnx.Module):
-    """block_1 -> attn_1 (optional) -> block_2 at the lowest resolution."""
-
-    def __init__(self, ch: int, config: KLVAEConfig, rngs: nnx.Rngs):
-        dtype = jnp.dtype(config.dtype)
-        kw = dict(num_groups=config.norm_num_groups, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
-        self.block_1 = ResnetBlock(ch, ch, **kw)
-        self.attn_1 = AttnBlock(ch, **kw) if config.mid_attention else None
-        self.block_2 = ResnetBlock(ch, ch, **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.block_1(x)
-        if self.attn_1 is not None:
-            x = self.attn_1(x)
-        return self.block_2(x)
-
-
-class Encoder(nnx.Module):
-    """conv_in -> levels (ResnetBlocks, Downsample but the last) -> mid -> GN, swish, conv_out (2*latent)."""
-
-    def __init__(self, config: KLVAEConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(config.dtype)
-        ch, mult = config.base_channels, config.channel_mult
-        self.conv_in = conv(config.in_channels, ch, 3, padding=1, dtype=dtype, rngs=rngs)
-        in_mult = (1, *mult)
-        self.down = nnx.List([
-            _DownLevel(ch * in_mult[i], ch * mult[i], i != len(mult) - 1, config, rngs)
-            for i in range(len(mult))
-        ])
-        self.mid = _Mid(ch * mult[-1], config, rngs)
-        self.norm_out = GroupNorm(ch * mult[-1], config.norm_num_groups, config.norm_eps, dtype=dtype)
-        self.conv_out = conv(ch * mult[-1], 2 * config.latent_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        h = self.mid(h)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
-
-
-class Decoder(nnx.Module):
-    """conv_in -> mid -> levels from the lowest resolution up (num_res_blocks+1 ResnetBlocks, Upsample but
-    level 0) -> GN, swish, conv_out. `up[i]` is level i, as in LDM. `conv_out.kernel` is the layer the
-    adaptive GAN weight differentiates against."""
-
-    def __init__(self, config: KLVAEConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(config.dtype)
-        ch, mult = config.base_channels, config.channel_mult
-        self.conv_in = conv(config.latent_channels, ch * mult[-1], 3, padding=1, dtype=dtype, rngs=rngs)
-        self.mid = _Mid(ch * mult[-1], config, rngs)
-        out_of = lambda i: ch * mult[i]
-        in_of = lambda i: ch * mult[min(i + 1, len(mult) - 1)]
-        self.up = nnx.List([
-            _UpLevel(in_of(i), out_of(i), i != 0, config, rngs)
-            for i in range(len(mult))
-        ])
-        self.norm_out = GroupNorm(ch * mult[0], config.norm_num_groups, config.norm_eps, dtype=dtype)
-        self.conv_out = conv(ch * mult[0], config.out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
-
-    def __call__(self, z: jax.Array) -> jax.Array:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
-
-
 class KLVAE(nnx.Module):
     """Encoder, quant_conv, DiagonalGaussian posterior, post_quant_conv, decoder (LDM `AutoencoderKL`)."""
 
@@ -253,8 +156,9 @@ class KLVAE(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(config.dtype)
         lat = config.latent_channels
-        self.encoder = Encoder(config, rngs=rngs)
-        self.decoder = Decoder(config, rngs=rngs)
+        trunk = config.trunk()
+        self.encoder = Encoder(trunk, config.in_channels, 2 * lat, rngs=rngs)
+        self.decoder = Decoder(trunk, lat, config.out_channels, rngs=rngs)
         self.quant_conv = (conv(2 * lat, 2 * lat, 1, padding=0, dtype=self.dtype, rngs=rngs)
                            if config.use_quant_conv else None)
         self.post_quant_conv = (conv(lat, lat, 1, padding=0, dtype=self.dtype, rngs=rngs)
@@ -287,6 +191,12 @@ class KLVAE(nnx.Module):
         posterior = self.encode(x)
         z = posterior.mode() if key is None else posterior.sample(key)
         return self.decode(z), posterior
+
+    def transformable_latent(self, x: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, DiagonalGaussian]:
+        """(latent the EQ-VAE transform acts on, posterior for the KL term): a posterior sample (the mode when
+        `key` is None), which `decode` takes as is (the `losses.equivariance.LatentAutoencoder` protocol)."""
+        posterior = self.encode(x)
+        return (posterior.mode() if key is None else posterior.sample(key)), posterior
 
     def normalize_latents(self, z: jax.Array) -> jax.Array:
         """Posterior sample -> diffusion-model latent: (z - shift_factor) * scaling_factor."""

@@ -3,10 +3,15 @@
 Attribute names follow the LDM state dict (norm1/conv1/norm2/conv2/nin_shortcut, norm/q/k/v/proj_out), so a
 block's NNX path reads like its PyTorch key. Parameters are float32; `dtype` is the compute dtype of convs,
 linears and residual adds. GroupNorm statistics and the attention softmax always run in float32.
+
+`Encoder` and `Decoder` are the LDM / taming autoencoder trunk shared by the KL-VAE (`models.kl_vae`) and the
+VQ-VAE (`models.vq_vae`), described by a `Trunk`: levels of ResnetBlocks (optionally each followed by an
+attention block, LDM `down.{i}.attn.{j}` / `up.{i}.attn.{j}`), a mid block and GN-swish-conv_out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -145,3 +150,149 @@ class Upsample(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+    """The shape of an LDM Encoder/Decoder pair (LDM's ddconfig minus the in/out/latent channels).
+
+    Level i has `base_channels * channel_mult[i]` channels. Attention follows LDM: a level gets an AttnBlock
+    after each of its ResnetBlocks when its *configured* resolution is in `attn_resolutions`, where the encoder
+    starts at `resolution` and halves after every level but the last, and the decoder starts at
+    `resolution // 2 ** (levels - 1)` and doubles; the input size at run time does not matter.
+    """
+
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    mid_attention: bool = True
+    attn_resolutions: tuple[int, ...] = ()
+    resolution: int = 256
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+
+    def encoder_attention(self) -> tuple[bool, ...]:
+        """Per encoder level: does it have attention blocks (LDM `Encoder.__init__`'s curr_res rule)."""
+        out, res = [], self.resolution
+        for i in range(len(self.channel_mult)):
+            out.append(res in self.attn_resolutions)
+            if i != len(self.channel_mult) - 1:
+                res //= 2
+        return tuple(out)
+
+    def decoder_attention(self) -> tuple[bool, ...]:
+        """Per decoder level i (LDM indexing: up[0] is the full-resolution level)."""
+        n = len(self.channel_mult)
+        res = self.resolution // 2 ** (n - 1)
+        out = [False] * n
+        for i in reversed(range(n)):
+            out[i] = res in self.attn_resolutions
+            if i != 0:
+                res *= 2
+        return tuple(out)
+
+
+def _block_kwargs(trunk: Trunk, rngs: nnx.Rngs) -> dict:
+    return dict(num_groups=trunk.norm_num_groups, epsilon=trunk.norm_eps, dtype=jnp.dtype(trunk.dtype), rngs=rngs)
+
+
+class _Level(nnx.Module):
+    """One resolution level: `block` (ResnetBlocks), `attn` (one AttnBlock after each, or None), then
+    `downsample` (encoder) / `upsample` (decoder) or neither (the encoder's last, the decoder's level 0)."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attention: bool, resample: str | None,
+                 trunk: Trunk, rngs: nnx.Rngs):
+        kw = _block_kwargs(trunk, rngs)
+        blocks = []
+        for _ in range(n_blocks):
+            blocks.append(ResnetBlock(in_ch, out_ch, **kw))
+            in_ch = out_ch
+        self.block = nnx.List(blocks)
+        self.attn = nnx.List([AttnBlock(out_ch, **kw) for _ in range(n_blocks)]) if attention else None
+        dtype = jnp.dtype(trunk.dtype)
+        self.downsample = Downsample(out_ch, dtype=dtype, rngs=rngs) if resample == "down" else None
+        self.upsample = Upsample(out_ch, dtype=dtype, rngs=rngs) if resample == "up" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j, block in enumerate(self.block):
+            x = block(x)
+            if self.attn is not None:
+                x = self.attn[j](x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class _Mid(nnx.Module):
+    """block_1 -> attn_1 (optional) -> block_2 at the lowest resolution."""
+
+    def __init__(self, ch: int, trunk: Trunk, rngs: nnx.Rngs):
+        kw = _block_kwargs(trunk, rngs)
+        self.block_1 = ResnetBlock(ch, ch, **kw)
+        self.attn_1 = AttnBlock(ch, **kw) if trunk.mid_attention else None
+        self.block_2 = ResnetBlock(ch, ch, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class Encoder(nnx.Module):
+    """conv_in -> levels (ResnetBlocks [+ attention], Downsample but the last) -> mid -> GN, swish, conv_out.
+
+    `out_channels` is conv_out's width: 2 * latent channels for the KL-VAE (double_z), z_channels for the VQ.
+    """
+
+    def __init__(self, trunk: Trunk, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(trunk.dtype)
+        ch, mult = trunk.base_channels, trunk.channel_mult
+        self.conv_in = conv(in_channels, ch, 3, padding=1, dtype=dtype, rngs=rngs)
+        in_mult = (1, *mult)
+        attention = trunk.encoder_attention()
+        self.down = nnx.List([
+            _Level(ch * in_mult[i], ch * mult[i], trunk.num_res_blocks, attention[i],
+                   "down" if i != len(mult) - 1 else None, trunk, rngs)
+            for i in range(len(mult))
+        ])
+        self.mid = _Mid(ch * mult[-1], trunk, rngs)
+        self.norm_out = GroupNorm(ch * mult[-1], trunk.norm_num_groups, trunk.norm_eps, dtype=dtype)
+        self.conv_out = conv(ch * mult[-1], out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(nnx.silu(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+    """conv_in -> mid -> levels from the lowest resolution up (num_res_blocks+1 ResnetBlocks [+ attention],
+    Upsample but level 0) -> GN, swish, conv_out. `up[i]` is level i, as in LDM. `conv_out.kernel` is the layer
+    the adaptive GAN weight differentiates against."""
+
+    def __init__(self, trunk: Trunk, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(trunk.dtype)
+        ch, mult = trunk.base_channels, trunk.channel_mult
+        self.conv_in = conv(in_channels, ch * mult[-1], 3, padding=1, dtype=dtype, rngs=rngs)
+        self.mid = _Mid(ch * mult[-1], trunk, rngs)
+        attention = trunk.decoder_attention()
+        in_of = lambda i: ch * mult[min(i + 1, len(mult) - 1)]
+        self.up = nnx.List([
+            _Level(in_of(i), ch * mult[i], trunk.num_res_blocks + 1, attention[i], "up" if i != 0 else None,
+                   trunk, rngs)
+            for i in range(len(mult))
+        ])
+        self.norm_out = GroupNorm(ch * mult[0], trunk.norm_num_groups, trunk.norm_eps, dtype=dtype)
+        self.conv_out = conv(ch * mult[0], out_channels, 3, padding=1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(nnx.silu(self.norm_out(h)))
