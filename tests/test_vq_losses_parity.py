@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingD
 from taming.modules.vqvae.quantize import VectorQuantizer2
-from test_losses_toys import LATENT, TorchToyDecoder, TorchToyLPIPS, ToyDecoder, ToyLPIPS, _conv, torch_conv
+from toys import LATENT, TorchToyDecoder, TorchToyLPIPS, ToyDecoder, ToyLPIPS, _conv, torch_conv
 from vqperceptual_reference import VQLPIPSWithDiscriminator, transformed_vq_forward
 
 from eqvae_jax.convert.discriminator import torch_state_dict
