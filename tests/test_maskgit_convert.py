@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_maskgit_model import TINY, inputs, reference, run_ref, state_dict_np
+from maskgit_parity import TINY, inputs, reference, run_ref, state_dict_np
 
 from eqvae_jax.convert import maskgit as conv
 from eqvae_jax.convert.__main__ import main as cli

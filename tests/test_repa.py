@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import repa_reference as ref_repa
 import torch
+from dit_parity import TINY, inputs, ours_from, randomized_reference
 from flax import nnx
-from test_dit_model import TINY, inputs, ours_from, randomized_reference
 
 from eqvae_jax.models import dinov2, repa
 from eqvae_jax.models.dit import DiTConfig
