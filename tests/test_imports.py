@@ -60,3 +60,18 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in helper modules (helpers.py, toys.py, *_parity.py), not in test files."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    offenders = []
+    for name in sorted(os.listdir(tests_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(tests_dir, name)) as f:
+                tree = ast.parse(f.read(), name)
+            for node in ast.walk(tree):
+                modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{name}: {m}" for m in modules if m.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
