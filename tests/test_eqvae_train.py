@@ -21,6 +21,7 @@ from eqvae_jax.losses import equivariance
 from eqvae_jax.train.eqvae import job as eqvae_job
 from eqvae_jax.train.eqvae.config import parse_config
 from eqvae_jax.train.guard import NonFiniteError
+from eqvae_jax.train.metrics import read_metrics
 from eqvae_jax.typed_config import ConfigError
 
 flags.FLAGS.mark_as_parsed()
@@ -96,6 +97,9 @@ def test_job_with_lpips_evaluates_checkpoints_and_exports(cache_dir, tmp_path):
     assert os.path.isfile(os.path.join(export, "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(summary["outputs"]["reconstructions"])
     assert os.listdir(tmp_path / "run" / "tensorboard")
+    rows = read_metrics(str(tmp_path / "run"))  # the JSON twin of the TensorBoard scalars
+    assert [r["update"] for r in rows if "g/total" in r] == [1] and {0, 1} <= {r["update"] for r in rows
+                                                                                if "eval/psnr" in r}
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
     metrics = summary["last_metrics"]
     assert metrics["g/lpips"] > 0 and np.isfinite(metrics["g/total"]) and metrics["nonfinite"] == 0

@@ -1,25 +1,89 @@
-"""TensorBoard metric writing and host-side averaging of step metrics.
+"""Metric writing (TensorBoard + WORKDIR/metrics.jsonl) and host-side averaging of step metrics.
 
 Step functions return small dicts of scalar device arrays; the loop keeps them on device and fetches them
 once per log interval (one host sync per interval, not per step). Console lines are the loop's own
-(train/console.py); the writer only writes TensorBoard event files (process 0).
+(train/console.py); the writers record scalars and images on process 0: TensorBoard event files, and one
+JSON line per write in WORKDIR/metrics.jsonl (`{"update": N, "name": value, ...}`) for plots and scripts
+(`read_metrics`); a gs:// workdir gets TensorBoard only (GCS objects cannot be appended to).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from clu import metric_writers
 
+METRICS_FILE = "metrics.jsonl"
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Scalars as JSON lines appended to a local file (everything else is TensorBoard's)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        row = {"update": int(step)}
+        for k, v in scalars.items():
+            v = float(v)
+            row[k] = v if math.isfinite(v) else str(v)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_texts(self, step, texts) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None) -> None:
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-    """Asynchronous TensorBoard writer under WORKDIR/tensorboard on process 0; a no-op writer elsewhere."""
+    """TensorBoard under WORKDIR/tensorboard (asynchronous) and WORKDIR/metrics.jsonl, on process 0 only."""
     if jax.process_index() > 0:
         return metric_writers.MultiWriter([])
-    return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
+    writers = [metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))]
+    if "://" not in workdir:
+        writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE)))
+    return metric_writers.MultiWriter(writers)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of WORKDIR/metrics.jsonl written so far (an empty list before the first log line)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 class MetricBuffer:
