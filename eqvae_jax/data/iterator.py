@@ -157,6 +157,14 @@ def _per_process_batch(global_batch_size: int, sharding: NamedSharding) -> int:
     return global_batch_size // count
 
 
+def local_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
+    """Rows of a global batch held by this process's devices, ascending (the local batch's order for
+    `jax.make_array_from_process_local_data`)."""
+    index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({r for sl in index_map.values() for r in range(*sl[0].indices(global_batch_size))})
+    return np.asarray(rows, np.int64)
+
+
 def build_train_iterator(
     config: ml_collections.ConfigDict, mesh_or_sharding: Mesh | NamedSharding, global_batch_size: int = 0
 ) -> InputIterator:
@@ -166,7 +174,8 @@ def build_train_iterator(
     per_process = _per_process_batch(global_batch_size, sharding)
     source = open_source(config, train=True)
     logging.info("data: training on %r, %d per process", source, per_process)
-    dataset = pipeline.train_dataset(config, source, per_process, jax.process_index(), jax.process_count())
+    dataset = pipeline.train_dataset(config, source, per_process, jax.process_index(), jax.process_count(),
+                                     local_rows(sharding, global_batch_size))
     return InputIterator(
         dataset, sharding, global_batch_size, config.prefetch, config.output_dtype == "uint8"
     )
