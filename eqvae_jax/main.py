@@ -7,16 +7,17 @@ first; everything else (mesh, data sharding, checkpoints) follows from the confi
 from __future__ import annotations
 
 import importlib
-import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from eqvae_jax.parallel import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports of this run.")
-flags.DEFINE_bool("distributed", None,
-                  "Call jax.distributed.initialize() (default: auto-detect a multi-host TPU/Slurm/MPI setup).")
+flags.DEFINE_bool("distributed", None, "Force (--distributed) or prevent (--nodistributed) "
+                  "jax.distributed.initialize(); default: when JAX detects a multi-process TPU/Slurm/MPI job.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 TRAINERS = {
@@ -26,31 +27,13 @@ TRAINERS = {
 }
 
 
-def multi_host_environment() -> bool:
-    """True on a multi-worker TPU slice/pod (GKE sets TPU_WORKER_HOSTNAMES) or a multi-task Slurm/MPI launch.
-
-    On plain Cloud TPU VMs the worker list may only be in the metadata server: pass --distributed there.
-    """
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        return True
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        return True
-    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    return int(tasks) > 1
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in TRAINERS:
         raise app.UsageError(f"config.trainer must be one of {sorted(TRAINERS)}, got {config.get('trainer')!r}")
-    distributed = FLAGS.distributed if FLAGS.distributed is not None else multi_host_environment()
-    if distributed:
-        import jax
-
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    distributed.maybe_initialize(FLAGS.distributed)
     trainer = importlib.import_module(TRAINERS[config.trainer])
     trainer.run(config, FLAGS.workdir)
 

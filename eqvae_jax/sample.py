@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eqvae_jax.diffusion import ddpm_sampling, flow_sampling, guidance
 from eqvae_jax.diffusion.schedule import create_schedule
+from eqvae_jax.parallel import distributed
 from eqvae_jax.train.dit_state import Model
 from eqvae_jax.train.dit_steps import var_type_of
 
@@ -210,7 +211,7 @@ def define_flags() -> Any:
     flags.DEFINE_string("vae", None, "VAE weights dir for decoding (default: the VAE of the latent cache).")
     flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
     flags.DEFINE_string("name", None, "Output file stem (default derived from the settings).")
-    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: on multi-host TPU).")
+    flags.DEFINE_bool("distributed", None, "Force/prevent jax.distributed.initialize() (default: auto-detect).")
     flags.mark_flag_as_required("workdir")
     return flags.FLAGS
 
@@ -273,9 +274,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    multi_host = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0  # as eqvae_jax.main detects it
-    if f.distributed or (f.distributed is None and multi_host):
-        jax.distributed.initialize()
+    distributed.maybe_initialize(f.distributed)
     config = f.config
     if config is None:
         with open(os.path.join(f.workdir, "config.json")) as fh:
