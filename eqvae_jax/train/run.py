@@ -42,7 +42,16 @@ def resolve(path: str) -> str:
 
 
 def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA cache so a restarted run does not pay the compile time of every variant again."""
+    """Persistent XLA cache so a restarted run does not pay the compile time of every variant again.
+
+    Not for a multi-process job on CPUs: there the key includes a per-process CPU topology fingerprint, so
+    process 0 finds its own entries while the others (which never write) compile again; a process that
+    reaches a cross-process collective more than 30 s before another fails gloo's context rendezvous
+    (DEADLINE_EXCEEDED) or desynchronises. TPU processes compute one key and all hit or miss together.
+    """
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        logging.warning("compilation cache off: multi-process CPU job (per-process keys; see run.py)")
+        return
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
