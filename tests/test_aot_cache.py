@@ -3,9 +3,9 @@
 The compile test needs libtpu's compiler outside the venv (requirements-tpu-aot.txt; default /opt/libtpu_aot,
 or $LIBTPU_AOT_PATH) and is skipped where it is not installed. Each case runs in a fresh process (libtpu
 starts once per process and must not start in the test process): a program compiled for a v5p-8 topology is
-written to the cache under a key a second process computes again (a hit, nothing new written), the manifest
-matches itself, and the same directory reached through another path string gets another key (the cache
-directory string is part of JAX's key).
+written to the cache under a key a second process computes again (a hit, nothing new written), the second
+process finds nothing different in the first one's manifest, and the same directory reached through another
+path string gets another key (the cache directory string is part of JAX's key).
 """
 
 import json

@@ -298,14 +298,17 @@ def test_precompile_runs_the_job_here_in_compile_only_mode(gcloud, tmp_path):
             "'JAX_PLATFORMS', 'LIBTPU_INIT_ARGS')), os.environ['PYTHONPATH'].split(os.pathsep)[0], os.getcwd())"]
     out = tpu(env, "--accelerator=v5e-16", "precompile", f"--libtpu={libtpu}", "--", *show).stdout.split()
     assert out == ["v5litepod-16", "cpu", "--xla_tpu_use_enhanced_launch_barrier=true", str(libtpu), ROOT]
-    dry = tpu(env, "--accelerator=v5p-8", "--dry-run", "precompile", f"--libtpu={libtpu}", "--", "python", "-m",
-              "eqvae_jax.main", "--workdir=gs://b/r").stdout.strip()
+    dry = tpu(env, "--accelerator=v5p-8", "--dry-run", "precompile", f"--libtpu={libtpu}", "--", "python",
+              "my_job.py", "--workdir=gs://b/r").stdout.strip()
     assert dry.startswith("EQVAE_COMPILE_ONLY_TOPOLOGY=v5p-8 JAX_PLATFORMS=cpu ") and dry.endswith(
-        " python -m eqvae_jax.main --workdir=gs://b/r")
+        " python my_job.py --workdir=gs://b/r")
     failing = tpu(env, "--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}", "--", sys.executable, "-c",
                   "raise SystemExit(3)", check=False)
     assert failing.returncode == 3
-    for args, message in ((["--accelerator=v5p-8", "precompile", f"--libtpu={tmp_path}", "--", "true"],
+    job = ["python", "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py", "--workdir=gs://b/r"]
+    for args, message in ((["--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}", "--", *job],
+                           "do not implement the compile-only mode yet"),
+                          (["--accelerator=v5p-8", "precompile", f"--libtpu={tmp_path}", "--", "true"],
                            "no libtpu package there"),
                           (["--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}"], "give the job's command"),
                           (["precompile", f"--libtpu={libtpu}", "--", "true"], "missing --accelerator")):

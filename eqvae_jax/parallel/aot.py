@@ -68,6 +68,17 @@ def topology_name(accelerator: str) -> tuple[str, dict[str, str]]:
     return f"{gen}:{_PLANE[size]}", {}
 
 
+def compile_only_target() -> str | None:
+    """The slice this process compiles for instead of training ('v5p-8'), set by `launch/tpu.py precompile`.
+
+    A job that supports the mode checks this first: prepare_environment(), mesh over topology_devices(),
+    abstract state and batches with the job's shardings, compile_for_topology() for every program the run
+    will need (each step variant, eval, summaries), write_manifest(), exit without touching the workdir's
+    checkpoints.
+    """
+    return os.environ.get(ENV_TOPOLOGY) or None
+
+
 def prepare_environment() -> None:
     """Make this process's compile-relevant environment that of a TPU VM job. Call before jax starts libtpu.
 
