@@ -10,12 +10,12 @@ state compared with the same job run by one process on 8 devices.
 Tolerance: the two runs see the same global batches and random draws, but the cross-device reductions of a
 multi-process CPU job run through gloo instead of the in-process CPU collectives, and float32 sums taken in
 another order round differently: the states agree to rounding grown over the steps, not bit for bit (measured:
-<= 2e-5 of each leaf's scale). Every float leaf must agree to 1e-4 of its largest magnitude (+1e-6): a per-
-element relative tolerance means nothing for elements that are sums cancelling to near zero. Integer leaves
-and the host state must be equal. Skipped: the attention key biases, whose gradient is zero in exact
-arithmetic (adding q.b_k to all logits of a query leaves its softmax unchanged), so what Adam does with them
-is normalised rounding noise, +-lr per step, different in every summation order and without effect on any
-output.
+up to 2e-5 of a leaf's scale for EQ-VAE's 8 micro-steps, 7e-5 for DiT's 40 steps). Every float leaf must agree
+to 5e-4 of its largest magnitude (+1e-6); a per-element relative tolerance means nothing for elements that are
+sums cancelling to near zero. Integer leaves and the host state must be equal. Skipped: the attention key
+biases, whose gradient is zero in exact arithmetic (adding q.b_k to all logits of a query leaves its softmax
+unchanged), so what Adam does with them is normalised rounding noise, +-lr per step, different in every
+summation order and without effect on any output.
 """
 
 import os
@@ -40,7 +40,7 @@ flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow
 
 PROCESSES, LOCAL_DEVICES = 2, 4
-RTOL, ATOL = 1e-4, 1e-6  # relative to each leaf's largest magnitude; absolute
+RTOL, ATOL = 5e-4, 1e-6  # relative to each leaf's largest magnitude; absolute
 
 
 def free_port() -> int:
