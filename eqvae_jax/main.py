@@ -22,8 +22,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Job config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports of this run.")
-flags.DEFINE_bool("distributed", None,
-                  "Call jax.distributed.initialize() (default: auto-detect a multi-host TPU/Slurm/MPI setup).")
+flags.DEFINE_bool("distributed", None, "Force (--distributed) or prevent (--nodistributed) "
+                  "jax.distributed.initialize(); default: when JAX detects a multi-process TPU/Slurm/MPI job.")
 flags.DEFINE_string("log_level", "WARNING", "Level of library logs (absl, Orbax, Grain, JAX, TF); INFO restores "
                     "them. The job's own progress lines are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,7 +37,7 @@ JOBS = {
 
 def main(argv: list[str]) -> None:
     from eqvae_jax.models.weights import KeyMismatchError
-    from eqvae_jax.parallel.distributed import initialize
+    from eqvae_jax.parallel.distributed import maybe_initialize
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.train.loop import ResumeError
     from eqvae_jax.typed_config import ConfigError
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
         raise app.UsageError(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
-    initialize(FLAGS.distributed)
+    maybe_initialize(FLAGS.distributed)
     job = importlib.import_module(JOBS[config.trainer])
     try:
         job.run(config, FLAGS.workdir)

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict, config_flags
 
 from eqvae_jax.diffusion import sampling
 from eqvae_jax.models.autoencoders import build_autoencoder
-from eqvae_jax.parallel.distributed import initialize
+from eqvae_jax.parallel.distributed import maybe_initialize
 from eqvae_jax.parallel.mesh import make_mesh, replicated
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.console import setup_logging
@@ -51,7 +51,7 @@ def define_flags() -> Any:
     flags.DEFINE_string("vae", None, "VAE weights dir for decoding (default: the VAE of the latent cache).")
     flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
     flags.DEFINE_string("name", None, "Output file stem (default derived from the settings).")
-    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: on multi-host TPU).")
+    flags.DEFINE_bool("distributed", None, "Force/prevent jax.distributed.initialize() (default: auto-detect).")
     flags.mark_flag_as_required("workdir")
     return flags.FLAGS
 
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     f = flags.FLAGS
-    initialize(f.distributed)
+    maybe_initialize(f.distributed)
     try:
         path = run_sampling(f.workdir, {n: getattr(f, n) for n in OVERRIDES}, f.config)
     except (ConfigError, FileNotFoundError) as e:

@@ -55,16 +55,26 @@ class EqvaeDemo(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str) -> str:
-    """Prepare the demo set under `data_dir` as ArrayRecord if not done yet; returns the dataset directory."""
+    """Prepare the demo set under `data_dir` as ArrayRecord if not done yet; returns the dataset directory.
+
+    Safe when several processes prepare the same `data_dir` at once (each writes a private directory and
+    renames it into place; the first rename wins)."""
     if not IMAGES_DIR.is_dir() or not photo_names():
         raise FileNotFoundError(f"demo photographs missing: {str(IMAGES_DIR)!r} has no .jpg files")
     os.makedirs(data_dir, exist_ok=True)
     builder = EqvaeDemo(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         tfds.disable_progress_bar()  # nine photographs: the job's own log says what happens
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+                )
             )
-        )
+        except FileExistsError:
+            # Another process (a multi-host job's other workers on a shared data_dir) renamed its complete copy
+            # into place first; TFDS removed ours. Anything else is a real error.
+            builder = EqvaeDemo(data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise
     return str(builder.data_dir)

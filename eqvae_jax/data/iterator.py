@@ -28,6 +28,7 @@ from eqvae_jax.data.config import DataConfig, as_data_config
 from eqvae_jax.data.decode import SKIP_REASONS
 from eqvae_jax.data.sources import open_source
 from eqvae_jax.parallel.mesh import batch_sharding as mesh_batch_sharding
+from eqvae_jax.parallel.mesh import local_rows
 
 _DEVICE_KEYS = ("image", "label", "mask")
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ def build_train_iterator(config: DataConfig, mesh_or_sharding: Mesh | NamedShard
     per_process = _per_process_batch(global_batch_size, sharding)
     source = open_source(config, train=True)
     log.info("data: training on %r, %d per process", source, per_process)
-    dataset = pipeline.train_dataset(config, source, per_process, jax.process_index(), jax.process_count())
+    dataset = pipeline.train_dataset(config, source, per_process, jax.process_index(), jax.process_count(),
+                                     local_rows(sharding, global_batch_size))
     return InputIterator(
         dataset, sharding, global_batch_size, config.prefetch, config.output_dtype == "uint8"
     )

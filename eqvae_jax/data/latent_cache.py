@@ -28,7 +28,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from eqvae_jax.data import pipeline
 from eqvae_jax.data.iterator import InputIterator, batch_sharding
+from eqvae_jax.parallel.mesh import local_rows
 
 FORMAT = "eqvae-jax-latents"
 VERSION = 1
@@ -141,11 +143,14 @@ class _Decode(grain.transforms.Map):
 
 
 def latent_dataset(
-    config: LatentReadConfig, per_process_batch: int, process_index: int, process_count: int
+    config: LatentReadConfig, per_process_batch: int, process_index: int, process_count: int,
+    rows: np.ndarray | None = None,
 ) -> tuple[grain.IterDataset, dict[str, Any]]:
     """This process's training batches of {'mean', 'std', 'label'} from the cache, plus the cache meta.
 
-    Seeded global shuffle, reshuffled each epoch, repeated forever; process p reads elements p::n.
+    Seeded global shuffle, reshuffled each epoch, repeated forever; the process reads `rows` (default: the
+    contiguous block `process_index`) of every global batch, so the global batches do not depend on the
+    number of processes or workers.
     """
     meta = read_meta(config.cache_dir)
     source = grain.sources.ArrayRecordDataSource(complete_chunk_files(config.cache_dir, meta))
@@ -153,7 +158,8 @@ def latent_dataset(
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(None)
-    ds = ds[process_index::process_count]
+    rows = pipeline.contiguous_rows(per_process_batch, process_index) if rows is None else rows
+    ds = pipeline.GlobalBatchRows(ds, rows, per_process_batch * process_count, config.worker_count)
     ds = ds.map(_Decode(tuple(meta["latent_shape"]), meta["dtype"]))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.read_threads), prefetch_buffer_size=64))
     it = it.batch(per_process_batch, drop_remainder=True)
@@ -170,7 +176,8 @@ def build_latent_iterator(
     count = jax.process_count()
     if global_batch % count:
         raise ValueError(f"global batch {global_batch} is not divisible by {count} processes")
-    dataset, meta = latent_dataset(config, global_batch // count, jax.process_index(), count)
+    dataset, meta = latent_dataset(config, global_batch // count, jax.process_index(), count,
+                                   local_rows(sharding, global_batch))
     # The image pipeline's checkpointable prefetching iterator, over the cache's fields.
     iterator = InputIterator(dataset, sharding, global_batch, config.prefetch, scale_on_device=False,
                              device_keys=("mean", "std", "label"))

@@ -1,9 +1,11 @@
 """Grain pipelines producing this process's batches as numpy dicts (global assembly lives in iterator.py).
 
 Training: source -> [repeat per epoch] -> seeded global shuffle (new order each epoch) -> epochs ->
-this process's slice [i::n] of the global stream -> decode + crop (random_map: the crop rng depends only on
-the seed and the element's position, so results do not depend on the number of workers) -> drop skipped
-images, counting them per reason -> batch -> worker processes (mp_prefetch).
+decode + crop (random_map over the global stream: the crop rng depends only on the seed and the element's
+global position) -> this process's rows of every global batch (`GlobalBatchRows`) -> drop skipped images,
+counting them per reason -> batch -> worker processes (mp_prefetch). The global batches, crops included, are
+therefore the same whatever the number of processes and workers (as long as no image is skipped: a skipped
+image shifts the rest of its worker's stream).
 Bad images are removed before batching, so batches are always full; each element carries the skips that
 preceded it (`skips`, one count per reason in decode.SKIP_REASONS), which the batch sums, so the counts
 reach the main process exactly, even from worker processes, and are part of the checkpointed state.
@@ -140,6 +142,63 @@ def _to_float(batch: dict[str, Any]) -> dict[str, Any]:
     return batch | {"image": (batch["image"].astype(np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)}
 
 
+class GlobalBatchRows(grain.MapDataset):
+    """This process's share of a global stream cut into global batches of `global_batch` elements.
+
+    `rows` are the rows of each global batch held by this process's devices, in ascending order (what
+    `jax.make_array_from_process_local_data` expects of the local batch), so that concatenating the processes'
+    batches gives the global stream's batches in order. With `workers` > 1 Grain gives worker w the elements
+    w::workers of this dataset and returns the batches round-robin; the element order here anticipates that,
+    so that the process's batch m is still global batch m. The end of a finite stream that does not fill a
+    whole round of `workers` global batches follows in stream order (this process's rows of it); batching
+    (drop_remainder) decides what becomes of it.
+    """
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        rows: np.ndarray,
+        global_batch: int,
+        workers: int = 0,
+    ) -> None:
+        super().__init__(parent)
+        self._rows = np.asarray(rows, np.int64)
+        if self._rows.ndim != 1 or not len(self._rows) or np.any(np.diff(self._rows) <= 0) \
+                or self._rows[0] < 0 or self._rows[-1] >= global_batch:
+            raise ValueError(f"rows must be ascending indices into a global batch of {global_batch}: {rows}")
+        self._global, self._workers = global_batch, max(1, workers)
+        rounds = len(parent) // (global_batch * self._workers)
+        self._aligned = rounds * self._workers * len(self._rows)
+        self._tail: list[int] = []  # at most workers global batches
+        for m in range(rounds * self._workers, -(-len(parent) // global_batch)):
+            self._tail += [m * global_batch + int(r) for r in self._rows if m * global_batch + r < len(parent)]
+
+    def __len__(self) -> int:
+        return self._aligned + len(self._tail)
+
+    def global_index(self, index: int) -> int:
+        """Position in the parent (global) stream of this dataset's element `index`."""
+        if index >= self._aligned:
+            return self._tail[index - self._aligned]
+        per = len(self._rows)
+        worker, t = index % self._workers, index // self._workers
+        k, j = divmod(t, per)
+        return (k * self._workers + worker) * self._global + int(self._rows[j])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self.global_index(index)]
+
+    def __str__(self) -> str:
+        return f"GlobalBatchRows(rows={self._rows.tolist()}, global_batch={self._global}, workers={self._workers})"
+
+
+def contiguous_rows(per_process_batch: int, process_index: int) -> np.ndarray:
+    """Process i's rows when every process's devices hold one contiguous block of the global batch."""
+    return np.arange(process_index * per_process_batch, (process_index + 1) * per_process_batch)
+
+
 def _drop_train_fields(batch: dict[str, Any]) -> dict[str, Any]:
     batch.pop("mask")
     return batch
@@ -155,11 +214,14 @@ def _crop(config: DataConfig, train: bool) -> Crop:
     )
 
 
+def _decode(ds: grain.MapDataset, config: DataConfig, train: bool) -> grain.MapDataset:
+    return ds.random_map(DecodeCrop(_crop(config, train), config.min_side), seed=config.seed + 1)
+
+
 def _finish(
     ds: grain.MapDataset, config: DataConfig, train: bool, per_process_batch: int
 ) -> grain.IterDataset:
-    """Shared tail: decode+crop, skip handling, batch, dtype, worker processes."""
-    ds = ds.random_map(DecodeCrop(_crop(config, train), config.min_side), seed=config.seed + 1)
+    """Shared tail: skip handling, batch, dtype, worker processes (`ds` is decoded already)."""
     read = grain.ReadOptions(
         num_threads=max(1, config.read_threads), prefetch_buffer_size=config.read_buffer_size
     )
@@ -186,15 +248,21 @@ def train_dataset(
     per_process_batch: int,
     process_index: int,
     process_count: int,
+    rows: np.ndarray | None = None,
 ) -> grain.IterDataset:
-    """This process's training batches: {'image' (B,S,S,3), 'label' (B,), 'index' (B,), 'skips' (B,R)}."""
+    """This process's training batches: {'image' (B,S,S,3), 'label' (B,), 'index' (B,), 'skips' (B,R)}.
+
+    `rows`: the rows of each global batch (of per_process_batch * process_count) this process loads, default
+    the contiguous block `process_index`; the iterator passes the rows its devices hold.
+    """
     ds = grain.MapDataset.source(_Indexed(source))
     if config.repeats_per_epoch > 1:
         ds = ds.repeat(config.repeats_per_epoch)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs)
-    ds = ds[process_index::process_count]
+    ds = _decode(ds.repeat(config.num_epochs), config, True)
+    rows = contiguous_rows(per_process_batch, process_index) if rows is None else rows
+    ds = GlobalBatchRows(ds, rows, per_process_batch * process_count, config.worker_count)
     return _finish(ds, config, True, per_process_batch)
 
 
@@ -219,4 +287,4 @@ def eval_dataset(
     batches = eval_num_batches(len(source), per_process_batch, process_count, config.worker_count)
     ds = grain.MapDataset.source(_Indexed(source, batches * per_process_batch * process_count))
     ds = ds[process_index::process_count]
-    return _finish(ds, config, False, per_process_batch)
+    return _finish(_decode(ds, config, False), config, False, per_process_batch)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from PIL import Image
 
 from eqvae_jax.diffusion import ddpm_sampling, flow_sampling, gaussian, guidance
@@ -30,7 +30,7 @@ from eqvae_jax.diffusion.schedule import create_schedule
 from eqvae_jax.eval.images import square_grid
 from eqvae_jax.models.dit import FunctionalDiT
 from eqvae_jax.models.kl_vae import denormalize_latents
-from eqvae_jax.parallel.mesh import batch_sharding
+from eqvae_jax.parallel.mesh import batch_sharding, local_rows
 
 SAMPLERS = ("ddpm", "ddim", "ode", "sde")
 
@@ -148,13 +148,6 @@ def generate_all(
         outs.append(np.asarray(images))
         labels.append(np.asarray(y))
     return np.concatenate(outs)[:num_samples], np.concatenate(labels)[:num_samples]
-
-
-def local_rows(sharding: NamedSharding, batch: int) -> np.ndarray:
-    """Rows of a global batch held by this process's devices (contiguous, in device order)."""
-    index_map = sharding.addressable_devices_indices_map((batch,))
-    rows = sorted({r for sl in index_map.values() for r in range(*sl[0].indices(batch))})
-    return np.asarray(rows, np.int64)
 
 
 def write_outputs(out_dir: str, name: str, images: np.ndarray, labels: np.ndarray, grid: int = 64) -> str:

@@ -96,10 +96,25 @@ def assign_variables(model: nnx.Module, flat: Mapping[str, np.ndarray], what: st
     nnx.update(model, nnx.from_flat_state(entries))
 
 
-def save_weights(dst: str | os.PathLike, kind: str, config: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> None:
-    """Write a weights directory at `dst` (which must not exist yet; callers make it atomic)."""
+def _local_checkpointer():
+    """An Orbax PyTree checkpointer that involves this process only.
+
+    Weights directories hold host numpy arrays and are read or written by one process at a time (the end-of-run
+    export writes on process 0 only; every process loads initial weights on its own). Orbax's default
+    checkpointer synchronises all processes of a multi-host job around each save/restore, which would wait
+    forever for the processes that do not take part.
+    """
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                 barrier_sync_key_prefix=f"weights_p{me}")
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                            multiprocessing_options=options)
+
+
+def save_weights(dst: str | os.PathLike, kind: str, config: Mapping[str, Any], flat: Mapping[str, np.ndarray]) -> None:
+    """Write a weights directory at `dst` (which must not exist yet; callers make it atomic)."""
     dst = os.fspath(dst)
     os.makedirs(dst, exist_ok=True)
     nested: dict[str, Any] = {}
@@ -109,7 +124,7 @@ def save_weights(dst: str | os.PathLike, kind: str, config: Mapping[str, Any], f
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = np.asarray(value)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         ckptr.save(os.path.join(os.path.abspath(dst), VARIABLES_DIR), nested)
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, "kind": kind, "config": dict(config)}, f, indent=2)
@@ -129,10 +144,8 @@ def read_config(src: str | os.PathLike) -> tuple[str, dict[str, Any]]:
 
 def load_weights(src: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
     """(kind, config, flat variables) of a weights directory, as numpy arrays on the host."""
-    import orbax.checkpoint as ocp
-
     kind, config = read_config(src)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         nested = ckptr.restore(os.path.join(os.path.abspath(os.fspath(src)), VARIABLES_DIR))
     flat: dict[str, np.ndarray] = {}
 

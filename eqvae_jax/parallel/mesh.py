@@ -122,6 +122,14 @@ def param_shardings(
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def local_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
+    """Rows of a global batch held by this process's devices, ascending (the local batch's order for
+    `jax.make_array_from_process_local_data`)."""
+    index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+    rows = sorted({r for sl in index_map.values() for r in range(*sl[0].indices(global_batch_size))})
+    return np.asarray(rows, np.int64)
+
+
 def place(tree: Any, shardings: Any) -> Any:
     """Put a host/device pytree onto the given shardings."""
     return jax.tree.map(jax.device_put, tree, shardings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from eqvae_jax.train.checkpointing import Checkpointer, CheckpointOptions
 from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.preemption import StopRequest
 from eqvae_jax.typed_config import to_json_dict
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -39,7 +42,16 @@ def resolve(path: str) -> str:
 
 
 def enable_compilation_cache(directory: str) -> None:
-    """Persistent XLA cache so a restarted run does not pay the compile time of every variant again."""
+    """Persistent XLA cache so a restarted run does not pay the compile time of every variant again.
+
+    Not for a multi-process job on CPUs: there the key includes a per-process CPU topology fingerprint, so
+    process 0 finds its own entries while the others (which never write) compile again; a process that
+    reaches a cross-process collective more than 30 s before another fails gloo's context rendezvous
+    (DEADLINE_EXCEEDED) or desynchronises. TPU processes compute one key and all hit or miss together.
+    """
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        log.warning("compilation cache off: a multi-process CPU job has per-process cache keys")
+        return
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
