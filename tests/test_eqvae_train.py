@@ -142,14 +142,19 @@ def test_sigterm_saves_a_checkpoint_that_restores_on_another_device_count(cache_
            "--config.eval.batches=0", "--config.eval.images=0", "--config.log.every_updates=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    deadline = time.time() + 600
-    for line in proc.stdout:  # wait until every variant compiled and steps are running
-        lines.append(line)
-        if "lowres@8/16" in line and "g_step" in line:
-            break
-        assert time.time() < deadline, "".join(lines[-20:])
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        deadline = time.time() + 600
+        for line in proc.stdout:  # wait until every variant compiled and steps are running
+            lines.append(line)
+            if "lowres@8/16" in line and "g_step" in line:
+                break
+            assert time.time() < deadline, "".join(lines[-20:])
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a 100000-update run behind
+            proc.kill()
+            proc.wait()
     log = "".join(lines) + out
     assert proc.returncode == 0, log[-3000:]
     assert "eqvae: stopped at update" in log
