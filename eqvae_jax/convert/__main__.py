@@ -16,6 +16,7 @@ KINDS = {
     "lpips": "eqvae_jax.convert.lpips",
     "discriminator": "eqvae_jax.convert.discriminator",
     "dit": "eqvae_jax.convert.dit",
+    "inception": "eqvae_jax.convert.inception",
 }
 
 
