@@ -87,6 +87,9 @@ def test_sharded_extraction_and_cache(setup, monkeypatch, tmp_path):
         want = feats["samples"][key]
         assert getattr(acts, key).shape == want.shape
         assert np.max(np.abs(getattr(acts, key) - want)) <= 1e-5 * np.max(np.abs(want)), key
+    on_device = extractor.on_device(jax.device_put(_images(0, 37, 0.8)[:32]))
+    assert on_device["pool"].sharding.is_equivalent_to(extractor._sharding, 2)
+    np.testing.assert_allclose(np.asarray(on_device["spatial"]), acts.spatial[:32], rtol=1e-5, atol=1e-5)
     cached = sorted(p.name for p in tmp_path.iterdir())
     assert cached == [f"samples.inception-{extractor.fingerprint[:16]}.npz"]
 

@@ -5,6 +5,7 @@
     extractor = InceptionExtractor(net, batch_size=256)          # global batch; a multiple of the device count
     acts = extractor.from_npz("samples.npz")                      # adm_metrics.Activations (numpy, every process)
     acts = extractor.extract(batches_of_uint8_nhwc, total=n)      # any iterable of host batches
+    feats = extractor.on_device(images)                           # a sharded jax.Array in, sharded features out
 
 Every process iterates the same global batches (e.g. reads the same npz) and feeds only the rows its devices
 hold (`jax.make_array_from_process_local_data`); results are gathered to every process with
@@ -90,6 +91,11 @@ class InceptionExtractor:
                 h.update(np.ascontiguousarray(value, np.float32).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def on_device(self, images: jax.Array) -> dict[str, jax.Array]:
+        """Features of a global uint8 batch already on the mesh (e.g. decoded samples), sharded like it; no
+        padding or gathering (its size must be a multiple of the device count)."""
+        return self._fn(self._state, jax.device_put(images, self._sharding))
 
     def extract(self, batches: Iterable[np.ndarray], total: int | None = None, desc: str = "Inception features",
                 progress: bool = True) -> Activations:
