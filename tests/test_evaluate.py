@@ -3,6 +3,8 @@ the five numbers equal the numpy ADM transcription's, the sample/reference order
 padded last batch, the feature cache, --write_ref, and bad input (exit 2, one line)."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -15,6 +17,8 @@ from eqvae_jax import evaluate
 from eqvae_jax.eval import features as features_mod
 from eqvae_jax.eval import inception
 from eqvae_jax.models.weights import assign_variables, flat_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _images(seed: int, n: int, bright: float) -> np.ndarray:
@@ -163,3 +167,36 @@ def test_cli_entry_point_usage_error():
     proc = subprocess.run([sys.executable, "-m", "eqvae_jax.evaluate", "--samples", "x.npz"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ref" in proc.stderr
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from eqvae_jax import evaluate
+sys.exit(evaluate.main(sys.argv[3:]))
+"""
+
+
+def test_two_processes_give_the_same_numbers(setup, tmp_path):
+    """Multi-host for real on one machine: 2 processes x 2 CPU devices (gloo), each feeding its own rows and
+    gathering all features; process 0 alone prints and writes the JSON, equal to the one-process result."""
+    d, _, _, _ = setup
+    code, single = _run(d, "--no_cache", out="single.json")
+    assert code == 0
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    argv = ["--samples", str(d / "samples.npz"), "--ref", str(d / "ref.npz"), "--inception", str(d / "inception"),
+            "--batch_size", "8", "--quiet", "--no_cache", "--no-distributed"]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"localhost:{port}", str(i), *argv,
+                               "--out", str(tmp_path / f"multi{i}.json")], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "FID" in outputs[0] and "FID" not in outputs[1]  # one table, from process 0
+    assert not (tmp_path / "multi1.json").exists()
+    multi = json.loads((tmp_path / "multi0.json").read_text())
+    for key in single:
+        assert multi[key] == pytest.approx(single[key], rel=1e-5), key
