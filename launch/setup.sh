@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install eqvae-jax's pinned dependencies.
 #   bash launch/setup.sh          runtime only (training, conversion of safetensors, the demo)
-#   bash launch/setup.sh --dev    + test/conversion extras (torch CPU wheel, diffusers, lpips, taming, pytest, ruff)
+#   bash launch/setup.sh --dev    + test/conversion extras (torch CPU wheel, diffusers, lpips, taming, pytest, ruff,
+#                                 torch-fidelity in .venv/side)
 #   bash launch/setup.sh --tpu    + the TPU build of the same JAX (run on every TPU VM worker)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ python -m pip install -q --upgrade pip
 if [ "$dev" = 1 ]; then
   python -m pip install -q -r requirements-dev.txt
   python -m pip install -q --no-deps -r requirements-nodeps.txt
+  # torch-fidelity's Inception is the parity reference of eqvae_jax.eval.inception. It stays out of the venv:
+  # installed, torchmetrics imports it and fails on torchvision. Only tests/test_inception.py loads it from here.
+  python -m pip install -q --no-deps --upgrade --target .venv/side/torch_fidelity torch-fidelity==0.4.0
 else
   python -m pip install -q -r requirements.txt
 fi

@@ -19,6 +19,7 @@ KINDS = {
     "dit": "eqvae_jax.convert.dit",
     "dinov2": "eqvae_jax.convert.dinov2",
     "maskgit": "eqvae_jax.convert.maskgit",
+    "inception": "eqvae_jax.convert.inception",
 }
 
 
