@@ -191,11 +191,12 @@ def latent_dataset(
 
 
 def build_latent_iterator(
-    config: LatentReadConfig, mesh: Mesh, global_batch: int
+    config: LatentReadConfig, mesh: Mesh, global_batch: int, images: bool = True
 ) -> tuple[InputIterator, dict[str, Any]]:
     """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta.
 
-    Batches hold 'mean', 'std' (float32), 'label' (int32) and, when the cache stores them, 'image' (uint8 crops).
+    Batches hold 'mean', 'std' (float32), 'label' (int32) and, when the cache stores them and `images` is on,
+    'image' (uint8 crops).
     """
     sharding = batch_sharding(mesh)
     count = jax.process_count()
@@ -204,5 +205,5 @@ def build_latent_iterator(
     dataset, meta = latent_dataset(config, global_batch // count, jax.process_index(), count)
     # The image pipeline's checkpointable prefetching iterator, over the cache's fields.
     iterator = InputIterator(dataset, sharding, global_batch, config.prefetch, scale_on_device=False,
-                             device_keys=("mean", "std", "label", "image"))
+                             device_keys=("mean", "std", "label") + (("image",) if images else ()))
     return iterator, meta
