@@ -1,8 +1,9 @@
 """SiT + REPA in the DiT/SiT job (8 fake devices, FSDP): the job's loss equals a numpy transcription of REPA's
 SILoss + train.py on the same model (time direction mirrored), the step's teacher path equals given features
 and leaves the teacher untouched, a non-finite step is not applied, the loss (denoising and alignment) falls
-on a toy cache with images, an interrupted and resumed run equals an uninterrupted one bit for bit, the
-projector is sharded by the rule table, the configs are REPA's recipe, and bad configs are rejected."""
+on a toy cache with images, an interrupted and resumed run equals an uninterrupted one bit for bit (and samples
+from its workdir), the projector is sharded by the rule table, the configs are REPA's recipe, and bad configs
+are rejected."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from absl import flags
 from helpers import TOY_SHAPE, load_config, tiny_repa_config, toy_images, toy_patterns, write_toy_cache
 from jax.sharding import PartitionSpec
 
+from eqvae_jax import sample as sample_cli
 from eqvae_jax.diffusion import interpolant
 from eqvae_jax.models import dinov2
 from eqvae_jax.parallel.mesh import batch_sharding, make_mesh
@@ -180,6 +182,10 @@ def test_repa_run_resumes_exactly(toy_cache, compile_cache, tmp_path):
     changed = tiny_repa_config(toy_cache, compile_cache, total_updates=6, **{"repa.proj_coeff": 1.0})
     with pytest.raises(ValueError, match="resuming with a different config.*repa.proj_coeff"):
         dit_job.run(changed, str(tmp_path / "resumed"))
+    # the sampling CLI restores the run (projector included) from its own config, without the teacher
+    path = sample_cli.run_sampling(str(tmp_path / "straight"), {"num_samples": 2, "num_steps": 2, "batch_size": 8})
+    with np.load(path) as f:
+        assert f["arr_0"].shape == (2, 64, 64, 3)
 
 
 def test_recipe_configs_and_shardings():
