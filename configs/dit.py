@@ -14,7 +14,8 @@ cache's stored 256 px crops (extract with configs/extract_latents.py:images; con
 python -m eqvae_jax.convert --kind dinov2 --src dinov2_vitb14_pretrain.pth --dst weights/dinov2_vitb14),
 the tokens after block 8 through a 2048-wide projector, loss = velocity MSE + 0.5 * projection loss; SiT
 without learned sigma (REPA's out_channels = in_channels), gradient clipping at global norm 1.0, AdamW 1e-4,
-batch 256, EMA 0.9999, 400K updates, bf16 matmuls for the SiT and the teacher (REPA: fp16 autocast).
+batch 256, EMA 0.9999, 400K updates, bf16 matmuls for the SiT and the teacher (REPA: fp16 autocast). XL/2 at
+batch 256 needs --config.model.remat=True on v4-8, v5e-8 and v6e-8 (docs/repa.md has the TPU memory table).
 """
 
 from eqvae_jax.train.dit.config import defaults
