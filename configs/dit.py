@@ -5,8 +5,17 @@
 
 Variants (`:a=b,c`): model=S/2..XL/8 (default B/2, the paper's ablation workhorse), objective=ddpm (DiT: eps
 prediction, MSE + VB, 250-step DDPM sampling) or sit (linear interpolant, velocity prediction, 250-step
-Euler-Maruyama SDE), tiny (a 2-block 32-wide model on the demo latent cache; CPU, seconds; make the cache
-first: python -m eqvae_jax.main --config=configs/extract_latents.py:tiny --workdir=workdirs/latents_tiny).
+Euler-Maruyama SDE), repa (with objective=sit: REPA's recipe, below), tiny (a 2-block 32-wide model on the
+demo latent cache; CPU, seconds; make the cache first:
+python -m eqvae_jax.main --config=configs/extract_latents.py:tiny --workdir=workdirs/latents_tiny).
+
+`objective=sit,repa` (configs/sit.py:model=XL/2,repa) is sihyun-yu/REPA's train.py: DINOv2-B/14 teacher on the
+cache's stored 256 px crops (extract with configs/extract_latents.py:images; convert the teacher with
+python -m eqvae_jax.convert --kind dinov2 --src dinov2_vitb14_pretrain.pth --dst weights/dinov2_vitb14),
+the tokens after block 8 through a 2048-wide projector, loss = velocity MSE + 0.5 * projection loss; SiT
+without learned sigma (REPA's out_channels = in_channels), gradient clipping at global norm 1.0, AdamW 1e-4,
+batch 256, EMA 0.9999, 400K updates, bf16 matmuls for the SiT and the teacher (REPA: fp16 autocast). XL/2 at
+batch 256 needs --config.model.remat=True on v4-8, v5e-8 and v6e-8 (docs/repa.md has the TPU memory table).
 """
 
 from eqvae_jax.train.dit.config import defaults
@@ -14,7 +23,7 @@ from eqvae_jax.typed_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, model="B/2", objective="ddpm", tiny=False)
+    a = parse_arg(arg, model="B/2", objective="ddpm", repa=False, tiny=False)
     size, patch = a.model.split("/")
     c = defaults()
     c.objective = a.objective
@@ -34,9 +43,25 @@ def get_config(arg: str = ""):
     c.sample.cfg_scale = 1.0  # the EQ-VAE README's evaluation: no guidance
     c.checkpoint.every_updates = 50_000
     c.log.every_updates = 100
+    if a.repa:
+        apply_repa(c)
     if a.tiny:
         apply_tiny(c)
     return c
+
+
+def apply_repa(c) -> None:
+    """REPA (sihyun-yu/REPA@67f7145 train.py defaults) on top of the SiT recipe."""
+    c.repa.enabled = True
+    c.repa.teacher = "weights/dinov2_vitb14"  # --enc-type dinov2-vit-b
+    c.repa.teacher_dtype = "bfloat16"  # REPA encodes under the fp16 autocast
+    c.repa.teacher_sharding = "replicated"  # 346 MB float32 per chip
+    c.repa.z_dim = 768
+    c.repa.projector_dim = 2048
+    c.repa.encoder_depth = 8
+    c.repa.proj_coeff = 0.5
+    c.model.learn_sigma = False  # REPA's SiT predicts the velocity only
+    c.optim.grad_clip = 1.0  # --max-grad-norm
 
 
 def apply_tiny(c) -> None:
@@ -57,3 +82,11 @@ def apply_tiny(c) -> None:
     c.sample.grid_count = 8
     c.sample.grid_steps = 4
     c.sample.num_steps = 8
+    if c.repa.enabled:  # a random 2-block 32-wide DINOv2 on the tiny cache's 64 px crops (56 px: 4x4 tokens)
+        c.repa.teacher = "random"
+        c.repa.teacher_preset = "vits14"
+        c.repa.teacher_overrides = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+        c.repa.teacher_dtype = "float32"
+        c.repa.z_dim = 32
+        c.repa.projector_dim = 64
+        c.repa.encoder_depth = 1

@@ -4,7 +4,9 @@
         --config.vae.weights=weights/eq_vae
 
 ADM center crop to 256 (fast-DiT's extract_features.py), float32 mean/std per image. Rerunning the same command
-finishes an interrupted extraction. `:tiny` encodes the demo photographs at 64 px with a random tiny VAE
+finishes an interrupted extraction. `:images` also stores each uint8 crop as encoded (what SiT + REPA's DINOv2
+teacher reads, as REPA's own data preparation keeps the center-cropped images; 196,608 B per image, 252 GB for
+ImageNet's 1.28M). `:tiny` encodes the demo photographs at 64 px with a random tiny VAE and stores the crops
 (CPU, seconds).
 """
 
@@ -13,7 +15,7 @@ from eqvae_jax.typed_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, tiny=False)
+    a = parse_arg(arg, images=False, tiny=False)
     c = defaults()
     c.vae.init = "weights"
     c.vae.weights = "weights/eq_vae"
@@ -21,6 +23,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 256
     c.data.transform = "adm_center_crop"
     c.flip_copy = False
+    c.store_images = a.images
     c.dtype = "float32"
     if a.tiny:
         c.vae.init = "random"
@@ -32,4 +35,5 @@ def get_config(arg: str = ""):
         c.batch_size_per_process = 8
         c.chunk_size = 8
         c.flip_copy = True
+        c.store_images = True  # the tiny SiT + REPA variant reads them
     return c

@@ -13,6 +13,7 @@ from eqvae_jax.data import latent_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_SHAPE = (8, 8, 4)  # latent shape of the toy cache
+TOY_IMAGE_SIZE = 64  # side of its crops (f8 latents)
 
 
 def load_config(name: str, arg: str = "", **changes: Any):
@@ -42,20 +43,36 @@ def tiny_dit_config(cache_dir: str, compile_cache: str = "", objective: str = "d
                        **{"latents.cache_dir": cache_dir}, **changes)
 
 
-def write_toy_cache(cache_dir: str, n: int = 16, classes: int = 4) -> None:
-    """n records: class c has a fixed smooth pattern as mean and a small std (a learnable toy set)."""
+def tiny_repa_config(cache_dir: str, compile_cache: str = "", **changes: Any):
+    """configs/sit.py:repa,tiny on the toy latent cache with images `cache_dir`."""
+    return load_config("sit", "repa,tiny", compilation_cache_dir=compile_cache, **{"latents.cache_dir": cache_dir},
+                       **changes)
+
+
+def toy_images(n: int = 16) -> np.ndarray:
+    """The uint8 (n, 64, 64, 3) crops of `write_toy_cache(images=True)`: a per-record random smooth picture."""
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8)
+    return np.repeat(np.repeat(coarse, TOY_IMAGE_SIZE // 8, axis=1), TOY_IMAGE_SIZE // 8, axis=2)
+
+
+def write_toy_cache(cache_dir: str, n: int = 16, classes: int = 4, images: bool = False) -> None:
+    """n records: class c has a fixed smooth pattern as mean and a small std (a learnable toy set); with `images`
+    each record also stores a 64 px crop (`toy_images`), as a cache extracted with store_images."""
     rng = np.random.default_rng(0)
     patterns = rng.standard_normal((classes,) + TOY_SHAPE).astype(np.float32)
+    crops = toy_images(n) if images else [None] * n
     records = []
     for i in range(n):
         c = i % classes
         moments = np.concatenate([patterns[c], np.full(TOY_SHAPE, 0.05, np.float32)], axis=-1)
-        records.append(latent_cache.encode_record(i, c, False, moments, "float32"))
+        records.append(latent_cache.encode_record(i, c, False, moments, "float32", crops[i]))
     vae = {"init": "random", "preset": "tiny", "seed": 0, "dtype": "float32", "weights": "",
            "overrides": {"channel_mult": [1, 2, 2, 2], "base_channels": 16, "norm_num_groups": 8},
            "scaling_factor": 0.0, "shift_factor": None}
+    extra = {"store_images": True, "image_size": TOY_IMAGE_SIZE} if images else {}
     latent_cache.write_meta(cache_dir, {"num_chunks": 1, "latent_shape": list(TOY_SHAPE), "dtype": "float32",
-                                        "scaling_factor": 1.0, "shift_factor": 0.0, "vae": vae})
+                                        "scaling_factor": 1.0, "shift_factor": 0.0, "vae": vae, **extra})
     latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, 0, 1), records)
 
 

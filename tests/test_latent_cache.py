@@ -1,6 +1,6 @@
 """Latent cache: records round-trip, extraction with a tiny random VAE on the demo photographs stores exactly
-the VAE's posterior (mean, std, flipped copy), a restart skips finished chunks, and the training iterator
-reads the cache (resumably)."""
+the VAE's posterior (mean, std, flipped copy) and the crop it encoded (mirrored in the flipped copy), a restart
+skips finished chunks, and the training iterator reads the cache (resumably), with or without images."""
 
 import os
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from helpers import load_config
+from helpers import TOY_SHAPE, load_config, write_toy_cache
 
 from eqvae_jax.data import latent_cache
 from eqvae_jax.data.decode import decode_image
@@ -49,9 +49,18 @@ def test_record_round_trip():
     for dtype, tol in (("float32", 0), ("float16", 1e-3), ("bfloat16", 1e-2)):
         data = latent_cache.encode_record(12, 3, True, moments, dtype)
         r = latent_cache.decode_record(data, (4, 4, 4), dtype)
-        assert (int(r["index"]), int(r["label"]), bool(r["flipped"])) == (12, 3, True)
+        assert (int(r["index"]), int(r["label"]), bool(r["flipped"])) == (12, 3, True) and "image" not in r
         np.testing.assert_allclose(r["mean"], moments[..., :4], atol=tol * 4)
         np.testing.assert_allclose(r["std"], moments[..., 4:], atol=tol * 4)
+    image = np.random.default_rng(1).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    data = latent_cache.encode_record(1, 2, False, moments, "bfloat16", image[:, ::-1])
+    r = latent_cache.decode_record(data, (4, 4, 4), "bfloat16", (6, 6, 3))
+    np.testing.assert_array_equal(r["image"], image[:, ::-1])
+    np.testing.assert_allclose(r["mean"], moments[..., :4], atol=4e-2)
+    with pytest.raises(ValueError, match="expected"):  # a cache read with the wrong layout is an error
+        latent_cache.decode_record(data, (4, 4, 4), "bfloat16")
+    with pytest.raises(ValueError, match="uint8"):
+        latent_cache.encode_record(1, 2, False, moments, "float32", image.astype(np.float32))
 
 
 def test_extraction_stores_the_vae_posterior(cache, demo_dir):
@@ -59,11 +68,12 @@ def test_extraction_stores_the_vae_posterior(cache, demo_dir):
     meta = latent_cache.read_meta(cache_dir)
     assert stats["chunks_written"] == meta["num_chunks"] == 2 and stats["images"] == meta["num_images"] == 7
     assert meta["latent_shape"] == [8, 8, 4] and meta["scaling_factor"] == pytest.approx(0.18215)
+    assert meta["store_images"] and latent_cache.image_shape(meta) == (64, 64, 3)
     paths = latent_cache.complete_chunk_files(cache_dir, meta)
     import grain
 
     source = grain.sources.ArrayRecordDataSource(paths)
-    records = [latent_cache.decode_record(source[i], (8, 8, 4), "float32") for i in range(len(source))]
+    records = [latent_cache.decode_record(source[i], (8, 8, 4), "float32", (64, 64, 3)) for i in range(len(source))]
     assert len(records) == 14  # 7 images + 7 flipped copies
     assert sorted((int(r["index"]), bool(r["flipped"])) for r in records) == [(i, f) for i in range(7)
                                                                                  for f in (False, True)]
@@ -77,6 +87,8 @@ def test_extraction_stores_the_vae_posterior(cache, demo_dir):
         post = vae.encode(xin)
         r = next(r for r in records if int(r["index"]) == 5 and bool(r["flipped"]) == flipped)
         assert int(r["label"]) == rec["label"]
+        # the stored crop is the one encoded above (xin), mirrored for the flipped record
+        np.testing.assert_array_equal(r["image"], crop[:, ::-1] if flipped else crop)
         np.testing.assert_allclose(r["mean"], np.asarray(post.mean[0]), atol=1e-5)
         np.testing.assert_allclose(r["std"], np.asarray(post.std[0]), atol=1e-5)
 
@@ -105,6 +117,10 @@ def test_restart_skips_finished_chunks(cache, tmp_path):
     changed.flip_copy = False
     with pytest.raises(ValueError, match="made differently"):
         latent_extraction.run(changed, cache_dir)
+    changed = _config(config.data.data_dir)
+    changed.store_images = False
+    with pytest.raises(ValueError, match=r"made differently \(\['store_images'\]"):
+        latent_extraction.run(changed, cache_dir)
 
 
 def test_iterator_reads_cache_and_resumes(cache):
@@ -114,6 +130,7 @@ def test_iterator_reads_cache_and_resumes(cache):
     it, meta = latent_cache.build_latent_iterator(lat, mesh, 8)
     first = next(it)
     assert first["mean"].shape == (8, 8, 8, 4) and first["label"].dtype == jnp.int32
+    assert first["image"].shape == (8, 64, 64, 3) and first["image"].dtype == jnp.uint8
     assert bool(jnp.all(first["std"] > 0)) and first["mean"].sharding.spec == jax.sharding.PartitionSpec(
         ("data", "fsdp"))
     state = it.get_state()
@@ -147,3 +164,14 @@ def test_incomplete_cache_is_an_error(tmp_path):
     latent_cache.write_chunk(latent_cache.chunk_path(str(tmp_path), 0, 2), [rec])
     with pytest.raises(FileNotFoundError, match="1 of 2 chunks missing"):
         latent_cache.complete_chunk_files(str(tmp_path), latent_cache.read_meta(str(tmp_path)))
+
+
+def test_cache_without_images_still_reads(tmp_path):
+    """A cache whose meta predates `store_images` (the toy cache writes none) yields batches without 'image'."""
+    write_toy_cache(str(tmp_path))
+    meta = latent_cache.read_meta(str(tmp_path))
+    assert "store_images" not in meta and latent_cache.image_shape(meta) is None
+    it, _ = latent_cache.build_latent_iterator(LatentsConfig(cache_dir=str(tmp_path)), make_mesh(1, -1), 8)
+    batch = next(it)
+    it.close()
+    assert sorted(batch) == ["label", "mean", "std"] and batch["mean"].shape == (8, *TOY_SHAPE)

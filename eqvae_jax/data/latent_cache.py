@@ -2,14 +2,17 @@
 
 Layout of a cache directory (written by the `extract_latents` job, eqvae_jax/train/latents):
 
-    CACHE/meta.json                     what was encoded how (VAE, crop, flip copy, latent shape, scale)
+    CACHE/meta.json                     what was encoded how (VAE, crop, flip copy, latent shape, scale, images)
     CACHE/chunks/chunk-00007-of-00040.array_record
 
 The source images are split into fixed chunks of `chunk_size` consecutive indices; chunk k is encoded by
 process k % process_count and written to a temporary name, then renamed, so a chunk file exists only when it
 is complete. A restarted extraction skips chunks whose file exists (whatever the process count).
 
-A record is `<q index><i label><B flipped>` followed by the (h, w, 2c) array [mean | std] in the cache dtype.
+A record is `<q index><i label><B flipped>` followed by the (h, w, 2c) array [mean | std] in the cache dtype
+and, in a cache extracted with `store_images` (meta `store_images: true`), by the uint8 (S, S, 3) crop the latent
+was encoded from, exactly as encoded (mirrored in a flipped record): REPA's teacher input. Caches without the
+meta key have no images and read as before. At 256 px a crop is 196,608 bytes, six times a float32 latent.
 Training draws z = mean + std * eps every step (REPA/edm2 style) and maps it with the VAE's latent scale:
 (z - shift_factor) * scaling_factor (0.18215 for SD-VAE-based EQ-VAE).
 """
@@ -60,19 +63,44 @@ def chunk_path(cache_dir: str, chunk: int, num_chunks: int) -> str:
     return os.path.join(cache_dir, CHUNKS_DIR, chunk_name(chunk, num_chunks))
 
 
-def encode_record(index: int, label: int, flipped: bool, moments: np.ndarray, dtype: str) -> bytes:
-    """One record: header + [mean | std] (h, w, 2c) in the cache dtype."""
-    return HEADER.pack(int(index), int(label), int(flipped)) + np.asarray(moments).astype(_np_dtype(dtype)).tobytes()
+def encode_record(index: int, label: int, flipped: bool, moments: np.ndarray, dtype: str,
+                  image: np.ndarray | None = None) -> bytes:
+    """One record: header + [mean | std] (h, w, 2c) in the cache dtype [+ the uint8 (S, S, 3) crop]."""
+    data = HEADER.pack(int(index), int(label), int(flipped)) + np.asarray(moments).astype(_np_dtype(dtype)).tobytes()
+    if image is not None:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3:
+            raise ValueError(f"a cached image must be uint8 (S, S, 3), got {image.dtype} {image.shape}")
+        data += np.ascontiguousarray(image).tobytes()
+    return data
 
 
-def decode_record(data: bytes, shape: tuple[int, int, int], dtype: str) -> dict[str, Any]:
-    """Record bytes -> {'index', 'label', 'flipped', 'mean' (h,w,c) f32, 'std' (h,w,c) f32}."""
+def decode_record(data: bytes, shape: tuple[int, int, int], dtype: str,
+                  image_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
+    """Record bytes -> {'index', 'label', 'flipped', 'mean' (h,w,c) f32, 'std' (h,w,c) f32[, 'image' uint8]}.
+
+    `image_shape` (S, S, 3) for a cache that stores images; the record length is checked against the layout.
+    """
     index, label, flipped = HEADER.unpack_from(data)
     h, w, c = shape
+    item = _np_dtype(dtype).itemsize
+    image_bytes = int(np.prod(image_shape)) if image_shape is not None else 0
+    expected = HEADER.size + h * w * 2 * c * item + image_bytes
+    if len(data) != expected:
+        raise ValueError(f"latent cache record of {len(data)} bytes, expected {expected} for latents {shape} "
+                         f"{dtype}" + (f" + image {tuple(image_shape)} uint8" if image_shape is not None else ""))
     moments = np.frombuffer(data, _np_dtype(dtype), count=h * w * 2 * c, offset=HEADER.size)
     moments = moments.reshape(h, w, 2 * c).astype(np.float32)
-    return {"index": np.int64(index), "label": np.int32(label), "flipped": np.bool_(flipped),
-            "mean": moments[..., :c], "std": moments[..., c:]}
+    out = {"index": np.int64(index), "label": np.int32(label), "flipped": np.bool_(flipped),
+           "mean": moments[..., :c], "std": moments[..., c:]}
+    if image_shape is not None:
+        out["image"] = np.frombuffer(data, np.uint8, offset=expected - image_bytes).reshape(image_shape)
+    return out
+
+
+def image_shape(meta: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(S, S, 3) of the crops a cache stores, None for a cache without images (also any written before them)."""
+    return (meta["image_size"], meta["image_size"], 3) if meta.get("store_images", False) else None
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -134,19 +162,19 @@ def write_chunk(path: str, records: list[bytes]) -> None:
 
 
 class _Decode(grain.transforms.Map):
-    def __init__(self, shape: tuple[int, int, int], dtype: str) -> None:
-        self.shape, self.dtype = tuple(shape), dtype
+    def __init__(self, shape: tuple[int, int, int], dtype: str, image: tuple[int, int, int] | None) -> None:
+        self.shape, self.dtype, self.image = tuple(shape), dtype, image
 
     def map(self, element: bytes) -> dict[str, Any]:
-        record = decode_record(element, self.shape, self.dtype)
-        return {"mean": record["mean"], "std": record["std"], "label": record["label"]}
+        record = decode_record(element, self.shape, self.dtype, self.image)
+        return {k: record[k] for k in ("mean", "std", "label", "image") if k in record}
 
 
 def latent_dataset(
     config: LatentReadConfig, per_process_batch: int, process_index: int, process_count: int,
     rows: np.ndarray | None = None,
 ) -> tuple[grain.IterDataset, dict[str, Any]]:
-    """This process's training batches of {'mean', 'std', 'label'} from the cache, plus the cache meta.
+    """This process's training batches of {'mean', 'std', 'label'[, 'image' uint8]} from the cache, and its meta.
 
     Seeded global shuffle, reshuffled each epoch, repeated forever; the process reads `rows` (default: the
     contiguous block `process_index`) of every global batch, so the global batches do not depend on the
@@ -160,7 +188,7 @@ def latent_dataset(
     ds = ds.repeat(None)
     rows = pipeline.contiguous_rows(per_process_batch, process_index) if rows is None else rows
     ds = pipeline.GlobalBatchRows(ds, rows, per_process_batch * process_count, config.worker_count)
-    ds = ds.map(_Decode(tuple(meta["latent_shape"]), meta["dtype"]))
+    ds = ds.map(_Decode(tuple(meta["latent_shape"]), meta["dtype"], image_shape(meta)))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.read_threads), prefetch_buffer_size=64))
     it = it.batch(per_process_batch, drop_remainder=True)
     if config.worker_count:
@@ -169,9 +197,13 @@ def latent_dataset(
 
 
 def build_latent_iterator(
-    config: LatentReadConfig, mesh: Mesh, global_batch: int
+    config: LatentReadConfig, mesh: Mesh, global_batch: int, images: bool = True
 ) -> tuple[InputIterator, dict[str, Any]]:
-    """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta."""
+    """The training iterator over a latent cache (`config` is a job's `latents` section) and the cache meta.
+
+    Batches hold 'mean', 'std' (float32), 'label' (int32) and, when the cache stores them and `images` is on,
+    'image' (uint8 crops).
+    """
     sharding = batch_sharding(mesh)
     count = jax.process_count()
     if global_batch % count:
@@ -180,5 +212,5 @@ def build_latent_iterator(
                                    local_rows(sharding, global_batch))
     # The image pipeline's checkpointable prefetching iterator, over the cache's fields.
     iterator = InputIterator(dataset, sharding, global_batch, config.prefetch, scale_on_device=False,
-                             device_keys=("mean", "std", "label"))
+                             device_keys=("mean", "std", "label") + (("image",) if images else ()))
     return iterator, meta

@@ -78,23 +78,31 @@ def projection_loss(zs: Sequence[jax.Array], zs_tilde: Sequence[jax.Array]) -> j
     return total / (len(zs) * zs[0].shape[0])
 
 
-def preprocess_raw_image(images: jax.Array) -> jax.Array:
+def teacher_input_size(tokens_per_side: int, patch_size: int = 14) -> int:
+    """Teacher input side whose patch grid equals the student's token grid: 14 * 16 = 224 for SiT/2 on f8
+    latents of 256 px images, 448 at 512 px, i.e. REPA's `224 * (resolution // 256)` wherever REPA runs; other
+    grids (a tiny model, SiT/4) get the size that still gives one teacher token per student token."""
+    return tokens_per_side * patch_size
+
+
+def preprocess_raw_image(images: jax.Array, size: int | None = None) -> jax.Array:
     """REPA's `preprocess_raw_image` for DINOv2: uint8 NHWC (B, R, R, 3) -> float32 (B, S, S, 3), S = 224 * (R // 256).
 
     x / 255, then (x - ImageNet mean) / ImageNet std, then torch's `F.interpolate(x, S, mode='bicubic')`
     (align_corners False, no antialias; a=-0.75 with replicated edges) as `jax.image.resize` method
-    "bicubic-pytorch" (plain "bicubic" would be a different kernel). In that order, as REPA does.
+    "bicubic-pytorch" (plain "bicubic" would be a different kernel). In that order, as REPA does. `size`
+    replaces REPA's S (see `teacher_input_size`).
     """
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"preprocess_raw_image expects square NHWC RGB images, got {images.shape}")
-    size = 224 * (images.shape[2] // 256)
-    if size == 0:
-        raise ValueError(f"preprocess_raw_image: resolution {images.shape[2]} < 256 gives no output")
+    size = 224 * (images.shape[2] // 256) if size is None else size
+    if size <= 0:
+        raise ValueError(f"preprocess_raw_image: resolution {images.shape[2]} < 256 gives no output (pass a size)")
     x = images.astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
     return jax.image.resize(x, (x.shape[0], size, size, 3), method="bicubic-pytorch", antialias=False)
 
 
-def teacher_features(teacher: nnx.Module, images: jax.Array) -> jax.Array:
+def teacher_features(teacher: nnx.Module, images: jax.Array, size: int | None = None) -> jax.Array:
     """DINOv2 patch tokens (B, N, D) of raw uint8 crops, as REPA's target (no gradient flows into them)."""
-    return jax.lax.stop_gradient(teacher(preprocess_raw_image(images))["x_norm_patchtokens"])
+    return jax.lax.stop_gradient(teacher(preprocess_raw_image(images, size))["x_norm_patchtokens"])

@@ -2,6 +2,8 @@
 
 `build_mlp` is `models/sit.py` build_mlp (torch); `proj_loss` is the projection-loss loop of `loss.py`
 SILoss.__call__ in numpy (F.normalize = x / max(||x||, 1e-12); mean_flat of a 1-D tensor = its mean);
+`si_loss` is the whole SILoss.__call__ (path 'linear', prediction 'v') in numpy with its random draws
+(time_input, noises) passed in, and `train_loss` train.py's combination `loss.mean() + proj_coeff * proj_loss`;
 `preprocess_raw_image` is `train.py`'s DINOv2 branch in torch, with torchvision's Normalize written out
 ((x - mean) / std per channel) because torchvision does not load here.
 """
@@ -51,3 +53,26 @@ def preprocess_raw_image(x: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     x = (x - mean) / std
     return F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
+
+
+def mean_flat(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=tuple(range(1, x.ndim)))
+
+
+def si_loss(model, images: np.ndarray, time_input: np.ndarray, noises: np.ndarray, zs: list[np.ndarray]):
+    """SILoss(prediction='v', path_type='linear').__call__ with given draws: (denoising_loss (B,), proj_loss).
+
+    `model(x, t) -> (output, zs_tilde)` in REPA's convention (t = 0 data, t = 1 noise); images (B, ...) latents.
+    """
+    t = time_input.reshape((-1,) + (1,) * (images.ndim - 1))
+    alpha_t, sigma_t, d_alpha_t, d_sigma_t = 1 - t, t, -1, 1  # interpolant, path_type == "linear"
+    model_input = alpha_t * images + sigma_t * noises
+    model_target = d_alpha_t * images + d_sigma_t * noises
+    model_output, zs_tilde = model(model_input, time_input.flatten())
+    denoising_loss = mean_flat((model_output - model_target) ** 2)
+    return denoising_loss, proj_loss(zs, zs_tilde)
+
+
+def train_loss(denoising_loss: np.ndarray, proj: float, proj_coeff: float = 0.5) -> float:
+    """train.py: loss_mean + proj_loss_mean * args.proj_coeff."""
+    return float(denoising_loss.mean() + proj * proj_coeff)

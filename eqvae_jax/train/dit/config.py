@@ -5,6 +5,14 @@ constant LR, no clipping, global batch 256, EMA 0.9999 every step (initialised a
 1000 classes, learned sigma, 400K updates. `objective='ddpm'` is DiT (1000-step linear schedule, eps
 prediction, MSE + VB); 'sit' is SiT (linear interpolant, velocity prediction). FSDP over the devices of a
 slice, data parallel across slices.
+
+`repa` (SiT only) adds REPA (Yu et al., ICLR 2025; sihyun-yu/REPA): the tokens after block `encoder_depth`
+go through a projector MLP and are aligned (negative cosine, weight `proj_coeff`) with a frozen DINOv2's
+patch tokens of the uint8 crop each latent was encoded from, so the latent cache must store its crops
+(extraction `store_images`). The teacher runs on the fly every step (DINOv2-B/14: 46.3 GFLOP per image, +6.4%
+on SiT-XL/2's 724 with the projector; +0.3 GiB per chip on v5p-8) rather than from stored features: 256x768 bf16
+features would be 393,216 B per image against 196,608 B for the crop, twice the storage and host-to-device
+traffic, and tied to one teacher and resolution.
 """
 
 from __future__ import annotations
@@ -16,13 +24,23 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig
+from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig, read_meta
+from eqvae_jax.models import dinov2, weights
 from eqvae_jax.models.dit import PATCHES, SIZES, DiTConfig, dit_config
-from eqvae_jax.train.config import CheckpointConfig, LogConfig, MeshConfig, RunConfig, run_problems
+from eqvae_jax.train.config import (
+    CheckpointConfig,
+    LogConfig,
+    MeshConfig,
+    RunConfig,
+    run_problems,
+    weights_dir_problem,
+)
 from eqvae_jax.typed_config import ConfigError, default_config, parse_collect
 
 OBJECTIVES = ("ddpm", "sit")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "sit": ("ode", "sde")}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+TEACHER_SHARDINGS = ("replicated", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +81,22 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RepaConfig:
+    """REPA's alignment loss (sihyun-yu/REPA train.py defaults); off unless `enabled`."""
+
+    enabled: bool = False
+    teacher: str = ""  # a DINOv2 weights dir (python -m eqvae_jax.convert --kind dinov2), or 'random' (tests)
+    teacher_preset: str = "vitb14"  # teacher='random': a models.dinov2 preset (REPA: dinov2-vit-b)
+    teacher_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # teacher='random': config fields
+    teacher_dtype: str = "bfloat16"  # teacher matmuls (REPA runs it under fp16 autocast); weights stay float32
+    teacher_sharding: str = "replicated"  # or 'fsdp': shard the frozen weights like the model's (large teachers)
+    z_dim: int = 768  # the teacher's feature size (checked against it): the projector's output
+    projector_dim: int = 2048
+    encoder_depth: int = 8  # align the tokens after this many blocks
+    proj_coeff: float = 0.5  # loss = denoising + proj_coeff * projection loss
+
+
+@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """Sampling settings (`python -m eqvae_jax.sample` reads them too) and the periodic sample grid."""
 
@@ -94,6 +128,7 @@ class DiTJobConfig(RunConfig):
     latents: LatentsConfig = LatentsConfig()
     optim: OptimConfig = OptimConfig()
     ema_decay: float = 0.9999
+    repa: RepaConfig = dataclasses.field(default_factory=RepaConfig)
     sample: SampleConfig = SampleConfig()
 
     @property
@@ -106,15 +141,85 @@ class DiTJobConfig(RunConfig):
         base = dit_config(m.size, m.patch, input_size=latent_shape[0], in_channels=latent_shape[2],
                           num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob,
                           learn_sigma=m.learn_sigma, compute_dtype=m.compute_dtype, remat=m.remat)
+        if self.repa.enabled:
+            base = dataclasses.replace(base, z_dim=self.repa.z_dim, projector_dim=self.repa.projector_dim)
         return dataclasses.replace(base, **m.overrides)
+
+    def teacher_config(self) -> dinov2.DINOv2Config:
+        """The REPA teacher's architecture (from its weights dir's config.json, or the random preset)."""
+        r = self.repa
+        if r.teacher == "random":
+            cfg = dinov2.preset(r.teacher_preset, **r.teacher_overrides)
+        else:
+            kind, raw = weights.read_config(r.teacher)
+            if kind != dinov2.KIND:
+                raise ValueError(f"repa.teacher={r.teacher!r} holds a {kind!r} model, not {dinov2.KIND!r}")
+            cfg = dinov2.DINOv2Config.from_dict(raw)
+        return dataclasses.replace(cfg, compute_dtype=r.teacher_dtype)
 
 
 def defaults() -> ConfigDict:
     return default_config(DiTJobConfig)
 
 
+def _repa_problems(c: DiTJobConfig, check_files: bool) -> list[str]:
+    r = c.repa
+    problems = []
+    if c.objective != "sit":
+        problems.append(f"repa.enabled needs objective='sit' (REPA trains SiT), not {c.objective!r}")
+    try:
+        depth = c.dit_config((32, 32, 4)).depth
+        if not 1 <= r.encoder_depth <= depth:
+            problems.append(f"repa.encoder_depth={r.encoder_depth} must be in [1, {depth}] (the model's depth)")
+    except (TypeError, ValueError):
+        pass  # reported by the model checks
+    if r.z_dim < 1 or r.projector_dim < 1:
+        problems.append("repa.z_dim and repa.projector_dim must be >= 1")
+    if r.proj_coeff < 0:
+        problems.append("repa.proj_coeff must be >= 0")
+    if r.teacher_sharding not in TEACHER_SHARDINGS:
+        problems.append(f"repa.teacher_sharding must be one of {TEACHER_SHARDINGS}, not {r.teacher_sharding!r}")
+    if r.teacher_dtype not in COMPUTE_DTYPES:
+        return problems + [f"repa.teacher_dtype must be one of {COMPUTE_DTYPES}, not {r.teacher_dtype!r}"]
+    if r.teacher == "random":
+        if r.teacher_preset not in dinov2.PRESETS:
+            problems.append(f"repa.teacher_preset {r.teacher_preset!r} is not one of {sorted(dinov2.PRESETS)}")
+            return problems
+    elif not check_files:
+        return problems
+    else:
+        problem = weights_dir_problem("repa.teacher", r.teacher)
+        if problem:
+            return problems + [problem + " (or 'random' for a randomly initialised teacher)"]
+    try:
+        teacher = c.teacher_config()
+    except (TypeError, ValueError) as e:
+        return problems + [f"repa.teacher: {e}"]
+    if teacher.hidden_size != r.z_dim:
+        problems.append(f"repa.z_dim={r.z_dim} differs from the teacher's feature size {teacher.hidden_size}")
+    return problems
+
+
+def _cache_problems(c: DiTJobConfig) -> list[str]:
+    if not c.latents.cache_dir:
+        return ["latents.cache_dir is empty: extract latents first (configs/extract_latents.py)"]
+    if not os.path.isfile(os.path.join(c.latents.cache_dir, META_FILE)):
+        return [f"latents.cache_dir={c.latents.cache_dir!r} is not a latent cache (no {META_FILE})"]
+    if c.repa.enabled:
+        try:
+            meta = read_meta(c.latents.cache_dir)
+        except (OSError, ValueError) as e:
+            return [f"latents.cache_dir: {e}"]
+        if not meta.get("store_images", False):
+            return [f"latents.cache_dir={c.latents.cache_dir!r} stores no images, and REPA's teacher needs the crop "
+                    "of every latent: extract the cache with --config.store_images=True "
+                    "(configs/extract_latents.py:images)"]
+    return []
+
+
 def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache: bool = True) -> DiTJobConfig:
-    """The typed config, or a ConfigError listing every problem."""
+    """The typed config, or a ConfigError listing every problem. `check_cache=False` skips the checks that read
+    files (the latent cache, the REPA teacher's weights dir), e.g. to sample from a finished run."""
     c, problems = parse_collect(DiTJobConfig, config)
     problems += run_problems(c, jax.device_count() if num_devices is None else num_devices,
                              len({getattr(d, "slice_index", 0) for d in jax.devices()}))
@@ -126,15 +231,14 @@ def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache
     if c.model.size not in SIZES or c.model.patch not in PATCHES:
         problems.append(f"model size/patch {c.model.size}/{c.model.patch} unknown (sizes {sorted(SIZES)}, "
                         f"patches {PATCHES})")
-    if c.model.compute_dtype not in ("float32", "bfloat16"):
+    if c.model.compute_dtype not in COMPUTE_DTYPES:
         problems.append(f"model.compute_dtype must be 'float32' or 'bfloat16', not {c.model.compute_dtype!r}")
     if not 0.0 <= c.ema_decay < 1.0:
         problems.append("ema_decay must be in [0, 1)")
+    if c.repa.enabled:
+        problems += _repa_problems(c, check_cache)
     if check_cache:
-        if not c.latents.cache_dir:
-            problems.append("latents.cache_dir is empty: extract latents first (configs/extract_latents.py)")
-        elif not os.path.isfile(os.path.join(c.latents.cache_dir, META_FILE)):
-            problems.append(f"latents.cache_dir={c.latents.cache_dir!r} is not a latent cache (no {META_FILE})")
+        problems += _cache_problems(c)
     if problems:
         raise ConfigError(problems)
     return c

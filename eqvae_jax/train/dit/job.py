@@ -5,6 +5,7 @@
 
 One jitted step per update (FSDP inside a slice); the shared loop (train/loop.py) does resume, logging,
 checkpoints, stopping and the non-finite policy. A periodic sample grid from the EMA weights is optional.
+SiT + REPA (`configs/sit.py:model=XL/2,repa`) adds the frozen DINOv2 teacher as a further step input.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ml_collections import ConfigDict
 from eqvae_jax.data.latent_cache import build_latent_iterator
 from eqvae_jax.diffusion import sampling
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
+from eqvae_jax.models.dinov2 import dinov2_flops
 from eqvae_jax.models.dit import FunctionalDiT, dit_flops
+from eqvae_jax.models.repa import teacher_input_size
 from eqvae_jax.parallel.mesh import make_mesh
 from eqvae_jax.train import loop
 from eqvae_jax.train.dit import state as dit_state
@@ -28,8 +31,12 @@ from eqvae_jax.train.services import open_run
 from eqvae_jax.typed_config import parse
 
 log = logging.getLogger(__name__)
-# Config entries a resumed run must keep: they change the model or what it learns.
+# Config entries a resumed run must keep: they change the model or what it learns. The REPA entries are checked
+# only when REPA is on, so that runs from before the `repa` section resume (a REPA run resumed without REPA
+# fails on its checkpoint's extra projector params instead).
 RESUME_MUST_MATCH = ("objective", "model", "latents.cache_dir")
+REPA_RESUME_MUST_MATCH = ("repa.enabled", "repa.z_dim", "repa.projector_dim", "repa.encoder_depth",
+                          "repa.proj_coeff")
 
 
 def cache_autoencoder(host: dict[str, Any], vae_weights: str = "") -> AutoencoderSpec:
@@ -42,7 +49,8 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
     """Train until config.total_updates (or a stop request); returns the loop's summary (train/loop.py)."""
     config = config if isinstance(config, DiTJobConfig) else parse_config(config)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    data, meta = build_latent_iterator(config.latents, mesh, config.global_batch_size)
+    aligned = config.repa.enabled
+    data, meta = build_latent_iterator(config.latents, mesh, config.global_batch_size, images=aligned)
     scale = config.latents.scaling_factor or meta["scaling_factor"]
     shift = meta["shift_factor"] if config.latents.shift_factor is None else config.latents.shift_factor
     cfg = config.dit_config(tuple(meta["latent_shape"]))
@@ -50,8 +58,18 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
     tx = dit_state.make_optimizer(config.optim)
     model, state, shardings = dit_state.create(cfg, config.seed, tx, mesh, config.fsdp_min_size)
     flops = dit_flops(cfg, config.global_batch_size, train=True)
+    teacher, teacher_shardings, extra = None, None, ()
+    if aligned:
+        tcfg = config.teacher_config()
+        teacher, teacher_shardings = dit_state.create_teacher(config.repa, tcfg, mesh, config.fsdp_min_size,
+                                                              config.seed)
+        size = teacher_input_size(cfg.input_size // cfg.patch_size, tcfg.patch_size)
+        flops += dinov2_flops(tcfg, size, config.global_batch_size)  # forward only
+        log.info("repa: teacher %s (%s) at %d px, tokens after block %d aligned with weight %g",
+                 config.repa.teacher, tcfg.compute_dtype, size, config.repa.encoder_depth, config.repa.proj_coeff)
+        extra = (teacher,)
     log.info("dit: %s; %.1f TFLOP per update; mesh %s", cfg, flops / 1e12, dict(mesh.shape))
-    step_fn = make_train_step(model, tx, config, float(scale), float(shift), mesh, shardings)
+    step_fn = make_train_step(model, tx, config, float(scale), float(shift), mesh, shardings, teacher_shardings)
     key = jax.random.key(config.seed)
     host = {"scaling_factor": float(scale), "shift_factor": float(shift), "latent_shape": list(meta["latent_shape"]),
             "vae": meta["vae"]}
@@ -68,15 +86,16 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
     job = loop.Job(
         name="dit",
         state=state,
-        train_step=lambda s, batch, micro: step_fn(s, batch, key),
+        train_step=lambda s, batch, micro: step_fn(s, batch, key, *extra),
         data=data,
-        resume_must_match=RESUME_MUST_MATCH,
+        resume_must_match=RESUME_MUST_MATCH + (REPA_RESUME_MUST_MATCH if aligned else ()),
         host_state=lambda: dict(host),
         evaluate=evaluate if grid is not None else None,
         eval_every=config.sample.grid_every_updates,
         log_scalars=log_scalars,
-        console_fields=(("loss", "loss"), ("mse", "mse"), ("vb", "vb"), ("grad", "grad_norm")),
-        overview={"DiT": state.params, "EMA": state.ema, "optimizer state": state.opt_state},
+        console_fields=(("loss", "loss"), ("mse", "mse"), ("vb", "vb"), ("proj", "proj_loss"), ("grad", "grad_norm")),
+        overview={"DiT": state.params, "EMA": state.ema, "optimizer state": state.opt_state,
+                  **({"REPA teacher (frozen)": teacher.state} if aligned else {})},
     )
     try:
         return loop.run(job, config, services, stop_after)

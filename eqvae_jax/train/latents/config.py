@@ -30,6 +30,7 @@ class ExtractConfig:
     batch_size_per_process: int = 256  # images per encode call on this process (padded at the end of a chunk)
     chunk_size: int = 4096  # images per chunk file; the unit of resumption
     flip_copy: bool = False  # also store the horizontally flipped image as a second record
+    store_images: bool = False  # also store each uint8 crop as encoded (REPA's teacher input; 196,608 B at 256 px)
     dtype: str = "float32"  # storage dtype of mean/std ('float16'/'bfloat16' halve the cache)
     compilation_cache_dir: str = ""  # '' = WORKDIR/jax_cache
 

@@ -1,4 +1,5 @@
-"""Latent extraction job: encode a dataset once into a latent cache (posterior mean and std + label per image).
+"""Latent extraction job: encode a dataset once into a latent cache (posterior mean and std + label per image,
+and with `store_images` the uint8 crop as encoded).
 
     python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=CACHE_DIR \
         --config.vae.weights=weights/eq_vae
@@ -93,6 +94,7 @@ def _meta(config: ExtractConfig, num_images: int, latent_shape: tuple[int, ...],
         "chunk_size": config.chunk_size,
         "num_chunks": -(-num_images // config.chunk_size),
         "flip_copy": bool(config.flip_copy),
+        "store_images": bool(config.store_images),
         "image_size": d.image_size,
         "transform": d.transform,
         "source": {"source": d.source, "tfds_name": d.tfds_name, "folder": d.folder, "split": config.split},
@@ -100,19 +102,25 @@ def _meta(config: ExtractConfig, num_images: int, latent_shape: tuple[int, ...],
 
 
 _MUST_MATCH = ("vae", "latent_shape", "dtype", "num_images", "chunk_size", "flip_copy", "image_size",
-               "transform", "source", "scaling_factor", "shift_factor")
+               "transform", "source", "scaling_factor", "shift_factor", "store_images")
+_META_DEFAULTS = {"store_images": False}  # keys that caches written before them lack
 
 
 def _check_or_write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
     meta = json.loads(json.dumps(meta))  # compare in JSON form (tuples become lists)
     if os.path.isfile(os.path.join(cache_dir, latent_cache.META_FILE)):
         old = latent_cache.read_meta(cache_dir)
-        diff = [k for k in _MUST_MATCH if old.get(k) != meta[k]]
+        diff = [k for k in _MUST_MATCH if old.get(k, _META_DEFAULTS.get(k)) != meta[k]]
         if diff:
             raise ValueError(f"{cache_dir!r} holds a latent cache made differently ({diff} differ); "
                              "use a new --workdir or delete the old cache")
     elif jax.process_index() == 0:
         latent_cache.write_meta(cache_dir, meta)
+
+
+def encoded_crop(image: np.ndarray, flipped: bool) -> np.ndarray:
+    """The uint8 (S, S, 3) crop exactly as the encoder saw it: mirrored left-right for a flipped record."""
+    return image[:, ::-1] if flipped else image
 
 
 def make_encoder(vae: nnx.Module, flip_copy: bool, sharding: NamedSharding):
@@ -188,13 +196,14 @@ def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
         chunk, host, moments = inflight.popleft()
         moments = np.asarray(moments)
         b = len(host["index"])
+        image = lambda i, flipped: encoded_crop(host["image"][i], flipped) if config.store_images else None
         for i in range(b):
             if host["mask"][i]:
                 records[chunk].append(latent_cache.encode_record(
-                    host["index"][i], host["label"][i], False, moments[i], config.dtype))
+                    host["index"][i], host["label"][i], False, moments[i], config.dtype, image(i, False)))
                 if config.flip_copy:
                     records[chunk].append(latent_cache.encode_record(
-                        host["index"][i], host["label"][i], True, moments[b + i], config.dtype))
+                        host["index"][i], host["label"][i], True, moments[b + i], config.dtype, image(i, True)))
         stats["images"] += int(host["mask"].sum())
         stats["skipped"] += int((~host["mask"] & (host["index"] >= 0)).sum())  # bad images, not padding
         remaining[chunk] -= 1
