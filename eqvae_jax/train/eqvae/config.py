@@ -137,6 +137,9 @@ def semantic_problems(c: EQVAEConfig, num_devices: int) -> list[str]:
     if c.disc.stats_groups and c.global_batch_size % c.disc.stats_groups:
         problems.append(f"disc.stats_groups={c.disc.stats_groups} does not divide global_batch_size="
                         f"{c.global_batch_size}")
+    if c.loss.adaptive_weight_groups and c.global_batch_size % c.loss.adaptive_weight_groups:
+        problems.append(f"loss.adaptive_weight_groups={c.loss.adaptive_weight_groups} does not divide "
+                        f"global_batch_size={c.global_batch_size}")
     problems += [p for p in [weights_dir_problem("disc.weights", c.disc.weights, required=False)] if p]
     if c.lpips.weights not in ("", "random"):
         problems += [p for p in [weights_dir_problem("lpips.weights", c.lpips.weights)] if p]

@@ -81,9 +81,10 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
     pretrain_micro = config.pretrain_updates * config.optim.accumulate
     expected = len(plans) + (1 if pretrain_micro and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans
                              else 0)
-    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s; %d compiled variants per step %s",
-             config.learning_rate, config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape),
-             expected, equivariance.plans_summary(plans))
+    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN weight "
+             "in %d and %d groups; %d compiled variants per step %s", config.learning_rate, config.optim.accumulate,
+             config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
+             built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
     g_variants = VariantTracker("g_step", expected, log.info)
     d_variants = VariantTracker("d_step", expected, log.info)
     base_key = jax.random.key(config.seed)
