@@ -73,6 +73,8 @@ def get_config(arg: str = ""):
     c.data.transform = "eqvae_train_crop"
     c.data.crop_min_fraction, c.data.crop_max_fraction = 0.5, 1.0
     c.data.flip = False
+    # Held-out monitoring: torchvision Resize(256) + CenterCrop(256), the reference's reconstruction evaluation.
+    c.data.eval_transform = "resize_center_crop"
 
     c.checkpoint.every_updates = 1000
     c.log.every_updates = 25

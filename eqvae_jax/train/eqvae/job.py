@@ -116,6 +116,10 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
             results = evaluation.evaluate(eval_step, params, built.lpips_state,
                                           build_eval_iterator(config.data, built.mesh, config.eval_batch_size),
                                           config.eval.batches)
+            if results:
+                log.info("eqvae: monitoring at update %d on %d held-out images (%s %d px, posterior sample), not "
+                         "the paper's 50K-image evaluation", update, int(results["eval/images"]),
+                         config.data.eval_transform, config.data.image_size)
         if config.eval.images:
             grid = evaluation.write_image_summaries(summary_fn, params, config, built.mesh, writer, update,
                                                     services.workdir)
