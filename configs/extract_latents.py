@@ -3,9 +3,10 @@
     python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=gs://.../latents/imagenet256 \
         --config.vae.weights=weights/eq_vae
 
-ADM center crop to 256 (fast-DiT's extract_features.py), float32 mean/std per image. Rerunning the same command
-finishes an interrupted extraction. `:tiny` encodes the demo photographs at 64 px with a random tiny VAE
-(CPU, seconds).
+ADM center crop to 256 and one horizontal flip drawn per image (fast-DiT's extract_features.py applies
+RandomHorizontalFlip once at extraction, so about half the stored latents are mirrored), float32 mean/std per
+image. Rerunning the same command finishes an interrupted extraction. `:tiny` encodes the demo photographs at
+64 px with a random tiny VAE (CPU, seconds).
 """
 
 from eqvae_jax.train.latents.config import defaults
@@ -20,7 +21,8 @@ def get_config(arg: str = ""):
     c.data.source = "tfds"
     c.data.image_size = 256
     c.data.transform = "adm_center_crop"
-    c.flip_copy = False
+    c.flip = "random"  # one record per image, mirrored with p = 0.5 (seeded per image: flip_seed, index)
+    c.flip_seed = 0
     c.dtype = "float32"
     if a.tiny:
         c.vae.init = "random"
@@ -31,5 +33,4 @@ def get_config(arg: str = ""):
         c.data.worker_count = 0
         c.batch_size_per_process = 8
         c.chunk_size = 8
-        c.flip_copy = True
     return c
