@@ -58,11 +58,10 @@ def test_config_errors_are_reported_before_anything_is_built(cache_dir):
     config = tiny_eqvae_config(cache_dir)
     config.transform.scale_numerators = [3, 5]  # on 32 px images: a 6 px and a 10 px target
     config.log.every_updates = 0
-    config.total_updates = "many"
     with pytest.raises(ConfigError) as e:
         parse_config(config)
     msg = str(e.value)
-    assert "log.every_updates must be >= 1" in msg and "total_updates must be an integer, got 'many'" in msg
+    assert "log.every_updates must be >= 1" in msg
     assert "transform equivariance@3/16: a 6 px target gives the 2-layer discriminator no logits" in msg
     config = tiny_eqvae_config(cache_dir)
     config.data.image_size = 36  # latent 18: 18 * 8/16 = 9 -> 18 px decoded, target 18 px: fine; 34 is not
