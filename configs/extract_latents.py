@@ -3,11 +3,12 @@
     python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=gs://.../latents/imagenet256 \
         --config.vae.weights=weights/eq_vae
 
-ADM center crop to 256 (fast-DiT's extract_features.py), float32 mean/std per image. Rerunning the same command
-finishes an interrupted extraction. `:images` also stores each uint8 crop as encoded (what SiT + REPA's DINOv2
-teacher reads, as REPA's own data preparation keeps the center-cropped images; 196,608 B per image, 252 GB for
-ImageNet's 1.28M). `:tiny` encodes the demo photographs at 64 px with a random tiny VAE and stores the crops
-(CPU, seconds).
+ADM center crop to 256 and one horizontal flip drawn per image (fast-DiT's extract_features.py applies
+RandomHorizontalFlip once at extraction, so about half the stored latents are mirrored), float32 mean/std per
+image. Rerunning the same command finishes an interrupted extraction. `:images` also stores each uint8 crop as
+encoded (what SiT + REPA's DINOv2 teacher reads, as REPA's own data preparation keeps the center-cropped
+images; 196,608 B per image, 252 GB for ImageNet's 1.28M). `:tiny` encodes the demo photographs at 64 px with
+a random tiny VAE and stores the crops (CPU, seconds).
 """
 
 from eqvae_jax.train.latents.config import defaults
@@ -22,7 +23,8 @@ def get_config(arg: str = ""):
     c.data.source = "tfds"
     c.data.image_size = 256
     c.data.transform = "adm_center_crop"
-    c.flip_copy = False
+    c.flip = "random"  # one record per image, mirrored with p = 0.5 (seeded per image: flip_seed, index)
+    c.flip_seed = 0
     c.store_images = a.images
     c.dtype = "float32"
     if a.tiny:
@@ -34,6 +36,5 @@ def get_config(arg: str = ""):
         c.data.worker_count = 0
         c.batch_size_per_process = 8
         c.chunk_size = 8
-        c.flip_copy = True
         c.store_images = True  # the tiny SiT + REPA variant reads them
     return c

@@ -7,7 +7,7 @@
 The weights are converted once with `python -m eqvae_jax.convert` (README). Variants (`:a,b=c`):
   vae=sdxl | vae=sd3   the paper's SDXL-VAE and SD3-VAE rows (same recipe; SD3: 16 latent channels, no quant
                        convs, latents shifted by 0.0609 then scaled by 1.5305, read from the converted weights)
-  ema                  the eq-vae-ema release: ImageNet, EMA of the autoencoder weights
+  ema                  the eq-vae-ema release: 44 ImageNet epochs (352,321 updates), EMA of the autoencoder weights
   tiny                 seconds on a CPU (tests, smoke runs): random tiny model, demo photos at 32 px
 """
 
@@ -61,7 +61,11 @@ def get_config(arg: str = ""):
     c.optim.scale_lr = True
     c.optim.b1, c.optim.b2, c.optim.eps = 0.5, 0.9, 1e-8
     c.ema.enabled = False
-    c.total_updates = 100_000
+    # Length of the eq-vae release: 5 epochs of OpenImages. OpenImages train (the 1,743,042-image set the paper's
+    # "one epoch ~ 10K updates" fits) / 160 images per update = 10,894 updates per epoch; 5 epochs = 54,470. We
+    # take this count rather than the paper's rounded 5 x 10K = 50K: it is the reference run's own number of
+    # updates (what matters for a fine-tune, whichever dataset feeds it; 54,470 updates are ~6.8 ImageNet epochs).
+    c.total_updates = 54_470
 
     # Data: random square crops of 50-100% of the short side, area-resized to 256, no flip.
     c.data.source = "tfds"  # ImageNet (imagenet2012 as ArrayRecord); source='folder' + data.folder for OpenImages
@@ -69,6 +73,8 @@ def get_config(arg: str = ""):
     c.data.transform = "eqvae_train_crop"
     c.data.crop_min_fraction, c.data.crop_max_fraction = 0.5, 1.0
     c.data.flip = False
+    # Held-out monitoring: torchvision Resize(256) + CenterCrop(256), the reference's reconstruction evaluation.
+    c.data.eval_transform = "resize_center_crop"
 
     c.checkpoint.every_updates = 1000
     c.log.every_updates = 25
@@ -76,6 +82,8 @@ def get_config(arg: str = ""):
 
     if a.ema:  # eq-vae-ema: the model card's "44 epochs on ImageNet with EMA weights" (decay not published)
         c.data.source = "tfds"
+        c.data.tfds_name = "imagenet2012"
+        c.total_updates = 352_321  # ceil(44 epochs * 1,281,167 ImageNet train images / 160 per update)
         c.ema.enabled = True
         c.ema.decay = 0.9999
     if a.tiny:

@@ -1,13 +1,16 @@
-"""Crops and decoding: the EQ-VAE training crop, the ADM center crop, and every kind of bad input."""
+"""Crops and decoding: the EQ-VAE training crop, the ADM center crop, torchvision's Resize + CenterCrop (the
+reference's reconstruction evaluation), and every kind of bad input."""
 
 import io
 
 import numpy as np
 import pytest
+import torchvision_functional  # torchvision's functional resize / center_crop for PIL input, transcribed
 from PIL import Image
 
+from eqvae_jax.data.config import DataConfig
 from eqvae_jax.data.decode import SkipImage, decode_image
-from eqvae_jax.data.transforms import Crop, adm_center_crop, eqvae_train_crop
+from eqvae_jax.data.transforms import Crop, adm_center_crop, eqvae_train_crop, resize_center_crop
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -75,6 +78,32 @@ def test_adm_center_crop_matches_reference(size):
     pixels = np.random.default_rng(3).integers(0, 256, size[::-1] + (3,), dtype=np.uint8)
     image = Image.fromarray(pixels)
     np.testing.assert_array_equal(adm_center_crop(image, 64), _adm_reference(image, 64))
+
+
+@pytest.mark.parametrize("size", [(517, 389), (389, 517), (1030, 700), (40, 90), (64, 64), (67, 64), (64, 66)])
+def test_resize_center_crop_matches_torchvision(size):
+    pixels = np.random.default_rng(5).integers(0, 256, size[::-1] + (3,), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    out = resize_center_crop(image, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.asarray(torchvision_functional.resize_center_crop(image, 64)))
+
+
+@pytest.mark.parametrize("width, left", [(64, 0), (65, 0), (66, 1), (67, 2), (69, 2), (100, 18)])
+def test_resize_center_crop_offsets_round_half_to_even(width, left):
+    """Short side already the size: no resize, the crop starts at int(round((w - 64) / 2.0))."""
+    out = resize_center_crop(_coordinates(width, 64), 64)
+    np.testing.assert_array_equal(out[0, :, 0], np.arange(left, left + 64))
+    np.testing.assert_array_equal(out[:, 0, 1], np.arange(64))
+
+
+def test_resize_center_crop_resizes_the_short_side_bilinear():
+    pixels = np.random.default_rng(6).integers(0, 256, (96, 128, 3), dtype=np.uint8)  # h 96, w 128
+    # short side 96 -> 64, long side int(64 * 128 / 96) = 85; left = int(round(21 / 2.0)) = 10, top 0
+    expected = np.asarray(Image.fromarray(pixels).resize((85, 64), Image.Resampling.BILINEAR))[:, 10:74]
+    np.testing.assert_array_equal(resize_center_crop(Image.fromarray(pixels), 64), expected)
+    assert DataConfig().eval_transform == "resize_center_crop"  # the reconstruction evaluation's default
+    np.testing.assert_array_equal(Crop("resize_center_crop", 64)(Image.fromarray(pixels), None), expected)
 
 
 def test_flip_is_horizontal_and_optional():

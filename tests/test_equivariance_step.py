@@ -1,16 +1,19 @@
-"""The jitted generator/discriminator steps over sampled branches: bounded, counted variants and no recompilation
-once every static plan has been seen; gradients reach the encoder through the equivariance branch."""
+"""The job's jitted generator/discriminator steps (train/eqvae/steps.compile_steps) over sampled branches: bounded,
+counted variants and no recompilation once every static plan has been seen; gradients reach the encoder through
+the equivariance branch."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from toys import ToyLPIPS, ToyVAE, make_steps
+from toys import ToyLPIPS, ToyVAE, production_steps
 
 from eqvae_jax.losses import equivariance as eq
 from eqvae_jax.losses.autoencoder import LossConfig
 from eqvae_jax.models.discriminator import NLayerDiscriminator
+from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, place
 from eqvae_jax.train import variants
+from eqvae_jax.train.eqvae import steps
 
 HW = (64, 64)
 
@@ -19,28 +22,33 @@ def test_no_recompilation_after_every_plan_was_seen():
     cfg = eq.TransformConfig(scale_numerators=(12, 20))
     plans = eq.all_plans(cfg, HW)
     assert len(plans) == 5  # 2 equivariance + 2 low-res + 1 plain
-    g_step, d_step, (vparams, dparams, dstats) = make_steps(
-        ToyVAE(0), ToyLPIPS(1), NLayerDiscriminator(ndf=4, n_layers=1, rngs=nnx.Rngs(2)), LossConfig()
+    spec, state, lpips_state, _, _ = production_steps(
+        ToyVAE(0), ToyLPIPS(1), NLayerDiscriminator(ndf=4, n_layers=1, rngs=nnx.Rngs(2)), LossConfig(),
+        return_pair=False,  # the reference's (and the default) redrawn D transform: D has its own forward
     )
+    mesh = make_mesh(2, 1, devices=jax.devices()[:2])  # the batch of 2 split over 2 devices, as in the job
+    compiled = steps.compile_steps(spec, state, lpips_state, mesh)
+    state = place(state, compiled.state_sharding)
     logs: list[str] = []
     g_tracker = variants.VariantTracker("g_step", expected=len(plans), logger=logs.append)
-    d_tracker = variants.VariantTracker("d_step", logger=logs.append)
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, *HW, 3)), jnp.float32)
+    d_tracker = variants.VariantTracker("d_step", expected=len(plans), logger=logs.append)
+    x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (2, *HW, 3)).astype(np.float32), batch_sharding(mesh))
     sampler = eq.TransformSampler(cfg, seed=0)
 
-    def one_step(i: int) -> tuple[eq.BranchPlan, int]:
-        nonlocal dstats
+    def one_step(i: int) -> tuple[eq.BranchPlan, int]:  # one micro-step as the job runs it (train/eqvae/job.py)
+        nonlocal state
         plan, rot_k = sampler.draw().plan(HW)
-        terms, (target, recon), dstats, grads = g_tracker(
-            plan, g_step, vparams, dparams, dstats, x, plan, rot_k, jax.random.key(i), jnp.int32(i)
-        )
-        d_terms, dstats, _ = d_tracker(target.shape, d_step, dparams, dstats, target, recon, jnp.int32(i))
-        assert np.isfinite(float(terms["total"])) and np.isfinite(float(d_terms["disc_loss"]))
+        key_g, key_d = jax.random.split(jax.random.key(i))
+        state, g_metrics, pair = g_tracker(plan, compiled.generator, state, lpips_state, x, rot_k, key_g, plan)
+        d_plan, d_rot = sampler.draw().plan(HW)
+        state, d_metrics = d_tracker(d_plan, compiled.discriminator, state, x, d_rot, key_d, pair, d_plan)
+        assert np.isfinite(float(g_metrics["g/total"])) and np.isfinite(float(d_metrics["d/disc_loss"]))
+        assert float(g_metrics["g/nonfinite"]) == 0 and float(d_metrics["d/nonfinite"]) == 0
         return plan, int(rot_k)
 
     seen: set[tuple[eq.BranchPlan, int]] = set()
     i = 0
-    while g_tracker.count < len(plans):
+    while g_tracker.count < len(plans) or d_tracker.count < len(plans):
         seen.add(one_step(i))
         i += 1
         assert i < 200
@@ -48,10 +56,10 @@ def test_no_recompilation_after_every_plan_was_seen():
     for j in range(i, i + 40):
         seen.add(one_step(j))
     assert variants.compile_events() == compiles  # nothing compiled after warm-up
-    assert set(g_tracker.records) == set(plans) and g_tracker.count == 5
-    assert d_tracker.count == 3  # D sees the target shapes 24, 40 and 64 (low-res and equivariance share)
+    assert set(g_tracker.records) == set(d_tracker.records) == set(plans)  # one program per plan and step
+    assert int(state.step) == i + 40
     assert {k for p, k in seen if p.branch is eq.Branch.EQUIVARIANCE} == {1, 2, 3}  # rotation is traced
-    assert len(logs) == 8 and all("new compiled variant" in line for line in logs)
+    assert len(logs) == 10 and all("new compiled variant" in line for line in logs)
     assert all(r.backend_compile_s > 0 for r in g_tracker.records.values())
     print("\n".join(logs))
 

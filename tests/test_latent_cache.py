@@ -1,6 +1,7 @@
 """Latent cache: records round-trip, extraction with a tiny random VAE on the demo photographs stores exactly
-the VAE's posterior (mean, std, flipped copy) and the crop it encoded (mirrored in the flipped copy), a restart
-skips finished chunks, and the training iterator reads the cache (resumably), with or without images."""
+the VAE's posterior (mean, std) of each image, mirrored by a seeded per-image coin ('random', the default) or in
+both orientations ('copy'), and the crop it encoded (mirrored in a flipped record); a restart skips finished
+chunks, and the training iterator reads the cache (resumably), with or without images."""
 
 import os
 
@@ -25,10 +26,19 @@ from eqvae_jax.typed_config import ConfigError
 flags.FLAGS.mark_as_parsed()
 
 
-def _config(data_dir: str):
+def _config(data_dir: str, **changes):
     # 4 of the 8 fake devices: batches of 4, two chunks of 4 for the 7 demo images
     return load_config("extract_latents", "tiny", **{"data.data_dir": data_dir, "mesh.data": 4,
-                                                     "batch_size_per_process": 4, "chunk_size": 4})
+                                                     "batch_size_per_process": 4, "chunk_size": 4, **changes})
+
+
+def _records(cache_dir: str) -> list[dict]:
+    import grain
+
+    meta = latent_cache.read_meta(cache_dir)
+    source = grain.sources.ArrayRecordDataSource(latent_cache.complete_chunk_files(cache_dir, meta))
+    images = latent_cache.image_shape(meta)
+    return [latent_cache.decode_record(source[i], (8, 8, 4), "float32", images) for i in range(len(source))]
 
 
 @pytest.fixture(scope="module")
@@ -63,34 +73,51 @@ def test_record_round_trip():
         latent_cache.encode_record(1, 2, False, moments, "float32", image.astype(np.float32))
 
 
+def test_flip_draws_are_a_seeded_fair_coin_per_image():
+    draws = latent_cache.flip_draws(0, np.arange(100_000))
+    assert abs(draws.mean() - 0.5) < 0.01
+    np.testing.assert_array_equal(latent_cache.flip_draws(0, np.arange(40, 60)), draws[40:60])  # any batching
+    assert not np.array_equal(latent_cache.flip_draws(1, np.arange(1000)), draws[:1000])  # the seed matters
+    assert latent_cache.flip_draws(0, np.arange(7)).tolist() == [True, False, True, True, False, False, True]
+
+
 def test_extraction_stores_the_vae_posterior(cache, demo_dir):
     config, cache_dir, stats = cache
     meta = latent_cache.read_meta(cache_dir)
     assert stats["chunks_written"] == meta["num_chunks"] == 2 and stats["images"] == meta["num_images"] == 7
+    assert stats["records"] == 7 and (meta["flip"], meta["flip_seed"]) == ("random", 0)
     assert meta["latent_shape"] == [8, 8, 4] and meta["scaling_factor"] == pytest.approx(0.18215)
     assert meta["store_images"] and latent_cache.image_shape(meta) == (64, 64, 3)
-    paths = latent_cache.complete_chunk_files(cache_dir, meta)
-    import grain
-
-    source = grain.sources.ArrayRecordDataSource(paths)
-    records = [latent_cache.decode_record(source[i], (8, 8, 4), "float32", (64, 64, 3)) for i in range(len(source))]
-    assert len(records) == 14  # 7 images + 7 flipped copies
-    assert sorted((int(r["index"]), bool(r["flipped"])) for r in records) == [(i, f) for i in range(7)
-                                                                                 for f in (False, True)]
-    # recompute image 5 and its mirror image directly with the same VAE
+    records = _records(cache_dir)
+    assert sorted(int(r["index"]) for r in records) == list(range(7))  # one record per image
+    flips = latent_cache.flip_draws(0, np.arange(7))
+    assert all(bool(r["flipped"]) == flips[int(r["index"])] for r in records)
+    # recompute a mirrored (0) and an unmirrored (5) image directly with the same VAE
     images = open_source(config.data, train=True)
-    rec = images[5]
-    crop = adm_center_crop(decode_image(rec["bytes"]), 64)
-    x = (jnp.asarray(crop, jnp.float32)[None] - 127.5) / 127.5
     vae = build_autoencoder(parse_config(config).vae)
-    for flipped, xin in ((False, x), (True, x[:, :, ::-1])):
-        post = vae.encode(xin)
-        r = next(r for r in records if int(r["index"]) == 5 and bool(r["flipped"]) == flipped)
+    for index in (0, 5):
+        rec = images[index]
+        crop = adm_center_crop(decode_image(rec["bytes"]), 64)
+        x = (jnp.asarray(crop, jnp.float32)[None] - 127.5) / 127.5
+        post = vae.encode(x[:, :, ::-1] if flips[index] else x)
+        r = next(r for r in records if int(r["index"]) == index)
         assert int(r["label"]) == rec["label"]
-        # the stored crop is the one encoded above (xin), mirrored for the flipped record
-        np.testing.assert_array_equal(r["image"], crop[:, ::-1] if flipped else crop)
+        # the stored crop is the one encoded above, mirrored for a flipped record
+        np.testing.assert_array_equal(r["image"], crop[:, ::-1] if flips[index] else crop)
         np.testing.assert_allclose(r["mean"], np.asarray(post.mean[0]), atol=1e-5)
         np.testing.assert_allclose(r["std"], np.asarray(post.std[0]), atol=1e-5)
+
+
+def test_copy_stores_both_orientations(cache, tmp_path):
+    config, random_dir, _ = cache
+    stats = latent_extraction.run(_config(config.data.data_dir, flip="copy"), str(tmp_path))
+    assert stats["images"] == 7 and stats["records"] == 14
+    records = _records(str(tmp_path))
+    assert sorted((int(r["index"]), bool(r["flipped"])) for r in records) == [(i, f) for i in range(7)
+                                                                                 for f in (False, True)]
+    copies = {(int(r["index"]), bool(r["flipped"])): r for r in records}
+    for r in _records(random_dir):  # the 'random' record is the copy of the orientation its coin chose
+        np.testing.assert_allclose(r["mean"], copies[int(r["index"]), bool(r["flipped"])]["mean"], atol=1e-6)
 
 
 def test_restart_skips_finished_chunks(cache, tmp_path):
@@ -113,14 +140,10 @@ def test_restart_skips_finished_chunks(cache, tmp_path):
     with open(paths[1], "rb") as a, open(latent_cache.chunk_path(str(copy), 1, 2), "rb") as b:
         assert a.read() == b.read()
 
-    changed = _config(config.data.data_dir)
-    changed.flip_copy = False
-    with pytest.raises(ValueError, match="made differently"):
-        latent_extraction.run(changed, cache_dir)
-    changed = _config(config.data.data_dir)
-    changed.store_images = False
-    with pytest.raises(ValueError, match=r"made differently \(\['store_images'\]"):
-        latent_extraction.run(changed, cache_dir)
+    for key, value in (("flip", "copy"), ("flip_seed", 1), ("store_images", False)):
+        changed = _config(config.data.data_dir, **{key: value})
+        with pytest.raises(ValueError, match=rf"made differently \(\['{key}'\] differ"):
+            latent_extraction.run(changed, cache_dir)
 
 
 def test_iterator_reads_cache_and_resumes(cache):
@@ -151,10 +174,11 @@ def test_config_validation_names_problems():
     with pytest.raises(ConfigError, match="multiple of batch_size_per_process"):
         parse_config(config)
     config = _config("")
-    config.flip_cpy = True
+    config.flip_sed = 1
+    config.flip = "both"
     config.vae.init = "weights"
     config.vae.weights = ""
-    with pytest.raises(ConfigError, match=r"(?s)did you mean 'flip_copy'.*vae.weights is empty"):
+    with pytest.raises(ConfigError, match=r"(?s)did you mean 'flip_seed'.*vae.weights is empty.*flip must be one of"):
         parse_config(config)
 
 

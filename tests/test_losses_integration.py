@@ -1,6 +1,7 @@
 """The objective with the real models: tiny KL-VAE (vs taming's LDM Encoder/Decoder), LPIPS (vs the `lpips`
 package, random VGG) and the PatchGAN (vs taming's NLayerDiscriminator), same weights on both sides, one
-equivariance step (scale 24/32, one quarter turn) through the jitted train-step pattern."""
+equivariance step (scale 24/32, one quarter turn) through the job's own `generator_grads` /
+`discriminator_grads` (train/eqvae/steps.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import torch
 from contperceptual_reference import LPIPSWithDiscriminator, transformed_forward
 from flax import nnx
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingD
-from toys import make_steps
+from toys import production_steps
 
 from eqvae_jax.convert import discriminator as disc_convert
 from eqvae_jax.convert import kl_vae_keys
@@ -63,15 +64,14 @@ def _rel(a, b) -> float:
 
 def test_equivariance_step_with_real_models_matches_reference(models):
     vae, lp, d, t_vae, t_lpips, t_d = models
-    g_step, d_step, (vparams, dparams, dstats) = make_steps(vae, lp, d, CFG)
+    _, state, lpips_state, g_grads, d_grads = production_steps(vae, lp, d, CFG)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     draw = Draw(Branch.EQUIVARIANCE, (24, 24), 32, 1)
     plan, rot_k = draw.plan((64, 64))
     key, step = jax.random.key(3), 0
-    terms, (target, recon), new_stats, grads = g_step(
-        vparams, dparams, dstats, jnp.asarray(x), plan, rot_k, key, jnp.int32(step)
-    )
-    d_terms, _, _ = d_step(dparams, new_stats, target, recon, jnp.int32(step))
+    grads, terms, (target, recon), new_stats = g_grads(state, lpips_state, jnp.asarray(x), rot_k, key, plan)
+    after_g = state.replace(step=state.step + 1, disc_stats=new_stats)
+    _, d_terms, _ = d_grads(after_g, jnp.asarray(x), rot_k, key, (target, recon), plan)
 
     noise = jax.random.normal(jax.random.split(key)[0], (2, 32, 32, 4))
     loss_mod = LPIPSWithDiscriminator(

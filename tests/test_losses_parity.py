@@ -1,9 +1,10 @@
 """Loss-level parity with a PyTorch computation of the reference formulas (LDM contperceptual + eqvae forward).
 
-Toy autoencoder / perceptual net (tests/test_losses_toys.py) and the real PatchGAN (taming's
-NLayerDiscriminator on the torch side), the same weights, inputs and posterior noise on both sides; every branch
-of the transform, including an anisotropic odd rotation. Compared: every loss term, the adaptive weight, the
-(target, reconstruction) pair, and the gradients of the generator total (VAE) and of the D loss (D).
+Toy autoencoder / perceptual net (tests/toys.py) and the real PatchGAN (taming's NLayerDiscriminator on the
+torch side), the same weights, inputs and posterior noise on both sides; every branch of the transform,
+including an anisotropic odd rotation. Our side is the job's own `generator_grads` / `discriminator_grads`
+(train/eqvae/steps.py). Compared: every loss term, the adaptive weight, the (target, reconstruction) pair, and
+the gradients of the generator total (VAE) and of the D loss (D).
 """
 
 import jax
@@ -14,7 +15,7 @@ import torch
 from contperceptual_reference import LPIPSWithDiscriminator, transformed_forward
 from flax import nnx
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingD
-from toys import TorchToyLPIPS, TorchToyVAE, ToyLPIPS, ToyVAE, make_steps
+from toys import TorchToyLPIPS, TorchToyVAE, ToyLPIPS, ToyVAE, production_steps
 
 from eqvae_jax.convert.discriminator import torch_state_dict
 from eqvae_jax.losses.autoencoder import LossConfig
@@ -48,8 +49,8 @@ def _disc_pair(seed: int, gain: float) -> tuple[NLayerDiscriminator, TamingD]:
 def setup():
     vae, lp = ToyVAE(0), ToyLPIPS(1)
     d, td = _disc_pair(2, gain=300.0)
-    g_step, d_step, states = make_steps(vae, lp, d, CFG)
-    return dict(vae=vae, lp=lp, d=d, td=td, g_step=g_step, d_step=d_step, states=states)
+    _, state, lpips_state, g_grads, d_grads = production_steps(vae, lp, d, CFG)
+    return dict(vae=vae, lp=lp, d=d, td=td, g_grads=g_grads, d_grads=d_grads, state=state, lpips_state=lpips_state)
 
 
 def _nchw(a) -> torch.Tensor:
@@ -102,13 +103,14 @@ def _torch_reference(s, x: np.ndarray, draw: Draw, noise_key: jax.Array, step: i
 def test_generator_and_discriminator_losses_match_reference(setup, name):
     draw = CASES[name]
     x = np.random.default_rng(3).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-    key, step = jax.random.key(11), 5
-    vparams, dparams, dstats = setup["states"]
+    key, step = jax.random.key(11), 0  # the first micro-step; GAN from step 0 (disc_start 0)
+    state = setup["state"]
     plan, rot_k = draw.plan((64, 64))
-    terms, (target, recon), new_stats, grads = setup["g_step"](
-        vparams, dparams, dstats, jnp.asarray(x), plan, rot_k, key, jnp.int32(step)
+    grads, terms, (target, recon), new_stats = setup["g_grads"](
+        state, setup["lpips_state"], jnp.asarray(x), rot_k, key, plan
     )
-    d_terms, _, d_grads = setup["d_step"](dparams, new_stats, target, recon, jnp.int32(step))
+    after_g = state.replace(step=state.step + 1, disc_stats=new_stats)  # what the generator step hands on
+    d_grads, d_terms, _ = setup["d_grads"](after_g, jnp.asarray(x), rot_k, key, (target, recon), plan)
 
     noise_key = jax.random.split(key)[0]  # transformed_generator_loss: (sample key, lpips key)
     t_target, t_recon, log, dlog, t_grads = _torch_reference(setup, x, draw, noise_key, step)

@@ -1,8 +1,10 @@
 """Small stand-in models for the loss tests (no tests here): a toy KL autoencoder (f=2) and a toy perceptual
 distance with the interfaces of `kl_vae.KLVAE` and `lpips.LPIPS`, their PyTorch mirrors holding the same weights,
-and toy encoders that are / are not exactly rotation-equivariant."""
+toy encoders that are / are not exactly rotation-equivariant, and the job's steps built on given modules."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,9 @@ from flax import nnx
 
 from eqvae_jax.models.kl_vae import DiagonalGaussian
 from eqvae_jax.models.lpips import normalize_channels
+from eqvae_jax.train.eqvae import steps
+from eqvae_jax.train.eqvae.config import EQVAEConfig, OptimConfig
+from eqvae_jax.train.eqvae.networks import Networks
 
 LATENT = 2
 
@@ -52,10 +57,14 @@ class ToyVAE(nnx.Module):
 
 
 class ToyLPIPS(nnx.Module):
-    """conv + relu features, unit-normalised, squared difference, [dropout], mean -> (B,)."""
+    """conv + relu features, unit-normalised, squared difference, [dropout], mean -> (B,).
 
-    def __init__(self, seed: int = 1, dropout_rate: float = 0.5):
-        self.conv = _conv(3, 4, 1, nnx.Rngs(seed))
+    With few channels a pixel whose features are all nearly zero makes the unit normalisation (f / (|f| + 1e-10),
+    as LPIPS) ill-conditioned: float32 results then depend on rounding. More `channels` make that rare.
+    """
+
+    def __init__(self, seed: int = 1, dropout_rate: float = 0.5, channels: int = 4):
+        self.conv = _conv(3, channels, 1, nnx.Rngs(seed))
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -139,38 +148,26 @@ class ConvEncoder(nnx.Module):
         return DiagonalGaussian.from_moments(self.conv(x))
 
 
-# ---------------------------------------------------------------------------- jitted steps, as the lead's
+# ------------------------------------------------------------------ the production steps on given modules
 
 
-def make_steps(vae: nnx.Module, lpips: nnx.Module, disc: nnx.Module, cfg):
-    """(g_step, d_step, states): jitted pure steps in the train-step pattern (split once, merge with copy=True
-    inside, plan static). g_step(vae_params, disc_state, x, plan, rot_k, key, step) -> (terms, (target, recon),
-    new disc_state, grads); d_step(disc_params, disc_stats, target, recon, step) -> (terms, new stats, grads)."""
-    from eqvae_jax.losses import autoencoder, equivariance
+def production_steps(vae: nnx.Module, lpips: nnx.Module | None, disc: nnx.Module, cfg, return_pair: bool = True):
+    """(spec, state, lpips_state, generator_grads, discriminator_grads) for the given modules: the job's own
+    StepSpec (`train.eqvae.steps.make_spec`, which resolves cfg.adaptive_weight_groups=0 to D's stats_groups),
+    its initial state, and the job's `generator_grads` / `discriminator_grads` jitted with the plan static.
 
-    vgd, vparams = nnx.split(vae)
-    lgd, lstate = nnx.split(lpips)
+    generator_grads(state, lpips_state, images, rot_k, key, plan) -> (grads, terms, pair, disc_stats);
+    discriminator_grads(state, images, rot_k, key, pair, plan) -> (grads, terms, disc_stats), to be called with
+    the state of after the generator step (its `step` advanced by one, as the job does).
+    """
+    vgd, vparams = nnx.split(vae, nnx.Param)
     dgd, dparams, dstats = nnx.split(disc, nnx.Param, nnx.BatchStat)
-
-    def g_step(vparams, dparams, dstats, x, plan, rot_k, key, step):
-        def loss_fn(p):
-            v = nnx.merge(vgd, p, copy=True)
-            d = nnx.merge(dgd, dparams, dstats, copy=True)
-            lp = nnx.merge(lgd, lstate, copy=True)
-            total, terms, pair = equivariance.transformed_generator_loss(v, lp, d, x, plan, rot_k, key, step, cfg)
-            return total, (terms, pair, nnx.state(d, nnx.BatchStat))
-
-        (_, (terms, pair, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(vparams)
-        return terms, pair, new_stats, grads
-
-    def d_step(dparams, dstats, target, recon, step):
-        def loss_fn(p):
-            d = nnx.merge(dgd, p, dstats, copy=True)
-            loss, terms = autoencoder.discriminator_loss(d, target, recon, step, cfg)
-            return loss, (terms, nnx.state(d, nnx.BatchStat))
-
-        (_, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(dparams)
-        return terms, new_stats, grads
-
-    g = jax.jit(g_step, static_argnames=("plan",))
-    return g, jax.jit(d_step), (vparams, dparams, dstats)
+    lgd, lstate = nnx.split(lpips) if lpips is not None else (None, None)
+    nets = Networks(vgd, vparams, getattr(vae, "config", None), dgd, dparams, dstats, disc.stats_groups, lgd, lstate)
+    config = EQVAEConfig(loss=cfg, optim=OptimConfig(accumulate=1),
+                         d_step_transform="shared" if return_pair else "redraw")
+    spec = steps.make_spec(config, nets)
+    state = steps.initial_state(spec, vparams, dparams, dstats)
+    g = jax.jit(functools.partial(steps.generator_grads, spec), static_argnums=(5,))
+    d = jax.jit(functools.partial(steps.discriminator_grads, spec), static_argnums=(5,))
+    return spec, state, lstate, g, d

@@ -33,10 +33,11 @@ class DataConfig:
     label_from_parent: bool = True  # 'folder': label = index of the parent folder name (sorted); else -1
 
     # Per-image transforms (data/transforms.py TRANSFORMS). Training: 'eqvae_train_crop' (reference EQ-VAE
-    # fine-tuning) or 'adm_center_crop'; held-out evaluation: 'adm_center_crop'.
+    # fine-tuning) or 'adm_center_crop' (DiT latents, generation). Held-out reconstruction evaluation:
+    # 'resize_center_crop' (torchvision Resize + CenterCrop, the reference's eval.py).
     image_size: int = 256
     transform: str = "eqvae_train_crop"
-    eval_transform: str = "adm_center_crop"
+    eval_transform: str = "resize_center_crop"
     crop_min_fraction: float = 0.5  # eqvae_train_crop: side = short_side * U(min, max)
     crop_max_fraction: float = 1.0
     flip: bool = False  # random horizontal flip (training only; the EQ-VAE recipe has none)

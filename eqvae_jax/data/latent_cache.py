@@ -2,7 +2,8 @@
 
 Layout of a cache directory (written by the `extract_latents` job, eqvae_jax/train/latents):
 
-    CACHE/meta.json                     what was encoded how (VAE, crop, flip copy, latent shape, scale, images)
+    CACHE/meta.json                     what was encoded how (VAE, crop, flip mode and seed, latent shape, scale,
+                                        images)
     CACHE/chunks/chunk-00007-of-00040.array_record
 
 The source images are split into fixed chunks of `chunk_size` consecutive indices; chunk k is encoded by
@@ -13,6 +14,9 @@ A record is `<q index><i label><B flipped>` followed by the (h, w, 2c) array [me
 and, in a cache extracted with `store_images` (meta `store_images: true`), by the uint8 (S, S, 3) crop the latent
 was encoded from, exactly as encoded (mirrored in a flipped record): REPA's teacher input. Caches without the
 meta key have no images and read as before. At 256 px a crop is 196,608 bytes, six times a float32 latent.
+Flips (`flip` of the extraction): 'random' stores one record per image, horizontally mirrored when
+`flip_draws(flip_seed, index)` says so (about half: the reference's extraction applies RandomHorizontalFlip once
+per image); 'copy' stores both orientations; 'none' only the image as is.
 Training draws z = mean + std * eps every step (REPA/edm2 style) and maps it with the VAE's latent scale:
 (z - shift_factor) * scaling_factor (0.18215 for SD-VAE-based EQ-VAE).
 """
@@ -53,6 +57,27 @@ class LatentReadConfig:
     read_threads: int = 4
     worker_count: int = 0  # decoding a record is a memcpy: threads are enough
     prefetch: int = 2  # global batches already transferred to the devices
+
+
+FLIPS = ("random", "copy", "none")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def flip_draws(seed: int, indices: np.ndarray) -> np.ndarray:
+    """bool per source index: is the image stored mirrored (flip='random')? A fair coin per image from a hash
+    (SplitMix64) of (seed, index), so the same whatever the batching, chunking and process count."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.asarray([seed], np.int64).astype(np.uint64))
+        bits = _splitmix64(key + np.asarray(indices, np.int64).astype(np.uint64))
+    return (bits >> np.uint64(63)).astype(bool)
 
 
 def chunk_name(chunk: int, num_chunks: int) -> str:

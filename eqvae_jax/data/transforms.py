@@ -7,7 +7,15 @@
   bilinear-like interpolation in OpenCV; PIL's BOX would be nearest-neighbour). No flip.
 - `adm_center_crop`: ADM's `center_crop_arr` (guided-diffusion image_datasets.py; fast-DiT's extraction):
   BOX-halve while the short side is >= 2x the target, BICUBIC resize of the short side to the target, then a
-  center crop. Deterministic.
+  center crop. Deterministic. The crop of generation and latent extraction.
+- `resize_center_crop`: torchvision `Resize(size)` + `CenterCrop(size)`, the reconstruction evaluation of the
+  EQ-VAE reference (its eval.py, from LightningDiT). Resize: short side to `size`, long side
+  int(size * long / short), bilinear; CenterCrop: top = int(round((h - size) / 2.0)) (Python's round, ties to
+  even), the same for left. Deterministic. Done on the PIL image, as torchvision does for PIL input: PIL's
+  bilinear filter widens with the downscale factor (antialiased) and rounds to uint8. The reference applied
+  ToTensor first, so its float tensor was resized without rounding, antialiased only from torchvision 0.17 on
+  (the `antialias=True` default; older versions resized tensors without it); which version its evaluation
+  ran is not recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "adm_center_crop")
+TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "adm_center_crop", "resize_center_crop")
 
 
 def eqvae_train_crop(
@@ -48,6 +56,20 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
     array = np.asarray(image, dtype=np.uint8)
     top = (array.shape[0] - size) // 2
     left = (array.shape[1] - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision Resize(size) + CenterCrop(size) of a PIL image (bilinear, antialiased; module docstring)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    if new_size != (width, height):
+        image = image.resize(new_size, resample=Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    top = int(round((array.shape[0] - size) / 2.0))
+    left = int(round((array.shape[1] - size) / 2.0))
     return array[top : top + size, left : left + size]
 
 
@@ -82,6 +104,8 @@ class Crop:
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         if self.name == "eqvae_train_crop":
             array = eqvae_train_crop(image, self.size, rng, self.min_fraction, self.max_fraction)
+        elif self.name == "resize_center_crop":
+            array = resize_center_crop(image, self.size)
         else:
             array = adm_center_crop(image, self.size)
         if self.flip:

@@ -10,6 +10,14 @@ Everything but the KL term is `adversarial_generator_loss`, which the VQ objecti
 discriminator (optimizer 1): disc_factor(step) * hinge(D(sg(x)), D(sg(x_hat))), real and fake in two D calls
 (so train-mode BatchNorm normalises each with its own batch statistics, as in the reference).
 
+Adaptive weight per group (`LossConfig.adaptive_weight_groups`): the reference runs DDP on 8 GPUs x 10 images,
+and each GPU computes d_weight from the gradients of ITS OWN nll and g_loss (torch.autograd.grad on its 10
+images); DDP then averages the per-GPU gradients. With the micro-batch split into G equal contiguous groups,
+each group g gets d_weight_g from its own nll_g (sum over its pixels / its size) and g_g = -mean(its logits), and
+the generator objective is mean_g(nll_g + kl_weight * kl_g + d_weight_g * factor * g_g), which for equal groups
+is nll + kl_weight * kl + factor * mean_g(d_weight_g * g_g). One weight from the whole batch (G = 1) is larger:
+the norm of an averaged gradient shrinks more for the noisy GAN term than for the reconstruction term.
+
 Models are passed in: `lpips(x, y, dropout_key=None) -> (B,)`; `disc` an NNX module `disc(x) -> logits` in the
 mode the caller chose (the reference: BatchNorm in train mode; its running statistics are updated in place, so a
 jitted step merges D with `nnx.merge(..., copy=True)` inside its loss function and returns `nnx.state(disc,
@@ -51,9 +59,15 @@ class LossConfig:
     adaptive_max: float = 1e4
     lpips_dropout: bool = True  # the reference's LPIPS runs in train mode: Dropout(0.5) before each lin head
     last_layer: tuple[str, ...] = DECODER_LAST_LAYER
+    # One adaptive GAN weight per group of the micro-batch (the reference: one per GPU of 10 images, see the
+    # module docstring). 0 = the discriminator's BatchNorm statistics groups (its `stats_groups`; 1 for a
+    # discriminator without them); 1 = one weight for the whole micro-batch; G = G equal contiguous groups.
+    adaptive_weight_groups: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "last_layer", tuple(self.last_layer))
+        if self.adaptive_weight_groups < 0:
+            raise ValueError(f"LossConfig.adaptive_weight_groups must be >= 0, got {self.adaptive_weight_groups}.")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"LossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}.")
         if self.disc_loss not in ("hinge", "vanilla"):
@@ -84,6 +98,65 @@ class AdversarialConfig(Protocol):
     disc_loss: str
     adaptive_eps: float
     adaptive_max: float
+    adaptive_weight_groups: int
+
+
+def adaptive_groups(cfg: AdversarialConfig, disc: nnx.Module) -> int:
+    """The resolved group count of the adaptive weight: cfg.adaptive_weight_groups, 0 = D's `stats_groups`."""
+    return cfg.adaptive_weight_groups or int(getattr(disc, "stats_groups", 1) or 1)
+
+
+def _check_groups(batch: int, groups: int) -> None:
+    if groups < 1 or batch % groups:
+        raise ValueError(f"adaptive_weight_groups={groups} must divide the batch size {batch}.")
+
+
+def _group_masks(batch: int, groups: int) -> jax.Array:
+    """(groups, batch) bool: image i belongs to group i // (batch / groups)."""
+    _check_groups(batch, groups)
+    return (jnp.arange(batch) // (batch // groups))[None, :] == jnp.arange(groups)[:, None]
+
+
+def _per_group(ct: jax.Array, masks: jax.Array) -> jax.Array:
+    """(G, B, ...): G * ct restricted to each group's images (the cotangent of that group's mean term)."""
+    groups = masks.shape[0]
+    keep = masks.reshape(masks.shape + (1,) * (ct.ndim - 1))
+    return jnp.where(keep, groups * ct[None], jnp.zeros((), ct.dtype))
+
+
+def grouped_adaptive_weight(
+    nll_ct: jax.Array,
+    logits_fake: jax.Array,
+    disc_vjp: Callable[[jax.Array], jax.Array],
+    last_layer_vjp: Callable[[jax.Array], jax.Array],
+    groups: int,
+    disc_stats_groups: int | None,
+    cfg: AdversarialConfig,
+) -> jax.Array:
+    """(groups,) adaptive GAN weights, one per equal contiguous group of the batch (module docstring).
+
+    nll_ct: d nll / d recon of the whole batch; logits_fake, disc_vjp: D's output on recon and its VJP to recon;
+    last_layer_vjp: recon cotangent -> gradient w.r.t. the decoder's last kernel W. The nll is a sum of
+    per-image terms, so group g's nll cotangent is G * (nll_ct on g's images, 0 elsewhere). The same holds for
+    the GAN term when D couples images only inside groups of the adaptive groups: train-mode BatchNorm with
+    `disc_stats_groups` a multiple of `groups` (block-diagonal Jacobian); then one D backward serves every
+    group. Otherwise (D statistics over larger groups, or a D that does not say) each group's logits
+    cotangent goes through its own D backward (vmapped: G D backwards, always correct). Per group: two
+    last-layer weight gradients (vmapped over the 2G masked cotangents), then `gan.adaptive_weight`.
+    """
+    masks = _group_masks(nll_ct.shape[0], groups)
+    g_ct = jnp.full_like(logits_fake, -1.0 / logits_fake.size)  # d g_loss / d logits, whole batch
+    block_diagonal = groups == 1 or (bool(disc_stats_groups) and disc_stats_groups % groups == 0)
+    if block_diagonal:
+        g_cts = _per_group(disc_vjp(g_ct), masks)
+    else:
+        g_cts = jax.vmap(disc_vjp)(_per_group(g_ct, masks))
+    grads = jax.vmap(last_layer_vjp)(jnp.concatenate([_per_group(nll_ct, masks), g_cts]))
+
+    def weight(nll_grad: jax.Array, g_grad: jax.Array) -> jax.Array:
+        return gan.adaptive_weight(nll_grad, g_grad, cfg.disc_weight, cfg.adaptive_eps, cfg.adaptive_max)
+
+    return jax.vmap(weight)(grads[:groups], grads[groups:])
 
 
 def adversarial_generator_loss(
@@ -103,9 +176,11 @@ def adversarial_generator_loss(
 
     nll uses cfg.reduction ('sum' / B for LDM's KL model, 'mean' for taming's VQ model). `last_layer_vjp` maps a
     cotangent of `recon` to the gradient w.r.t. the decoder's last kernel (from `decode_with_last_layer`); with
-    None, or cfg.disc_factor == 0 (LDM's static switch), d_weight is 0. `regularizer` is already weighted and
-    stays differentiable. terms: total, nll, rec_l1, lpips, rec_loss, g_loss, d_weight, disc_factor (scalars,
-    nothing to differentiate).
+    None, or cfg.disc_factor == 0 (LDM's static switch), d_weight is 0. The adaptive weight is computed per group
+    of `adaptive_groups(cfg, disc)` and the GAN term is factor * mean_g(d_weight_g * g_g) (module docstring).
+    `regularizer` is already weighted and stays differentiable. terms: total, nll, rec_l1, lpips, rec_loss,
+    g_loss, d_weight (mean over groups), d_weight_min, d_weight_max, disc_factor (scalars), and d_weight_groups
+    (the (G,) weights); nothing to differentiate.
     """
 
     def nll_of(r: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -122,22 +197,27 @@ def adversarial_generator_loss(
     logits_fake, disc_vjp = vjp_wrt_input(disc, recon)
     if logits_fake.size == 0:
         raise ValueError(f"the discriminator gives no logits for {recon.shape} images; the image is too small for it.")
-    g = gan.g_loss(logits_fake)
+    groups = adaptive_groups(cfg, disc)
+    _check_groups(recon.shape[0], groups)
+    g_groups = jax.vmap(gan.g_loss)(logits_fake.reshape(groups, -1))  # groups are contiguous: one row each
     if last_layer_vjp is None or cfg.disc_factor <= 0.0:
-        d_weight = jnp.float32(0.0)
+        d_weights = jnp.zeros((groups,), jnp.float32)
     else:
-        nll_grad = last_layer_vjp(nll_vjp(jnp.ones_like(nll))[0])
-        g_grad = last_layer_vjp(disc_vjp(jnp.full_like(logits_fake, -1.0 / logits_fake.size)))
-        d_weight = gan.adaptive_weight(nll_grad, g_grad, cfg.disc_weight, cfg.adaptive_eps, cfg.adaptive_max)
+        d_weights = grouped_adaptive_weight(nll_vjp(jnp.ones_like(nll))[0], logits_fake, disc_vjp, last_layer_vjp,
+                                            groups, getattr(disc, "stats_groups", None), cfg)
     factor = gan.disc_factor(step, cfg.disc_start, cfg.disc_factor)
-    total = nll + regularizer + d_weight * factor * g
+    g = jnp.mean(g_groups)
+    total = nll + regularizer + factor * jnp.mean(d_weights * g_groups)
     sg = jax.lax.stop_gradient
     terms = {
         "total": sg(total),
         "nll": sg(nll),
         **{k: sg(v) for k, v in nll_terms.items()},
         "g_loss": sg(g),
-        "d_weight": d_weight,
+        "d_weight": jnp.mean(d_weights),
+        "d_weight_min": jnp.min(d_weights),
+        "d_weight_max": jnp.max(d_weights),
+        "d_weight_groups": d_weights,
         "disc_factor": factor,
     }
     return total, terms
@@ -157,8 +237,8 @@ def generator_loss(
     """(total, terms): the reference generator objective for one (target, reconstruction) pair.
 
     `posterior` is that of the encoder's actual input (its KL is the KL term); the rest is
-    `adversarial_generator_loss` with regularizer kl_weight * KL. terms: total, nll, rec_l1, lpips, rec_loss, kl,
-    g_loss, d_weight, disc_factor, logvar (all scalars, nothing to differentiate).
+    `adversarial_generator_loss` with regularizer kl_weight * KL. terms: those of `adversarial_generator_loss`
+    plus kl and logvar.
     """
     kl = kl_loss(posterior, cfg.reduction)
     total, terms = adversarial_generator_loss(target, recon, last_layer_vjp, lpips, disc, step, cfg, lpips_key,

@@ -12,7 +12,8 @@ outer training step differentiates the total loss w.r.t. all parameters. Doing t
   is carried out of the inner trace and written back into the module at the caller's trace level.
 
 The cost of the adaptive weight is then one extra backward of LPIPS and of D w.r.t. their inputs (the reference
-pays exactly that too: `torch.autograd.grad(..., retain_graph=True)`) plus two conv weight-gradients.
+pays exactly that too: `torch.autograd.grad(..., retain_graph=True)`) plus two conv weight-gradients per
+adaptive-weight group (each over the whole, masked, batch; see losses/autoencoder.grouped_adaptive_weight).
 """
 
 from __future__ import annotations

@@ -61,9 +61,14 @@ class VQLossConfig:
     adaptive_max: float = 1e4
     lpips_dropout: bool = True  # taming's LPIPS has Dropout(0.5) before each lin head, on in training mode
     last_layer: tuple[str, ...] = DECODER_LAST_LAYER
+    # One adaptive GAN weight per group of the micro-batch, as losses.autoencoder.LossConfig (0 = the
+    # discriminator's BatchNorm groups, i.e. one weight per reference GPU; 1 = the whole micro-batch).
+    adaptive_weight_groups: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "last_layer", tuple(self.last_layer))
+        if self.adaptive_weight_groups < 0:
+            raise ValueError(f"VQLossConfig.adaptive_weight_groups must be >= 0, got {self.adaptive_weight_groups}.")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"VQLossConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}.")
         if self.disc_loss not in ("hinge", "vanilla"):

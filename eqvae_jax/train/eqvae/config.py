@@ -2,8 +2,9 @@
 
 `EQVAEConfig` holds the reference recipe as defaults (zelaki/eqvae `eqvae_config.yaml` + `main.py`): two Adams
 with betas (0.5, 0.9) at lr = accumulate(2) * batch(80) * 4.5e-6 = 7.2e-4, constant; 80 images per micro-step
-(8 GPUs x 10) and 2 micro-steps per update; GAN from update 0 (adaptive weight x 0.5); KL 1e-6; LPIPS 1.0 with
-dropout on; the 0.5 / 0.125 / 0.375 branch mix with scales k/32, k = 8..31; seed 23. `parse_config` turns a
+(8 GPUs x 10) and 2 micro-steps per update; 54,470 updates (5 OpenImages epochs); GAN from update 0 (adaptive
+weight x 0.5, one per 10 images as per GPU); KL 1e-6; LPIPS 1.0 with dropout on; the 0.5 / 0.125 / 0.375 branch
+mix with scales k/32, k = 8..31; seed 23. `parse_config` turns a
 ConfigDict into it and checks everything that can be checked before a model is built: every problem is
 listed at once (unknown keys with suggestions, batch/mesh splits, weight paths, and every transform the
 sampler can draw against the autoencoder's and discriminator's shapes).
@@ -73,7 +74,9 @@ class EvalConfig:
 class EQVAEConfig(RunConfig):
     trainer: str = "eqvae"
     seed: int = 23  # reference seed_everything(23)
-    total_updates: int = 100_000
+    # The eq-vae release: 5 epochs of OpenImages (train, 1,743,042 images) at 160 images per update
+    # = 5 * 10,894 = 54,470 updates (the paper rounds one epoch to ~10K updates).
+    total_updates: int = 54_470
     pretrain_updates: int = 0  # plain-reconstruction updates before EQ fine-tuning (demo from random init)
     global_batch_size: int = 80  # per micro-step: 8 GPUs x 10 in the reference; x accumulate 2 = 160 per update
     checkpoint: CheckpointConfig = CheckpointConfig(every_updates=1000)
@@ -137,6 +140,9 @@ def semantic_problems(c: EQVAEConfig, num_devices: int) -> list[str]:
     if c.disc.stats_groups and c.global_batch_size % c.disc.stats_groups:
         problems.append(f"disc.stats_groups={c.disc.stats_groups} does not divide global_batch_size="
                         f"{c.global_batch_size}")
+    if c.loss.adaptive_weight_groups and c.global_batch_size % c.loss.adaptive_weight_groups:
+        problems.append(f"loss.adaptive_weight_groups={c.loss.adaptive_weight_groups} does not divide "
+                        f"global_batch_size={c.global_batch_size}")
     problems += [p for p in [weights_dir_problem("disc.weights", c.disc.weights, required=False)] if p]
     if c.lpips.weights not in ("", "random"):
         problems += [p for p in [weights_dir_problem("lpips.weights", c.lpips.weights)] if p]

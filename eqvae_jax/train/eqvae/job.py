@@ -81,9 +81,10 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
     pretrain_micro = config.pretrain_updates * config.optim.accumulate
     expected = len(plans) + (1 if pretrain_micro and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans
                              else 0)
-    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s; %d compiled variants per step %s",
-             config.learning_rate, config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape),
-             expected, equivariance.plans_summary(plans))
+    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN weight "
+             "in %d and %d groups; %d compiled variants per step %s", config.learning_rate, config.optim.accumulate,
+             config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
+             built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
     g_variants = VariantTracker("g_step", expected, log.info)
     d_variants = VariantTracker("d_step", expected, log.info)
     base_key = jax.random.key(config.seed)
@@ -115,6 +116,10 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
             results = evaluation.evaluate(eval_step, params, built.lpips_state,
                                           build_eval_iterator(config.data, built.mesh, config.eval_batch_size),
                                           config.eval.batches)
+            if results:
+                log.info("eqvae: monitoring at update %d on %d held-out images (%s %d px, posterior sample), not "
+                         "the paper's 50K-image evaluation", update, int(results["eval/images"]),
+                         config.data.eval_transform, config.data.image_size)
         if config.eval.images:
             grid = evaluation.write_image_summaries(summary_fn, params, config, built.mesh, writer, update,
                                                     services.workdir)

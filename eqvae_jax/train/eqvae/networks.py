@@ -26,6 +26,7 @@ class Networks:
     disc_graph: nnx.GraphDef
     disc_params: nnx.State
     disc_stats: nnx.State
+    disc_stats_groups: int  # the discriminator's BatchNorm statistics groups
     lpips_graph: nnx.GraphDef | None
     lpips_state: nnx.State | None
 
@@ -55,7 +56,8 @@ def _split(vae: kl_vae.KLVAE, disc: discriminator.NLayerDiscriminator, perceptua
     vae_graph, vae_params = nnx.split(vae, nnx.Param)
     disc_graph, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
     lpips_graph, lpips_state = nnx.split(perceptual) if perceptual is not None else (None, None)
-    return Networks(vae_graph, vae_params, vae.config, disc_graph, disc_params, disc_stats, lpips_graph, lpips_state)
+    return Networks(vae_graph, vae_params, vae.config, disc_graph, disc_params, disc_stats, disc.stats_groups,
+                    lpips_graph, lpips_state)
 
 
 def build_networks(config: EQVAEConfig, stats_groups: int) -> Networks:

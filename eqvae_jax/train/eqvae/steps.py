@@ -44,10 +44,13 @@ class StepSpec:
 
 
 def make_spec(config: EQVAEConfig, nets: Networks) -> StepSpec:
-    """The static ingredients of both steps for a config: graphs, loss weights, the two Adams, accumulation."""
+    """The static ingredients of both steps for a config: graphs, loss weights (the adaptive weight's groups
+    resolved: 0 = the discriminator's BatchNorm groups), the two Adams, accumulation."""
     o = config.optim
+    groups = config.loss.adaptive_weight_groups or nets.disc_stats_groups
     return StepSpec(
-        vae_graph=nets.vae_graph, disc_graph=nets.disc_graph, lpips_graph=nets.lpips_graph, loss=config.loss,
+        vae_graph=nets.vae_graph, disc_graph=nets.disc_graph, lpips_graph=nets.lpips_graph,
+        loss=dataclasses.replace(config.loss, adaptive_weight_groups=groups),
         tx_g=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
         tx_d=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
         accumulate=o.accumulate, ema_decay=config.ema.decay if config.ema.enabled else None,
@@ -73,7 +76,7 @@ def _apply_guarded(state: EQVAEState, ok: jax.Array, **new: Any) -> EQVAEState:
     return state.replace(**select(ok, new, {name: getattr(state, name) for name in new}))
 
 
-def generator_step(
+def generator_grads(
     spec: StepSpec,
     state: EQVAEState,
     lpips_state: nnx.State | None,
@@ -81,8 +84,12 @@ def generator_step(
     rot_k: jax.Array,
     key: jax.Array,
     plan: equivariance.BranchPlan,
-) -> tuple[EQVAEState, dict[str, jax.Array], tuple[jax.Array, jax.Array] | None]:
-    """One autoencoder micro-step on the branch `plan`; D's BatchNorm statistics see the fake batch (train mode)."""
+) -> tuple[nnx.State, dict[str, jax.Array], tuple[jax.Array, jax.Array], nnx.State]:
+    """(gradients w.r.t. the autoencoder, loss terms, (target, reconstruction), D's new BatchNorm statistics) of
+    one generator micro-step on the branch `plan`; D runs in train mode on the fake batch, as in the reference.
+
+    The loss terms include the per-group adaptive weights `d_weight_groups` (see losses/autoencoder.py).
+    """
     lpips = _lpips_fn(spec, lpips_state)
     update_step = state.step // spec.accumulate
 
@@ -94,23 +101,40 @@ def generator_step(
         )
         return total, (terms, pair, nnx.state(disc, nnx.BatchStat))
 
-    (loss, (terms, pair, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.vae)
+    (_, (terms, pair, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.vae)
+    return grads, terms, pair, disc_stats
+
+
+def generator_step(
+    spec: StepSpec,
+    state: EQVAEState,
+    lpips_state: nnx.State | None,
+    images: jax.Array,
+    rot_k: jax.Array,
+    key: jax.Array,
+    plan: equivariance.BranchPlan,
+) -> tuple[EQVAEState, dict[str, jax.Array], tuple[jax.Array, jax.Array] | None]:
+    """One autoencoder micro-step: `generator_grads`, the optimizer update, the EMA and the non-finite guard.
+
+    Metrics: the scalar loss terms as g/<term>, g/grad_norm and g/nonfinite.
+    """
+    grads, terms, pair, disc_stats = generator_grads(spec, state, lpips_state, images, rot_k, key, plan)
     updates, opt_g = spec.tx_g.update(grads, state.opt_g, state.vae)
     vae = optax.apply_updates(state.vae, updates)
-    ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(vae)
+    ok = jnp.isfinite(terms["total"]) & all_finite(grads) & all_finite(vae)
     new = {"vae": vae, "opt_g": opt_g, "disc_stats": disc_stats}
     if spec.ema_decay is not None:
         # Did this micro-step apply an optimizer update? (MultiSteps: its mini-step counter wrapped to 0.)
         updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
         new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
     new_state = _apply_guarded(state, ok, **new).replace(step=state.step + 1)
-    metrics = {f"g/{k}": v for k, v in terms.items()}
+    metrics = {f"g/{k}": v for k, v in terms.items() if v.ndim == 0}
     metrics["g/grad_norm"] = optax.global_norm(grads)
     metrics["g/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics, (pair if spec.return_pair else None)
 
 
-def discriminator_step(
+def discriminator_grads(
     spec: StepSpec,
     state: EQVAEState,
     images: jax.Array,
@@ -118,12 +142,11 @@ def discriminator_step(
     key: jax.Array,
     pair: tuple[jax.Array, jax.Array] | None,
     plan: equivariance.BranchPlan,
-) -> tuple[EQVAEState, dict[str, jax.Array]]:
-    """One discriminator micro-step: a fresh transformed forward of the (fixed) autoencoder, unless `pair` is
-    given ('shared' mode), then hinge loss on D(real) and D(fake) as two train-mode calls.
-
-    The step counter is not advanced here: the generator step owns it (one G + one D call per micro-step).
-    """
+) -> tuple[nnx.State, dict[str, jax.Array], nnx.State]:
+    """(gradients w.r.t. D, loss terms, D's new BatchNorm statistics) of one discriminator micro-step: a fresh
+    transformed forward of the (fixed) autoencoder, unless `pair` is given ('shared' mode), then the hinge loss
+    on D(real) and D(fake) as two train-mode calls. Call it after the generator step of the same micro-step
+    (which advanced `state.step`)."""
     if pair is None:
         vae = nnx.merge(spec.vae_graph, state.vae)
         target, recon, _ = equivariance.reconstruct_transformed(vae, images, plan, rot_k, key)
@@ -137,10 +160,27 @@ def discriminator_step(
         loss, terms = autoencoder.discriminator_loss(disc, target, recon, update_step, spec.loss)
         return loss, (terms, nnx.state(disc, nnx.BatchStat))
 
-    (loss, (terms, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.disc)
+    (_, (terms, disc_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.disc)
+    return grads, terms, disc_stats
+
+
+def discriminator_step(
+    spec: StepSpec,
+    state: EQVAEState,
+    images: jax.Array,
+    rot_k: jax.Array,
+    key: jax.Array,
+    pair: tuple[jax.Array, jax.Array] | None,
+    plan: equivariance.BranchPlan,
+) -> tuple[EQVAEState, dict[str, jax.Array]]:
+    """One discriminator micro-step: `discriminator_grads`, the optimizer update and the non-finite guard.
+
+    The step counter is not advanced here: the generator step owns it (one G + one D call per micro-step).
+    """
+    grads, terms, disc_stats = discriminator_grads(spec, state, images, rot_k, key, pair, plan)
     updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
     disc = optax.apply_updates(state.disc, updates)
-    ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(disc)
+    ok = jnp.isfinite(terms["disc_loss"]) & all_finite(grads) & all_finite(disc)
     new_state = _apply_guarded(state, ok, disc=disc, opt_d=opt_d, disc_stats=disc_stats)
     metrics = {f"d/{k}": v for k, v in terms.items()}
     metrics["d/nonfinite"] = 1.0 - ok.astype(jnp.float32)

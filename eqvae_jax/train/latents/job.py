@@ -93,7 +93,8 @@ def _meta(config: ExtractConfig, num_images: int, latent_shape: tuple[int, ...],
         "num_images": num_images,
         "chunk_size": config.chunk_size,
         "num_chunks": -(-num_images // config.chunk_size),
-        "flip_copy": bool(config.flip_copy),
+        "flip": config.flip,
+        "flip_seed": config.flip_seed,
         "store_images": bool(config.store_images),
         "image_size": d.image_size,
         "transform": d.transform,
@@ -101,7 +102,7 @@ def _meta(config: ExtractConfig, num_images: int, latent_shape: tuple[int, ...],
     }
 
 
-_MUST_MATCH = ("vae", "latent_shape", "dtype", "num_images", "chunk_size", "flip_copy", "image_size",
+_MUST_MATCH = ("vae", "latent_shape", "dtype", "num_images", "chunk_size", "flip", "flip_seed", "image_size",
                "transform", "source", "scaling_factor", "shift_factor", "store_images")
 _META_DEFAULTS = {"store_images": False}  # keys that caches written before them lack
 
@@ -123,22 +124,25 @@ def encoded_crop(image: np.ndarray, flipped: bool) -> np.ndarray:
     return image[:, ::-1] if flipped else image
 
 
-def make_encoder(vae: nnx.Module, flip_copy: bool, sharding: NamedSharding):
-    """jitted (state, uint8 images) -> [mean | std] (B, h, w, 2c) float32 (and of the flipped images)."""
+def make_encoder(vae: nnx.Module, flip: str, sharding: NamedSharding):
+    """jitted (uint8 images, flips) -> [mean | std] (B, h, w, 2c) float32: of each image mirrored where `flips`
+    (flip='random'), of the images then of their mirror images (2B rows, flip='copy'), or as they are."""
     graphdef, state = nnx.split(vae)
 
-    def encode(state: nnx.State, images: jax.Array) -> jax.Array:
+    def encode(state: nnx.State, images: jax.Array, flips: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state)
         x = (images.astype(jnp.float32) - 127.5) / 127.5
-        if flip_copy:
+        if flip == "random":
+            x = jnp.where(flips[:, None, None, None], x[:, :, ::-1], x)
+        elif flip == "copy":
             x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
         post = model.encode(x)
         return jnp.concatenate([post.mean, post.std], axis=-1)
 
     rep = replicated(sharding.mesh)
     state = jax.device_put(state, rep)
-    fn = jax.jit(encode, in_shardings=(rep, sharding), out_shardings=sharding)
-    return lambda images: fn(state, images)
+    fn = jax.jit(encode, in_shardings=(rep, sharding, sharding), out_shardings=sharding)
+    return lambda images, flips: fn(state, images, flips)
 
 
 def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
@@ -173,7 +177,7 @@ def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
     sharding = batch_sharding(mesh)
     if config.batch_size_per_process % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"batch_size={config.batch_size_per_process} is not divisible by the {len(devices)} devices")
-    encode = make_encoder(vae, config.flip_copy, sharding)
+    encode = make_encoder(vae, config.flip, sharding)
 
     indices = np.concatenate([idx for _, idx in plan])
     ds = grain.MapDataset.source(_ChunkRecords(source, indices))
@@ -193,15 +197,15 @@ def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
     start = time.perf_counter()
 
     def finish_one() -> None:
-        chunk, host, moments = inflight.popleft()
+        chunk, host, flips, moments = inflight.popleft()
         moments = np.asarray(moments)
         b = len(host["index"])
         image = lambda i, flipped: encoded_crop(host["image"][i], flipped) if config.store_images else None
         for i in range(b):
             if host["mask"][i]:
                 records[chunk].append(latent_cache.encode_record(
-                    host["index"][i], host["label"][i], False, moments[i], config.dtype, image(i, False)))
-                if config.flip_copy:
+                    host["index"][i], host["label"][i], flips[i], moments[i], config.dtype, image(i, flips[i])))
+                if config.flip == "copy":
                     records[chunk].append(latent_cache.encode_record(
                         host["index"][i], host["label"][i], True, moments[b + i], config.dtype, image(i, True)))
         stats["images"] += int(host["mask"].sum())
@@ -216,13 +220,15 @@ def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
 
     for chunk, host in zip(owners, it, strict=False):
         images = jax.device_put(host["image"], sharding)  # this process's devices only
-        inflight.append((chunk, host, encode(images)))
+        flips = (latent_cache.flip_draws(config.flip_seed, host["index"]) if config.flip == "random"
+                 else np.zeros(len(host["index"]), bool))
+        inflight.append((chunk, host, flips, encode(images, jax.device_put(flips, sharding))))
         if len(inflight) > 1:
             finish_one()
     while inflight:
         finish_one()
     stats["seconds"] = time.perf_counter() - start
-    stats["records"] = stats["images"] * (2 if config.flip_copy else 1)
+    stats["records"] = stats["images"] * (2 if config.flip == "copy" else 1)
     stats["images_per_s"] = stats["images"] / max(stats["seconds"], 1e-9)
     log.info("extract: process %d done: %s", jax.process_index(), stats)
     return stats
