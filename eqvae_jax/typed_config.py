@@ -132,7 +132,10 @@ def _parse(cls: type[T], section: Any, where: str, problems: list[str], noun: st
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             problems.append(f"unknown {noun} '{prefix}{key}'{hint}")
             continue
-        values[key] = _coerce(hints[key], _plain(value), f"{prefix}{key}", problems)
+        before = len(problems)
+        coerced = _coerce(hints[key], _plain(value), f"{prefix}{key}", problems)
+        if len(problems) == before:  # an ill-typed value is reported and the default kept, for further checks
+            values[key] = coerced
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:  # a schema's own __post_init__ checks: report, keep the defaults

@@ -54,6 +54,8 @@ def test_every_problem_is_reported_at_once():
     assert "enabled must be true or false, got 'yes'" in problems
     assert "steps must be an integer, got 2.5" in problems
     assert "inner: rate must be in [0, 1], got 2.0" in problems
+    parsed, _ = parse_collect(Outer, c)
+    assert parsed.steps == 10 and parsed.enabled is True  # ill-typed values fall back to the defaults
     parsed, found = parse_collect(Outer, {"inner": {"rate": 2.0}})  # a bad section falls back to its defaults
     assert parsed.inner == Inner() and found == ["inner: rate must be in [0, 1], got 2.0"]
 
