@@ -168,3 +168,21 @@ def grid_sampler(model: FunctionalDiT, decode: Callable[[jax.Array], jax.Array],
     shards = int(np.prod(list(mesh.shape.values())))
     batch = -(-count // shards) * shards
     return lambda params: square_grid(generate_all(generate, params, seed, count, batch, mesh)[0], count)
+
+
+def sample_labels(model: FunctionalDiT, params: dict, decode: Callable[[jax.Array], jax.Array], labels: Any,
+                  seed: int = 0, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
+                  **kw: Any) -> np.ndarray:
+    """uint8 (N, H, W, 3) samples of the given class labels, one jitted call on the default device (a sample
+    sheet of chosen classes, e.g. in a notebook). Sample i uses the trajectory key of index i (`sample_keys`)."""
+    labels = np.asarray(labels, np.int32).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= model.config.num_classes)]
+    if bad.size:
+        raise ValueError(f"class labels {sorted(set(bad.tolist()))} are outside [0, {model.config.num_classes}).")
+    sample = make_sampler(model, sampler, num_steps, cfg_scale, **kw)
+
+    def run(params: dict, labels: jax.Array) -> jax.Array:
+        _, keys = sample_keys(seed, jnp.arange(labels.shape[0]))
+        return to_uint8(decode(sample(params, labels, keys)))
+
+    return np.asarray(jax.jit(run)(params, jnp.asarray(labels)))

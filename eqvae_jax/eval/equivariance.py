@@ -49,7 +49,8 @@ class EquivarianceEvalConfig:
         return out
 
 
-def _apply(family: str, param: int | tuple[int, int], a: jax.Array) -> jax.Array:
+def apply_transform(family: str, param: int | tuple[int, int], a: jax.Array) -> jax.Array:
+    """One transform of the metric (a `transforms()` value) on NHWC images or latents."""
     if family == ROTATION:
         return resample.rot90(a, param)
     n, d = param
@@ -63,8 +64,8 @@ def equivariance_errors(
     ex = encode(x)
     out = {}
     for name, (family, param) in cfg.transforms().items():
-        want = encode(_apply(family, param, x))
-        got = _apply(family, param, ex)
+        want = encode(apply_transform(family, param, x))
+        got = apply_transform(family, param, ex)
         if got.shape != want.shape:
             raise ValueError(
                 f"{name}: tau(E(x)) has shape {got.shape} but E(tau(x)) {want.shape}; "
@@ -99,8 +100,8 @@ def code_agreement(
     for name, (family, param) in cfg.transforms().items():
         if family != ROTATION:
             continue
-        got = indices_of(_apply(family, param, ex))
-        want = indices_of(encode(_apply(family, param, x)))
+        got = indices_of(apply_transform(family, param, ex))
+        want = indices_of(encode(apply_transform(family, param, x)))
         if got.shape != want.shape:
             raise ValueError(f"{name}: code grids {got.shape} and {want.shape} differ; use square images.")
         out[f"{CODES}{name}"] = jnp.mean((got == want).astype(jnp.float32), axis=(1, 2))
