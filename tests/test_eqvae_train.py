@@ -21,7 +21,7 @@ from eqvae_jax.losses import equivariance
 from eqvae_jax.train.eqvae import job as eqvae_job
 from eqvae_jax.train.eqvae.config import parse_config
 from eqvae_jax.train.guard import NonFiniteError
-from eqvae_jax.train.metrics import read_metrics
+from eqvae_jax.train.metrics_file import read_metrics
 from eqvae_jax.typed_config import ConfigError
 
 flags.FLAGS.mark_as_parsed()

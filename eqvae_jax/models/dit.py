@@ -394,8 +394,9 @@ def abstract(config: DiTConfig) -> DiT:
 
 
 def load(path: str, **overrides: Any) -> DiT:
-    """Load a weights directory from `python -m eqvae_jax.convert --kind dit`; may override compute_dtype."""
-    return load_model(path, KIND, lambda cfg: build({**cfg, **overrides}))
+    """Load a weights directory from `python -m eqvae_jax.convert --kind dit`; may override compute_dtype.
+    The model is built shape-only and filled from the file (no random init of DiT-XL's 675M parameters)."""
+    return load_model(path, KIND, lambda cfg: abstract(DiTConfig(**{**cfg, **overrides})))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,7 @@ def run_job(command: list[str], workdir: str,
     # clu's metric writers import TensorFlow: loaded only when a job runs, quietly (it only writes summaries).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    from eqvae_jax.train.metrics import read_metrics
+    from eqvae_jax.train.metrics_file import read_metrics
 
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, LOG_FILE)

@@ -4,7 +4,7 @@ Step functions return small dicts of scalar device arrays; the loop keeps them o
 once per log interval (one host sync per interval, not per step). Console lines are the loop's own
 (train/console.py); the writers record scalars and images on process 0: TensorBoard event files, and one
 JSON line per write in WORKDIR/metrics.jsonl (`{"update": N, "name": value, ...}`) for plots and scripts
-(`read_metrics`); a gs:// workdir gets TensorBoard only (GCS objects cannot be appended to).
+(`train.metrics_file.read_metrics`); a gs:// workdir gets TensorBoard only (GCS objects cannot be appended to).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 from clu import metric_writers
 
-METRICS_FILE = "metrics.jsonl"
+from eqvae_jax.train.metrics_file import METRICS_FILE
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -75,37 +74,3 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     if "://" not in workdir:
         writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE)))
     return metric_writers.MultiWriter(writers)
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The rows of WORKDIR/metrics.jsonl written so far (an empty list before the first log line)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class MetricBuffer:
-    """Collects per-step metric dicts (device arrays) until the next fetch."""
-
-    def __init__(self) -> None:
-        self._steps: list[Mapping[str, jax.Array]] = []
-
-    def add(self, metrics: Mapping[str, jax.Array]) -> None:
-        self._steps.append(metrics)
-
-    def __len__(self) -> int:
-        return len(self._steps)
-
-    def fetch(self) -> list[dict[str, np.ndarray]]:
-        """The buffered steps' metrics on the host (one transfer), emptying the buffer."""
-        fetched = jax.device_get(self._steps)
-        self._steps = []
-        return fetched
-
-
-def mean_of(steps: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Mean of every metric over the steps (keys missing from some steps averaged where present)."""
-    keys = sorted({k for m in steps for k in m})
-    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in steps if k in m])) for k in keys}
