@@ -74,3 +74,28 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     if "://" not in workdir:
         writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE)))
     return metric_writers.MultiWriter(writers)
+
+
+class MetricBuffer:
+    """Collects per-step metric dicts (device arrays) until the next fetch."""
+
+    def __init__(self) -> None:
+        self._steps: list[Mapping[str, jax.Array]] = []
+
+    def add(self, metrics: Mapping[str, jax.Array]) -> None:
+        self._steps.append(metrics)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def fetch(self) -> list[dict[str, np.ndarray]]:
+        """The buffered steps' metrics on the host (one transfer), emptying the buffer."""
+        fetched = jax.device_get(self._steps)
+        self._steps = []
+        return fetched
+
+
+def mean_of(steps: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Mean of every metric over the steps (keys missing from some steps averaged where present)."""
+    keys = sorted({k for m in steps for k in m})
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in steps if k in m])) for k in keys}
