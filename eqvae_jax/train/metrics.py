@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from clu import metric_writers
 
 from eqvae_jax.train.metrics_file import METRICS_FILE
