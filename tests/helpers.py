@@ -33,8 +33,8 @@ def load_config(name: str, arg: str = "", **changes: Any):
 
 def tiny_eqvae_config(cache_dir: str, **changes: Any):
     """configs/sdvae_ft.py:tiny with the compilation cache and the demo TFDS data under `cache_dir`."""
-    return load_config("sdvae_ft", "tiny", compilation_cache_dir=cache_dir,
-                       **{"data.data_dir": os.path.join(cache_dir, "tfds")}, **changes)
+    return load_config("sdvae_ft", "tiny", **{"compilation_cache_dir": cache_dir,
+                                              "data.data_dir": os.path.join(cache_dir, "tfds"), **changes})
 
 
 def tiny_dit_config(cache_dir: str, compile_cache: str = "", objective: str = "ddpm", **changes: Any):
