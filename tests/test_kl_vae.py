@@ -281,3 +281,19 @@ def test_build_save_load_round_trip_and_dtype_override(tmp_path):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     low = kl_vae.load(tmp_path / "w", dtype="bfloat16")
     assert low.config.dtype == "bfloat16" and low.decoder.conv_out.kernel.dtype == jnp.float32
+
+
+def test_autoencoder_spec_builds_either_family_and_names_a_kind_mismatch(tmp_path):
+    from eqvae_jax.models import vq_vae
+    from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
+
+    kl = build_autoencoder(AutoencoderSpec(init="random", preset="tiny", seed=1, scaling_factor=0.5))
+    vq = build_autoencoder(AutoencoderSpec(kind="vq_vae", init="random", preset="tiny", seed=1))
+    assert isinstance(kl, kl_vae.KLVAE) and kl.config.scaling_factor == 0.5
+    assert isinstance(vq, vq_vae.VQVAE) and vq.config.n_embed == 64
+    vq_vae.save(vq, tmp_path / "vq")
+    assert AutoencoderSpec(kind="vq_vae", weights=str(tmp_path / "vq")).problems("model") == []
+    assert AutoencoderSpec(weights=str(tmp_path / "vq")).problems("model") == [
+        "model.weights holds a 'vq_vae' model, not 'kl_vae' (model.kind)"]
+    assert "not a vq_vae preset" in AutoencoderSpec(kind="vq_vae", init="random").problems("model")[0]
+    assert AutoencoderSpec(kind="gan").problems("vae") == ["vae.kind must be one of ['kl_vae', 'vq_vae'], not 'gan'"]
