@@ -19,7 +19,7 @@ import pytest
 from helpers import REPO, load_config
 from PIL import Image
 
-from eqvae_jax.data.demo import IMAGES_DIR
+from eqvae_jax.data.demo import EVAL_PHOTOS, IMAGES_DIR
 from eqvae_jax.data.transforms import resize_center_crop
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import inception, latents, reconstruction
@@ -167,3 +167,20 @@ def test_cli_config_error_exits_2(tmp_path):
                            f"--workdir={tmp_path}", f"--config.inception={tmp_path / 'nowhere'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error:" in proc.stderr and "nowhere" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_tfds_validation_split(resumed, tmp_path):
+    """The production data path: a TFDS 'validation' split (the demo set's two held-out photographs as ArrayRecord,
+    read as imagenet2012 would be), Resize + CenterCrop, a partial last batch."""
+    _, _, cache, _, _ = resumed
+    config = _tiny(cache, id_images=0, **{"data.source": "demo", "data.data_dir": str(tmp_path / "tfds"),
+                                          "data.eval_split": "validation"})
+    out = run(config, str(tmp_path / "run"))
+    assert [r["images"] for r in out["results"].values()] == [2, 2]
+    assert all(np.isnan(r["intrinsic_dimension"]) for r in out["results"].values())  # id_images=0: skipped
+    crops = ShardStore(str(tmp_path / "run"), ShardPlan(2, 8)).read("_originals", 0)[1]["preview_images"]
+    want = {p: resize_center_crop(Image.open(IMAGES_DIR / f"{p}.jpg").convert("RGB"), 32) for p in EVAL_PHOTOS}
+    assert len(crops) == 2
+    for crop in crops:
+        assert any(np.array_equal(crop, w) for w in want.values())
+    assert not np.array_equal(crops[0], crops[1])
