@@ -9,6 +9,10 @@ Euler-Maruyama SDE), repa (with objective=sit: REPA's recipe, below), tiny (a 2-
 demo latent cache; CPU, seconds; make the cache first:
 python -m eqvae_jax.main --config=configs/extract_latents.py:tiny --workdir=workdirs/latents_tiny).
 
+gFID-10K monitoring (ADM's FID/sFID/IS/precision/recall of 10,000 EMA samples, logged as eval/fid, ...):
+--config.sample.fid_every_updates=N (every N updates and at the end), with sample.fid_reference (ADM's
+VIRTUAL_imagenet256_labeled.npz) and sample.inception (python -m eqvae_jax.convert --kind inception).
+
 `objective=sit,repa` (configs/sit.py:model=XL/2,repa) is sihyun-yu/REPA's train.py: DINOv2-B/14 teacher on the
 cache's stored 256 px crops (extract with configs/extract_latents.py:images; convert the teacher with
 python -m eqvae_jax.convert --kind dinov2 --src dinov2_vitb14_pretrain.pth --dst weights/dinov2_vitb14),
@@ -41,6 +45,11 @@ def get_config(arg: str = ""):
     c.latents.sample_posterior = True  # z = mean + std * eps, times the VAE's scale (0.18215 for SD-VAE/EQ-VAE)
     c.sample.num_steps = 250
     c.sample.cfg_scale = 1.0  # the EQ-VAE README's evaluation: no guidance
+    # gFID-10K monitoring, off: --config.sample.fid_every_updates=N runs it every N updates and at the end
+    c.sample.fid_every_updates = 0
+    c.sample.fid_num_samples = 10_000
+    c.sample.fid_reference = "VIRTUAL_imagenet256_labeled.npz"  # ADM's ImageNet 256 reference batch
+    c.sample.inception = "weights/inception"  # python -m eqvae_jax.convert --kind inception
     c.checkpoint.every_updates = 50_000
     c.log.every_updates = 100
     if a.repa:

@@ -18,6 +18,11 @@ SKIP_REASONS: tuple[str, ...] = ("unreadable", "corrupt", "truncated", "too_smal
 # Alpha is composited over white: a transparent background becomes the usual white page, not black.
 _BACKGROUND = (255, 255, 255)
 
+# PIL's warnings while decoding (e.g. "Palette images with transparency", corrupt EXIF) are noise here. A filter
+# by module, set once: `warnings.catch_warnings()` is not thread-safe before Python 3.14, and the pipeline decodes
+# in threads, so entering and leaving it there leaked a global "ignore everything" into the process's filters.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
 
 class SkipImage(Exception):
     """An image that cannot be used; `reason` is one of SKIP_REASONS."""
@@ -39,10 +44,8 @@ def _open(data: bytes) -> Image.Image:
         raise SkipImage("corrupt", "empty file")
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Palette images with transparency" and EXIF warnings
-            image = Image.open(io.BytesIO(data))
-            image.load()
+        image = Image.open(io.BytesIO(data))
+        image.load()
     except UnidentifiedImageError as e:
         raise SkipImage("corrupt", str(e)) from None
     except Image.DecompressionBombError as e:

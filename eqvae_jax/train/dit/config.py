@@ -18,6 +18,7 @@ traffic, and tied to one teacher and resolution.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -25,8 +26,12 @@ import jax
 from ml_collections import ConfigDict
 
 from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig, read_meta
+from eqvae_jax.eval.adm_metrics import BadInputError, NpzImages, read_statistics
+from eqvae_jax.eval.inception import KIND as INCEPTION_KIND
+from eqvae_jax.eval.inception import InceptionConfig
 from eqvae_jax.models import dinov2, weights
 from eqvae_jax.models.dit import PATCHES, SIZES, DiTConfig, dit_config
+from eqvae_jax.parallel.mesh import mesh_shape, slice_count
 from eqvae_jax.train.config import (
     CheckpointConfig,
     LogConfig,
@@ -110,6 +115,14 @@ class SampleConfig:
     grid_every_updates: int = 0  # 0 = no periodic sample grid
     grid_count: int = 16
     grid_steps: int = 50
+    # gFID monitoring: every N updates and at the end of training (0 = off), ADM's FID, sFID, IS, precision and
+    # recall of `fid_num_samples` EMA samples (the settings above, random labels: what `python -m
+    # eqvae_jax.sample` draws with the same seed) against `fid_reference`, logged as eval/fid etc.
+    fid_every_updates: int = 0
+    fid_num_samples: int = 10_000
+    fid_reference: str = ""  # an ADM batch (.npz arr_0 [+ mu/sigma/mu_s/sigma_s]): VIRTUAL_imagenet256_labeled.npz
+    inception: str = ""  # FID Inception weights dir (python -m eqvae_jax.convert --kind inception)
+    fid_batch_size: int = 0  # global samples per sampling call; 0 = 32 per device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +230,63 @@ def _cache_problems(c: DiTJobConfig) -> list[str]:
     return []
 
 
+def _fid_problems(c: DiTJobConfig, num_devices: int, check_files: bool) -> list[str]:
+    """gFID monitoring: counts, batch split, and (reading files) the Inception dir and the reference batch."""
+    s = c.sample
+    problems = []
+    if s.fid_every_updates < 0:
+        problems.append("sample.fid_every_updates must be >= 0 (0 = no gFID monitoring)")
+    if not s.fid_every_updates:
+        return problems
+    if s.fid_num_samples < 1:
+        problems.append("sample.fid_num_samples must be >= 1")
+    try:
+        shards = math.prod(mesh_shape(num_devices, c.mesh.data, c.mesh.fsdp, slice_count()))
+        if s.fid_batch_size < 0 or s.fid_batch_size % shards:
+            problems.append(f"sample.fid_batch_size={s.fid_batch_size} is not a multiple of the {shards} batch "
+                            "shards (0 = 32 per device)")
+    except ValueError:
+        pass  # reported by run_problems
+    if not check_files:
+        return problems
+    cfg = None
+    if not s.inception:
+        problems.append("sample.inception is empty: gFID monitoring needs the FID Inception (python -m "
+                        "eqvae_jax.convert --kind inception --src pt_inception-2015-12-05-6726825d.pth --dst DIR)")
+    else:
+        try:
+            kind, raw = weights.read_config(s.inception)
+            if kind != INCEPTION_KIND:
+                problems.append(f"sample.inception={s.inception!r} holds a {kind!r} model, not {INCEPTION_KIND!r}")
+            else:
+                cfg = InceptionConfig.from_dict(raw)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"sample.inception={s.inception!r}: {e}")
+    if not s.fid_reference:
+        problems.append("sample.fid_reference is empty: give an ADM reference batch (.npz), e.g. "
+                        "VIRTUAL_imagenet256_labeled.npz, or one written by python -m eqvae_jax.evaluate --write_ref")
+        return problems
+    try:
+        NpzImages(s.fid_reference)
+        stats = read_statistics(s.fid_reference)
+    except (BadInputError, OSError, ValueError) as e:
+        return problems + [f"sample.fid_reference: {e}"]
+    if cfg is not None and stats is not None:
+        dims = (len(stats[0].mu), len(stats[1].mu))
+        if dims != (cfg.pool_features, cfg.spatial_features):
+            problems.append(f"sample.fid_reference carries statistics of {dims[0]}/{dims[1]}-dimensional features, "
+                            f"but sample.inception gives {cfg.pool_features}/{cfg.spatial_features} (a reference made "
+                            "with another Inception)")
+    return problems
+
+
 def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache: bool = True) -> DiTJobConfig:
     """The typed config, or a ConfigError listing every problem. `check_cache=False` skips the checks that read
-    files (the latent cache, the REPA teacher's weights dir), e.g. to sample from a finished run."""
+    files (the latent cache, the REPA teacher's weights dir, the gFID Inception and reference), e.g. to sample
+    from a finished run."""
     c, problems = parse_collect(DiTJobConfig, config)
-    problems += run_problems(c, jax.device_count() if num_devices is None else num_devices,
-                             len({getattr(d, "slice_index", 0) for d in jax.devices()}))
+    devices = jax.device_count() if num_devices is None else num_devices
+    problems += run_problems(c, devices, len({getattr(d, "slice_index", 0) for d in jax.devices()}))
     if c.objective not in OBJECTIVES:
         problems.append(f"objective must be one of {OBJECTIVES}, not {c.objective!r}")
     elif c.sampler not in SAMPLERS[c.objective]:
@@ -239,6 +303,7 @@ def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache
         problems += _repa_problems(c, check_cache)
     if check_cache:
         problems += _cache_problems(c)
+    problems += _fid_problems(c, devices, check_cache)
     if problems:
         raise ConfigError(problems)
     return c

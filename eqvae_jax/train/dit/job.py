@@ -4,13 +4,17 @@
         --config.latents.cache_dir=gs://.../latents/imagenet256
 
 One jitted step per update (FSDP inside a slice); the shared loop (train/loop.py) does resume, logging,
-checkpoints, stopping and the non-finite policy. A periodic sample grid from the EMA weights is optional.
+checkpoints, stopping and the non-finite policy. Optional monitoring through the loop's evaluation hook, from the
+EMA weights: a sample grid every `sample.grid_every_updates`, and gFID-N (ADM's FID, sFID, IS, precision and
+recall of `sample.fid_num_samples` samples against `sample.fid_reference`, logged as eval/fid, ...) every
+`sample.fid_every_updates` and at the end of training.
 SiT + REPA (`configs/sit.py:model=XL/2,repa`) adds the frozen DINOv2 teacher as a further step input.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import jax
@@ -18,11 +22,15 @@ from ml_collections import ConfigDict
 
 from eqvae_jax.data.latent_cache import build_latent_iterator
 from eqvae_jax.diffusion import sampling
+from eqvae_jax.eval import inception
+from eqvae_jax.eval.adm_metrics import MIN_FID_IMAGES
+from eqvae_jax.eval.features import InceptionExtractor
+from eqvae_jax.eval.generation import GenerationEvaluator
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.models.dinov2 import dinov2_flops
 from eqvae_jax.models.dit import FunctionalDiT, dit_flops
 from eqvae_jax.models.repa import teacher_input_size
-from eqvae_jax.parallel.mesh import make_mesh
+from eqvae_jax.parallel.mesh import batch_divisor, make_mesh
 from eqvae_jax.train import loop
 from eqvae_jax.train.dit import state as dit_state
 from eqvae_jax.train.dit.config import DiTJobConfig, parse_config
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 # only when REPA is on, so that runs from before the `repa` section resume (a REPA run resumed without REPA
 # fails on its checkpoint's extra projector params instead).
 RESUME_MUST_MATCH = ("objective", "model", "latents.cache_dir")
+GFID_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 REPA_RESUME_MUST_MATCH = ("repa.enabled", "repa.z_dim", "repa.projector_dim", "repa.encoder_depth",
                           "repa.proj_coeff")
 
@@ -73,12 +82,21 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
     key = jax.random.key(config.seed)
     host = {"scaling_factor": float(scale), "shift_factor": float(shift), "latent_shape": list(meta["latent_shape"]),
             "vae": meta["vae"]}
-    grid = _grid_sampler(config, model, mesh, host) if config.sample.grid_every_updates else None
+    s = config.sample
+    decode = _decoder(config, host) if s.grid_every_updates or s.fid_every_updates else None
+    grid = _grid_sampler(config, model, mesh, decode) if s.grid_every_updates else None
+    gfid = _gfid_evaluator(config, model, mesh, decode) if s.fid_every_updates else None
+
+    def due(every: int, update: int) -> bool:
+        return bool(every) and (update % every == 0 or update == config.total_updates)
 
     def evaluate(state: dit_state.TrainState, update: int, writer: Any) -> dict[str, float]:
-        if grid is not None and (update % config.sample.grid_every_updates == 0 or update == config.total_updates):
+        """The sample grid and gFID-N (not at update 0: a random model's FID is only a cost)."""
+        if grid is not None and due(s.grid_every_updates, update):
             writer.write_images(update, {"samples": grid(state.ema)[None]})
-        return {}
+        if gfid is None or update == 0 or not due(s.fid_every_updates, update):
+            return {}
+        return {f"eval/{k}": v for k, v in gfid(state.ema).items()}
 
     def log_scalars(scalars: dict[str, float]) -> dict[str, float]:
         return {"perf/model_tflops_per_s": flops * scalars["perf/updates_per_s"] / 1e12}
@@ -90,8 +108,9 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
         data=data,
         resume_must_match=RESUME_MUST_MATCH + (REPA_RESUME_MUST_MATCH if aligned else ()),
         host_state=lambda: dict(host),
-        evaluate=evaluate if grid is not None else None,
-        eval_every=config.sample.grid_every_updates,
+        evaluate=evaluate if grid is not None or gfid is not None else None,
+        eval_every=math.gcd(s.grid_every_updates, s.fid_every_updates),
+        summary_metrics=tuple(f"eval/{k}" for k in GFID_METRICS) if gfid is not None else (),
         log_scalars=log_scalars,
         console_fields=(("loss", "loss"), ("mse", "mse"), ("vb", "vb"), ("proj", "proj_loss"), ("grad", "grad_norm")),
         overview={"DiT": state.params, "EMA": state.ema, "optimizer state": state.opt_state,
@@ -104,10 +123,31 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
         services.close()
 
 
-def _grid_sampler(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, host: dict[str, Any]):
-    """A small decoded sample grid from the EMA params (fixed seed and labels, so grids are comparable)."""
+def _decoder(config: DiTJobConfig, host: dict[str, Any]):
+    """Diffusion latents -> images with the cache's VAE (or `sample.vae`)."""
     vae = build_autoencoder(cache_autoencoder(host, config.sample.vae))
-    decode = sampling.make_decoder(vae, host["scaling_factor"], host["shift_factor"])
+    return sampling.make_decoder(vae, host["scaling_factor"], host["shift_factor"])
+
+
+def _gfid_evaluator(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, decode: Any) -> GenerationEvaluator:
+    """gFID-N of the EMA params: `python -m eqvae_jax.sample`'s draws (settings of `sample`, random labels), the
+    Inception on the devices, ADM's metrics against `sample.fid_reference` (eval/generation.py)."""
+    s = config.sample
+    batch = s.fid_batch_size or 32 * batch_divisor(mesh)
+    generate = sampling.make_generate(model, decode, mesh, config.sampler, s.num_steps, s.cfg_scale,
+                                      s.guide_channels, s.ode_method, class_labels="random")
+    extractor = InceptionExtractor(inception.load(s.inception), mesh, batch)
+    if s.fid_num_samples < MIN_FID_IMAGES:
+        log.warning("gFID from %d samples: fewer than %d give a biased FID (monitoring only)", s.fid_num_samples,
+                    MIN_FID_IMAGES)
+    log.info("gFID-%d every %d updates and at the end: %s %d steps, cfg %g, seed %d, reference %s",
+             s.fid_num_samples, s.fid_every_updates, config.sampler, s.num_steps, s.cfg_scale, s.seed,
+             s.fid_reference)
+    return GenerationEvaluator(generate, extractor, s.fid_reference, s.fid_num_samples, batch, s.seed)
+
+
+def _grid_sampler(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, decode: Any):
+    """A small decoded sample grid from the EMA params (fixed seed and labels, so grids are comparable)."""
     return sampling.grid_sampler(model, decode, mesh, config.sampler, config.sample.grid_steps,
                                  config.sample.grid_count, config.sample.seed, cfg_scale=config.sample.cfg_scale,
                                  guide_channels=config.sample.guide_channels, ode_method=config.sample.ode_method)
