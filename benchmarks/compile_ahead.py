@@ -49,7 +49,8 @@ def _measure(scales: list[int], size: int, workers: int, micro_steps: int, cache
                                             built.spec.return_pair)
     pool = CompilePool(workers, lambda _: None)
     start = time.perf_counter()
-    ahead.submit_programs(pool, programs, built.steps, built.state, built.lpips_state, built.mesh,
+    ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
+                          ahead.abstract(built.lpips_state), built.mesh,
                           (config.global_batch_size, *hw, 3), built.spec.return_pair)
     first_two = [pool.take(name, plan) for name, plan in programs[:2]]
     first_step = max(r.finished_at for r in first_two) - start

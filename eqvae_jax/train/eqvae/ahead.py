@@ -51,7 +51,7 @@ def programs_in_need_order(
     return list(order)
 
 
-def _abstract(tree: Any) -> Any:
+def abstract(tree: Any) -> Any:
     """Shapes, dtypes and shardings of a placed pytree (what `lower` needs instead of the arrays)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -66,9 +66,10 @@ def submit_programs(
     batch_shape: tuple[int, ...],
     returns_pair: bool,
 ) -> None:
-    """Queue `lower(...).compile()` of each program with the argument shapes and shardings of the real calls."""
+    """Queue `lower(...).compile()` of each program with the argument shapes and shardings of the real calls;
+    `state` and `lpips_state` are abstract (`abstract(placed)`, or ShapeDtypeStructs with shardings)."""
     rep = replicated(mesh)
-    state_a, lpips_a = _abstract(state), _abstract(lpips_state)
+    state_a, lpips_a = state, lpips_state
     images = jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=batch_sharding(mesh))
     rot = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     key_shape = jax.eval_shape(lambda: jax.random.key(0))

@@ -118,7 +118,8 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         remaining = range(first_micro, config.total_updates * config.optim.accumulate)
         programs = ahead.programs_in_need_order(config.transform, sampler.state(), image_hw, remaining,
                                                 pretrain_micro, built.spec.return_pair)
-        ahead.submit_programs(pool, programs, built.steps, built.state, built.lpips_state, built.mesh,
+        ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
+                              ahead.abstract(built.lpips_state), built.mesh,
                               (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
         log.info("eqvae: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)",
                  len(programs), pool.workers)
