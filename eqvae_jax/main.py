@@ -28,6 +28,8 @@ flags.DEFINE_string("log_level", "WARNING", "Level of library logs (absl, Orbax,
                     "them. The job's own progress lines are always shown.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Jobs with a compile-only mode for a TPU topology (launch/tpu.py precompile): their `precompile` module.
+PRECOMPILE = {"eqvae": "eqvae_jax.train.eqvae.precompile"}
 JOBS = {
     "eqvae": "eqvae_jax.train.eqvae.job",
     "extract_latents": "eqvae_jax.train.latents.job",
@@ -37,6 +39,7 @@ JOBS = {
 
 def main(argv: list[str]) -> None:
     from eqvae_jax.models.weights import KeyMismatchError
+    from eqvae_jax.parallel import aot
     from eqvae_jax.parallel.distributed import maybe_initialize
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.train.loop import ResumeError
@@ -48,10 +51,18 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
         raise app.UsageError(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
-    maybe_initialize(FLAGS.distributed)
-    job = importlib.import_module(JOBS[config.trainer])
+    target = aot.compile_only_target()
+    if target and config.trainer not in PRECOMPILE:
+        print(f"error: trainer {config.trainer!r} has no compile-only mode ({aot.ENV_TOPOLOGY}={target}); "
+              f"jobs with one: {sorted(PRECOMPILE)}", file=sys.stderr)
+        sys.exit(2)
+    if not target:
+        maybe_initialize(FLAGS.distributed)
     try:
-        job.run(config, FLAGS.workdir)
+        if target:
+            importlib.import_module(PRECOMPILE[config.trainer]).precompile(config, FLAGS.workdir, target)
+        else:
+            importlib.import_module(JOBS[config.trainer]).run(config, FLAGS.workdir)
     except (ConfigError, ResumeError, KeyMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

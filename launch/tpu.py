@@ -437,29 +437,11 @@ def cmd_precompile(s: Settings, args: argparse.Namespace, run: Runner) -> int:
         raise UsageError(f"--libtpu {args.libtpu}: no libtpu package there (pip install --no-deps --target "
                          f"{args.libtpu} -r requirements-tpu-aot.txt)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if any("eqvae_jax." in word for word in command) and not jobs_support_compile_only(root):
-        raise UsageError("precompile: the jobs of this checkout do not implement the compile-only mode yet "
-                         f"({TOPOLOGY_ENV}); the command would train on this machine instead")
     env = precompile_env(s, args.libtpu)
     if run.dry_run:
         print(shlex.join([f"{k}={v}" for k, v in env.items()] + command), flush=True)
         return 0
     return subprocess.run(command, cwd=root, env={**os.environ, **env}, check=False).returncode
-
-
-def jobs_support_compile_only(root: str) -> bool:
-    """Whether some module of eqvae_jax besides parallel/aot.py reads the compile-only setting."""
-    package = os.path.join(root, "eqvae_jax")
-    for folder, _, files in os.walk(package):
-        for name in files:
-            path = os.path.join(folder, name)
-            if not name.endswith(".py") or path == os.path.join(package, "parallel", "aot.py"):
-                continue
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            if TOPOLOGY_ENV in text or "compile_only_target(" in text:
-                return True
-    return False
 
 
 # --------------------------------------------------------------------------------------------------------

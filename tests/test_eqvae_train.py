@@ -133,6 +133,16 @@ def test_interrupted_run_resumes_bit_identically(cache_dir, tmp_path):
         eqvae_job.run(changed, str(tmp_path / "resumed"))
 
 
+def test_compiling_ahead_runs_the_same_programs_as_compiling_on_first_call(cache_dir, tmp_path):
+    lazy = eqvae_job.run(tiny_eqvae_config(cache_dir, total_updates=2, **{"compile.ahead": False, "eval.batches": 0,
+                                                                          "eval.images": 0}), str(tmp_path / "lazy"))
+    config = tiny_eqvae_config(cache_dir, total_updates=2, **{"eval.batches": 0, "eval.images": 0})
+    ahead = eqvae_job.run(config, str(tmp_path / "ahead"))
+    assert lazy["compiled_ahead"] == 0
+    assert ahead["compiled_ahead"] == ahead["g_variants"] + ahead["d_variants"] > 0  # every variant from the pool
+    assert leaves_equal(lazy["state"], ahead["state"])
+
+
 def test_sigterm_saves_a_checkpoint_that_restores_on_another_device_count(cache_dir, tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")

@@ -305,10 +305,12 @@ def test_precompile_runs_the_job_here_in_compile_only_mode(gcloud, tmp_path):
     failing = tpu(env, "--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}", "--", sys.executable, "-c",
                   "raise SystemExit(3)", check=False)
     assert failing.returncode == 3
-    job = ["python", "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py", "--workdir=gs://b/r"]
-    for args, message in ((["--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}", "--", *job],
-                           "do not implement the compile-only mode yet"),
-                          (["--accelerator=v5p-8", "precompile", f"--libtpu={tmp_path}", "--", "true"],
+    # A job without the compile-only mode refuses it (it would train here instead).
+    dit = tpu(env, "--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}", "--", sys.executable, "-m",
+              "eqvae_jax.main", "--config=configs/dit.py:tiny", f"--workdir={tmp_path / 'dit'}", check=False)
+    assert dit.returncode == 2 and "trainer 'dit' has no compile-only mode" in dit.stderr, dit.stderr
+    assert not (tmp_path / "dit").exists()
+    for args, message in ((["--accelerator=v5p-8", "precompile", f"--libtpu={tmp_path}", "--", "true"],
                            "no libtpu package there"),
                           (["--accelerator=v5p-8", "precompile", f"--libtpu={libtpu}"], "give the job's command"),
                           (["precompile", f"--libtpu={libtpu}", "--", "true"], "missing --accelerator")):

@@ -35,6 +35,14 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Compiling a job's step variants (jobs with one program per static plan, such as the EQ-VAE job)."""
+
+    ahead: bool = True  # compile every program the run will need at start-up, in the order it needs them
+    workers: int = 0  # compile threads for `ahead`; 0 = the host's CPU count
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The fields of every training job (subclasses add theirs; all fields have defaults)."""
 
@@ -46,7 +54,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     max_consecutive_nonfinite: int = 20  # stop after this many consecutive steps skipped for NaN/Inf
-    compilation_cache_dir: str = ""  # '' = WORKDIR/jax_cache
+    compilation_cache_dir: str = ""  # '' = WORKDIR/jax_cache; may be gs://..., shared by workers and restarts
+    compile: CompileConfig = CompileConfig()
 
 
 def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[str]:
@@ -66,6 +75,8 @@ def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[s
                         ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
         if value < 1:
             problems.append(f"{name} must be >= 1")
+    if config.compile.workers < 0:
+        problems.append("compile.workers must be >= 0 (0 = the host's CPU count)")
     return problems
 
 

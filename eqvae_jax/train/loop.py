@@ -6,7 +6,7 @@ same way for every job:
 
   resume   from the latest checkpoint in the workdir (state onto its current shardings, the data iterator,
            the job's host state such as RNG), after checking that the saved config agrees on the keys the
-           job names in `resume_must_match`;
+           job names in `resume_must_match`; then `job.on_start` (e.g. start compiling ahead);
   step     `job.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
            (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA);
@@ -60,6 +60,7 @@ class Job:
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
     finish: Callable[[Any], dict[str, str]] | None = None  # after the last update: {output name: path}
     overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
+    on_start: Callable[[int], None] | None = None  # after resuming, before any step: (first micro-step to run)
 
 
 class ResumeError(ValueError):
@@ -129,6 +130,8 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     if start >= total:
         log.info("%s: already trained to update %d in %s; nothing to do", job.name, start, services.workdir)
         return summary
+    if job.on_start is not None:
+        job.on_start(start * k)
     if job.overview and jax.process_index() == 0:
         log.info("%s: networks and state\n%s", job.name, console.parameter_table(job.overview))
     if start == 0:

@@ -22,7 +22,8 @@ from eqvae_jax.data.iterator import build_eval_iterator, build_train_iterator
 from eqvae_jax.losses import equivariance
 from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, place, replicated
 from eqvae_jax.train import loop
-from eqvae_jax.train.eqvae import evaluation, export, steps
+from eqvae_jax.train.compile_pool import CompilePool
+from eqvae_jax.train.eqvae import ahead, evaluation, export, steps
 from eqvae_jax.train.eqvae.config import EQVAEConfig, disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import Networks, build_networks
 from eqvae_jax.train.eqvae.state import EQVAEState
@@ -85,8 +86,9 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
              "in %d and %d groups; %d compiled variants per step %s", config.learning_rate, config.optim.accumulate,
              config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
              built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
-    g_variants = VariantTracker("g_step", expected, log.info)
-    d_variants = VariantTracker("d_step", expected, log.info)
+    pool = CompilePool(config.compile.workers, log.info) if config.compile.ahead else None
+    g_variants = VariantTracker("g_step", expected, log.info, pool, static_argnums=(5,))
+    d_variants = VariantTracker("d_step", expected, log.info, pool, static_argnums=(5,))
     base_key = jax.random.key(config.seed)
     data = build_train_iterator(config.data, built.mesh, config.global_batch_size)
     eval_step = evaluation.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
@@ -109,6 +111,19 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         return state, {**g_metrics, **d_metrics, "nonfinite": nonfinite, **branch_metrics("branch_g", d),
                        **branch_metrics("branch_d", d_draw)}
 
+    def compile_ahead(first_micro: int) -> None:
+        """Queue every program the rest of the run will draw, in the order it will draw them."""
+        if pool is None:
+            return
+        remaining = range(first_micro, config.total_updates * config.optim.accumulate)
+        programs = ahead.programs_in_need_order(config.transform, sampler.state(), image_hw, remaining,
+                                                pretrain_micro, built.spec.return_pair)
+        ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
+                              ahead.abstract(built.lpips_state), built.mesh,
+                              (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
+        log.info("eqvae: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)",
+                 len(programs), pool.workers)
+
     def evaluate(state: EQVAEState, update: int, writer: Any) -> dict[str, float]:
         params = evaluated_params(config, state)
         results = {}
@@ -128,7 +143,7 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         return results
 
     def log_scalars(scalars: dict[str, float]) -> dict[str, float]:
-        out = {**g_variants.summary(), **d_variants.summary()}
+        out = {**g_variants.summary(), **d_variants.summary(), **(pool.progress() if pool else {})}
         out.update({f"data/skipped_{k}": float(v) for k, v in data.skip_counts.items()})
         return out
 
@@ -160,6 +175,7 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         summary_metrics=("eval/equivariance/rotation", "eval/equivariance/scale", "eval/psnr", "eval/ssim",
                          "eval/lpips"),
         finish=finish,
+        on_start=compile_ahead,
         overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,
                   "LPIPS (frozen)": built.lpips_state or {}, "optimizer states": (built.state.opt_g,
                                                                                   built.state.opt_d)},
@@ -167,7 +183,10 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
     try:
         summary = loop.run(job, config, services, stop_after)
     finally:
+        if pool is not None:
+            pool.close()
         services.close()
         data.close()
     summary["g_variants"], summary["d_variants"] = g_variants.count, d_variants.count
+    summary["compiled_ahead"] = g_variants.ahead_count + d_variants.ahead_count
     return summary
