@@ -18,13 +18,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 from jax import monitoring
-
-if TYPE_CHECKING:
-    from eqvae_jax.train.compile_pool import CompilePool
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -89,11 +86,19 @@ class VariantRecord:
         return self.trace_s + self.lower_s + self.backend_compile_s
 
 
+class ProgramSource(Protocol):
+    """Where programs compiled ahead come from (train/compile_pool.CompilePool)."""
+
+    def has(self, name: str, key: Hashable) -> bool: ...
+
+    def take(self, name: str, key: Hashable) -> Any: ...  # .compiled, .record (a VariantRecord)
+
+
 class VariantTracker:
     """Counts, times and logs the compiled variants of one jitted function, keyed by its static arguments."""
 
     def __init__(self, name: str, expected: int | None = None, logger: Callable[[str], None] | None = None,
-                 pool: CompilePool | None = None, static_argnums: tuple[int, ...] = ()):
+                 pool: ProgramSource | None = None, static_argnums: tuple[int, ...] = ()):
         self.name = name
         self.expected = expected
         self.records: dict[Hashable, VariantRecord] = {}
