@@ -84,17 +84,23 @@ def main() -> None:
         return json.loads(out.strip().splitlines()[-1])
 
     pools = [int(w) for w in a.workers.split(",")]
-    rows = [(f"cold, {w} thread{'s' * (w > 1)}", child(w)) for w in pools]
+    print(f"EQ-VAE start-up compile, tiny model at {a.size} px, scales {a.scales}/32, {os.cpu_count()} CPUs",
+          flush=True)
+    print(f"{'mode':<24}{'programs':>9}{'first step s':>14}{'all programs s':>16}{'speed-up':>10}{'median s':>10}"
+          f"{'max s':>8}{'load':>6}", flush=True)
+    base = None
+
+    def row(name: str, r: dict) -> None:
+        nonlocal base
+        base = base or r["all_s"]
+        print(f"{name:<24}{r['programs']:>9}{r['first_step_s']:>14.1f}{r['all_s']:>16.1f}{base / r['all_s']:>10.2f}"
+              f"{r['median_s']:>10.2f}{r['max_s']:>8.2f}{os.getloadavg()[0]:>6.1f}", flush=True)
+
+    for w in pools:
+        row(f"cold, {w} thread{'s' * (w > 1)}", child(w))
     with tempfile.TemporaryDirectory() as cache:
         child(max(pools), cache)
-        rows.append((f"warm cache, {max(pools)} threads", child(max(pools), cache)))
-    base = rows[0][1]["all_s"]
-    print(f"EQ-VAE start-up compile, tiny model at {a.size} px, scales {a.scales}/32, {rows[0][1]['programs']} "
-          f"programs (G + D), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'mode':<24}{'first step s':>14}{'all programs s':>16}{'speed-up':>10}{'median s':>10}{'max s':>8}")
-    for name, r in rows:
-        print(f"{name:<24}{r['first_step_s']:>14.1f}{r['all_s']:>16.1f}{base / r['all_s']:>10.2f}"
-              f"{r['median_s']:>10.2f}{r['max_s']:>8.2f}")
+        row(f"warm cache, {max(pools)} threads", child(max(pools), cache))
 
 
 if __name__ == "__main__":
