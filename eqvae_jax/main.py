@@ -31,6 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 JOBS = {
     "eqvae": "eqvae_jax.train.eqvae.job",
     "extract_latents": "eqvae_jax.train.latents.job",
+    "extract_tokens": "eqvae_jax.train.latents.job",
     "dit": "eqvae_jax.train.dit.job",
 }
 
