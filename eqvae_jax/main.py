@@ -33,6 +33,7 @@ JOBS = {
     "extract_latents": "eqvae_jax.train.latents.job",
     "extract_tokens": "eqvae_jax.train.latents.job",
     "dit": "eqvae_jax.train.dit.job",
+    "maskgit": "eqvae_jax.train.maskgit.job",
 }
 
 
