@@ -33,7 +33,9 @@ PRECOMPILE = {"eqvae": "eqvae_jax.train.eqvae.precompile"}
 JOBS = {
     "eqvae": "eqvae_jax.train.eqvae.job",
     "extract_latents": "eqvae_jax.train.latents.job",
+    "extract_tokens": "eqvae_jax.train.latents.job",
     "dit": "eqvae_jax.train.dit.job",
+    "maskgit": "eqvae_jax.train.maskgit.job",
 }
 
 

@@ -76,6 +76,35 @@ def write_toy_cache(cache_dir: str, n: int = 16, classes: int = 4, images: bool 
     latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, 0, 1), records)
 
 
+TOY_GRID = (16, 16)  # token grid of the toy token cache
+TOY_CODES = 64  # its codebook size (the tiny VQ preset's)
+
+
+def tiny_maskgit_config(cache_dir: str, compile_cache: str = "", **changes: Any):
+    """configs/maskgit.py:tiny on the toy token cache `cache_dir`."""
+    return load_config("maskgit", "tiny", compilation_cache_dir=compile_cache, **{"tokens.cache_dir": cache_dir},
+                       **changes)
+
+
+def toy_token_grids(classes: int = 4) -> np.ndarray:
+    """The per-class token grids of `write_toy_token_cache`: smooth 4x4-block patterns of codes."""
+    coarse = np.random.default_rng(0).integers(0, TOY_CODES, (classes, 4, 4))
+    return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.int32)
+
+
+def write_toy_token_cache(cache_dir: str, n: int = 16, classes: int = 4) -> None:
+    """n images, class c's tokens a fixed grid (`toy_token_grids`), one record each (a learnable toy set), with
+    the meta of a cache made by configs/extract_tokens.py:tiny (a random tiny VQ: 64 codes, 16x16 tokens)."""
+    grids = toy_token_grids(classes)
+    records = [latent_cache.encode_token_record(i, i % classes, False, 0, grids[i % classes]) for i in range(n)]
+    vq = {"kind": "vq_vae", "init": "random", "preset": "tiny", "seed": 0, "dtype": "float32", "weights": "",
+          "overrides": {}, "scaling_factor": 0.0, "shift_factor": None}
+    latent_cache.write_meta(cache_dir, {"content": "tokens", "num_chunks": 1, "token_shape": list(TOY_GRID),
+                                        "codebook_size": TOY_CODES, "dtype": "int16", "flip": "none", "crops": 1,
+                                        "records_per_image": 1, "vae": vq, "image_size": 32})
+    latent_cache.write_chunk(latent_cache.chunk_path(cache_dir, 0, 1), records)
+
+
 def toy_patterns(classes: int = 4) -> np.ndarray:
     """The per-class means of `write_toy_cache`."""
     return np.random.default_rng(0).standard_normal((classes,) + TOY_SHAPE).astype(np.float32)

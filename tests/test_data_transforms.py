@@ -10,7 +10,13 @@ from PIL import Image
 
 from eqvae_jax.data.config import DataConfig
 from eqvae_jax.data.decode import SkipImage, decode_image
-from eqvae_jax.data.transforms import Crop, adm_center_crop, eqvae_train_crop, resize_center_crop
+from eqvae_jax.data.transforms import (
+    Crop,
+    adm_center_crop,
+    eqvae_train_crop,
+    resize_center_crop,
+    resize_random_crop,
+)
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -104,6 +110,22 @@ def test_resize_center_crop_resizes_the_short_side_bilinear():
     np.testing.assert_array_equal(resize_center_crop(Image.fromarray(pixels), 64), expected)
     assert DataConfig().eval_transform == "resize_center_crop"  # the reconstruction evaluation's default
     np.testing.assert_array_equal(Crop("resize_center_crop", 64)(Image.fromarray(pixels), None), expected)
+
+
+def test_resize_random_crop_is_a_uniform_window_of_the_resized_image():
+    """torchvision Resize + RandomCrop (MaskGIT's training crop): the resize of resize_center_crop, then every
+    offset 0..w - size along the long side, none along the short one."""
+    pixels = np.random.default_rng(7).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(pixels).resize((85, 64), Image.Resampling.BILINEAR))  # as above
+    rng = np.random.default_rng(0)
+    lefts = set()
+    for _ in range(400):
+        out = resize_random_crop(Image.fromarray(pixels), 64, rng)
+        left = next(x for x in range(22) if np.array_equal(out, resized[:, x: x + 64]))
+        lefts.add(left)
+    assert lefts == set(range(22))  # 85 - 64 + 1 offsets, all reached
+    square = _coordinates(64, 64)
+    np.testing.assert_array_equal(Crop("resize_random_crop", 64)(square, rng), np.asarray(square))
 
 
 def test_flip_is_horizontal_and_optional():

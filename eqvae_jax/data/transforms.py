@@ -16,6 +16,9 @@
   ToTensor first, so its float tensor was resized without rounding, antialiased only from torchvision 0.17 on
   (the `antialias=True` default; older versions resized tensors without it); which version its evaluation
   ran is not recorded.
+- `resize_random_crop`: torchvision `Resize(size)` + `RandomCrop(size)`, MaskGIT's training augmentation
+  (valeoai/Maskgit-pytorch v1, before its RandomHorizontalFlip): the same resize, then a size x size window at
+  top ~ U{0..h - size}, left ~ U{0..w - size} (torch.randint's bounds), so only the long side varies.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "adm_center_crop", "resize_center_crop")
+TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "adm_center_crop", "resize_center_crop", "resize_random_crop")
+RANDOM_TRANSFORMS: tuple[str, ...] = ("eqvae_train_crop", "resize_random_crop")  # those that use the rng
 
 
 def eqvae_train_crop(
@@ -59,17 +63,31 @@ def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return array[top : top + size, left : left + size]
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """torchvision Resize(size) + CenterCrop(size) of a PIL image (bilinear, antialiased; module docstring)."""
+def resize_short_side(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision `Resize(size)` of a PIL image: short side to `size`, long side int(size * long / short),
+    bilinear (PIL's, antialiased), as uint8 HWC."""
     width, height = image.size
     short, long = min(width, height), max(width, height)
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
     if new_size != (width, height):
         image = image.resize(new_size, resample=Image.Resampling.BILINEAR)
-    array = np.asarray(image, dtype=np.uint8)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """torchvision Resize(size) + CenterCrop(size) of a PIL image (bilinear, antialiased; module docstring)."""
+    array = resize_short_side(image, size)
     top = int(round((array.shape[0] - size) / 2.0))
     left = int(round((array.shape[1] - size) / 2.0))
+    return array[top : top + size, left : left + size]
+
+
+def resize_random_crop(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """torchvision Resize(size) + RandomCrop(size): a uniformly placed size x size window of the resized image."""
+    array = resize_short_side(image, size)
+    top = int(rng.integers(0, array.shape[0] - size + 1))
+    left = int(rng.integers(0, array.shape[1] - size + 1))
     return array[top : top + size, left : left + size]
 
 
@@ -106,6 +124,8 @@ class Crop:
             array = eqvae_train_crop(image, self.size, rng, self.min_fraction, self.max_fraction)
         elif self.name == "resize_center_crop":
             array = resize_center_crop(image, self.size)
+        elif self.name == "resize_random_crop":
+            array = resize_random_crop(image, self.size, rng)
         else:
             array = adm_center_crop(image, self.size)
         if self.flip:

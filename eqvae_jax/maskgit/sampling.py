@@ -15,6 +15,10 @@ zeros raised to 1, and the last count absorbs the difference so the counts sum t
 1, 18, 26, 32, 38, 43, 48, 50). The final tokens are clipped to the codebook (a sampled mask id becomes
 codebook_size - 1, as v1's `torch.clamp` before decoding).
 
+`make_generate` wraps `decode` for a sharded batch of global sample indices (label and trajectory key from
+`fold_in(key(seed), index)`, so a seed gives the same images on any device count and batch size) and decodes the
+codes with the VQ model to uint8 images; `diffusion.sampling.generate_all` / `write_outputs` run it to an ADM npz.
+
 Differences from v1, none of which changes the distribution: randomness comes from per-sample keys (so a
 sample depends only on its key, never on the batch it ran in or the device count), and exactly n_i tokens are
 revealed by rank, where v1 thresholds at the n_i-th confidence (ties, which have probability zero with Gumbel
@@ -25,11 +29,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from eqvae_jax.diffusion.sampling import generate_all, sample_keys, to_uint8
+from eqvae_jax.eval.images import square_grid
+from eqvae_jax.models.maskgit import FunctionalMaskGIT
+from eqvae_jax.parallel.mesh import batch_sharding
 
 REVEAL_SCHEDULES = ("arccos", "cosine", "linear", "square", "root")
 RANDOMIZE = ("linear", "warm_up", "random", "no")
@@ -154,3 +165,54 @@ def decode(
     (tokens, _), history = jax.lax.scan(step, start, xs)
     codes = jnp.clip(tokens, 0, codebook_size - 1)
     return (codes, Trace(*history)) if trace else codes
+
+
+def make_code_decoder(vq: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """(B, h, w) code indices -> images in [-1, 1] scale with a `models.vq_vae.VQVAE` (its weights closed over)."""
+    graphdef, state = nnx.split(vq)
+    return lambda codes: nnx.merge(graphdef, state).decode_indices(codes)
+
+
+def make_generate(
+    model: FunctionalMaskGIT,
+    decode_codes: Callable[[jax.Array], jax.Array] | None,
+    mesh: Mesh,
+    *,
+    steps: int = 8,
+    schedule: str = "arccos",
+    sm_temp: float = 1.0,
+    r_temp: float = 4.5,
+    cfg_scale: float = 3.0,
+    randomize: str = "linear",
+    class_labels: str = "random",
+) -> Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """jit (params, seed, indices (B,) sharded) -> (uint8 images, or (B, g, g) int32 codes without
+    `decode_codes`; labels), sharded over the batch. Sample i draws its label and its decoding keys from
+    `diffusion.sampling.sample_keys(seed, i)`. `class_labels`: 'random' (uniform) or 'cycle' (i % classes)."""
+    cfg = model.config
+    g = cfg.grid_size
+
+    def generate(params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k_label, k_traj = sample_keys(seed, indices)
+        if class_labels == "cycle":
+            labels = (indices % cfg.num_classes).astype(jnp.int32)
+        else:
+            labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, cfg.num_classes))(k_label)
+        codes = decode(lambda t, y, d: model.apply(params, t, y, d), labels, k_traj, num_tokens=cfg.num_tokens,
+                       codebook_size=cfg.codebook_size, mask_id=cfg.mask_id, steps=steps, schedule=schedule,
+                       sm_temp=sm_temp, r_temp=r_temp, cfg_scale=cfg_scale, randomize=randomize)
+        codes = codes.reshape(-1, g, g)
+        return (to_uint8(decode_codes(codes)) if decode_codes is not None else codes), labels
+
+    batch = batch_sharding(mesh)
+    return jax.jit(generate, in_shardings=(None, None, batch), out_shardings=(batch, batch))
+
+
+def grid_sampler(model: FunctionalMaskGIT, decode_codes: Callable[[jax.Array], jax.Array], mesh: Mesh, count: int,
+                 seed: int, **kw: Any) -> Callable[[dict], np.ndarray]:
+    """params -> a uint8 grid of `count` decoded samples with a fixed seed and balanced labels (comparable over
+    training); `kw` are `make_generate`'s decoding options."""
+    generate = make_generate(model, decode_codes, mesh, class_labels="cycle", **kw)
+    shards = int(np.prod(list(mesh.shape.values())))
+    batch = -(-count // shards) * shards
+    return lambda params: square_grid(generate_all(generate, params, seed, count, batch, mesh)[0], count)

@@ -1,0 +1,1 @@
+"""MaskGIT training on a token cache: config (schema + checks), state, steps, job."""
