@@ -30,6 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 JOBS = {
     "eqvae": "eqvae_jax.train.eqvae.job",
+    "eqvqgan": "eqvae_jax.train.eqvae.job",  # the same job for a VQGAN (its config schema: EQVQGANConfig)
     "extract_latents": "eqvae_jax.train.latents.job",
     "dit": "eqvae_jax.train.dit.job",
 }

@@ -256,7 +256,7 @@ def test_failure_while_writing_leaves_nothing_behind(src, tmp_path, monkeypatch)
             f.write("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(conv, "_torch_save", half_then_fail)
+    monkeypatch.setattr(conv, "write_torch_checkpoint", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         conv.convert(src["flax"], str(tmp_path / "out.ckpt"), to="taming")
     assert os.listdir(tmp_path) == []
