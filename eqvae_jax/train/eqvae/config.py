@@ -203,10 +203,10 @@ def parse_config(config: ConfigDict, num_devices: int | None = None) -> Finetune
 
 def semantic_problems(c: FinetuneConfig, num_devices: int) -> list[str]:
     model_problems = c.model.problems("model")
-    if not model_problems and c.model.kind != KINDS[c.trainer]:
+    if c.model.kind != KINDS[c.trainer]:  # first: the other problems of a wrong family follow from it
         model_problems = [f"model.kind={c.model.kind!r}, but trainer {c.trainer!r} fine-tunes a "
                           f"{KINDS[c.trainer]!r} model (trainer 'eqvae': kl_vae, configs/sdvae_ft.py; 'eqvqgan': "
-                          "vq_vae, configs/vqgan_ft.py)"]
+                          "vq_vae, configs/vqgan_ft.py)"] + model_problems
     problems = run_problems(c, num_devices) + model_problems + c.data.problems()
     try:
         data, fsdp = mesh_shape(num_devices, c.mesh.data, c.mesh.fsdp)
