@@ -1,12 +1,15 @@
-"""Ahead-of-time TPU compile of the EQ-VAE fine-tuning step (configs/sdvae_ft.py) on this CPU machine.
+"""Ahead-of-time TPU compile of the EQ fine-tuning step on this CPU machine: the EQ-VAE job on SD-VAE
+(configs/sdvae_ft.py, `--job eqvae`) or the EQ-VQGAN job on taming's f16 VQGAN (configs/vqgan_ft.py,
+`--job eqvqgan`), both at 256 px.
 
     pip install --no-deps --target /opt/libtpu_aot -r requirements-tpu-aot.txt   # libtpu's compiler
-    PYTHONPATH=/opt/libtpu_aot:. python -m benchmarks.tpu_aot [--batch 80] [--dtype float32] [--targets v4-8,...]
+    PYTHONPATH=/opt/libtpu_aot:. python -m benchmarks.tpu_aot [--job eqvae|eqvqgan] [--batch 80]
+        [--dtype float32] [--targets v4-8,...] [--programs g:plain,g:eq24,d:plain]
 
 The job's real jitted steps (`eqvae_steps.compile_steps`: generator and discriminator micro-step, donated state,
 in/out shardings on the ('data', 'fsdp') mesh, pure data parallel as the config says) are lowered on abstract
-inputs (random-init SD-VAE shapes, nothing is materialised) and compiled by libtpu for each slice (v4-8, v5p-8,
-v5e-8, v6e-8). Per program and slice: XLA's per-chip memory (arguments + outputs - donated aliases +
+inputs (random-init shapes of the job's autoencoder, nothing is materialised) and compiled by libtpu for each
+slice (v4-8, v5p-8, v5e-8, v6e-8). Per program and slice: XLA's per-chip memory (arguments + outputs - donated aliases +
 temporaries) against HBM, XLA's FLOPs (cost_analysis per device x chips) per step and per image, and the time
 and images/s that FLOPs imply at 40% MFU of the chip's bf16 peak (Cloud TPU docs; the reference step is fp32,
 `--dtype bfloat16` sets config.model.dtype). A "micro-step" is one G plus one D call on the same batch.
@@ -47,11 +50,11 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     topology_mesh,
     xla_flops,
 )
-from configs import sdvae_ft  # noqa: E402
+from configs import sdvae_ft, vqgan_ft  # noqa: E402
 from eqvae_jax.losses import equivariance  # noqa: E402
 from eqvae_jax.parallel.mesh import batch_divisor  # noqa: E402
 from eqvae_jax.train.eqvae import steps as eqvae_steps  # noqa: E402
-from eqvae_jax.train.eqvae.config import EQVAEConfig, disc_stats_groups, parse_config  # noqa: E402
+from eqvae_jax.train.eqvae.config import FinetuneConfig, disc_stats_groups, parse_config  # noqa: E402
 from eqvae_jax.train.eqvae.networks import abstract_networks  # noqa: E402
 
 TARGETS = (V4_8, V5P_8, V5E_8, V6E_8)
@@ -59,18 +62,27 @@ MFU = 0.4
 FIT_MARGIN = 0.97  # aim the batch search a little under HBM (the runtime needs some room too)
 
 
-def job_config(batch: int, dtype: str) -> ConfigDict:
-    """configs/sdvae_ft.py with random-init shapes (no weight files) and the given micro-batch and dtype."""
-    config = sdvae_ft.get_config()
-    config.model.init, config.model.preset, config.model.dtype = "random", "sd_vae", dtype
+# job -> (config module, random-init preset of its autoencoder, default programs, its name in the header)
+JOBS = {
+    "eqvae": (sdvae_ft, "sd_vae", "g:plain,g:eq24,d:plain", "EQ-VAE sdvae_ft micro-step, SD-VAE"),
+    "eqvqgan": (vqgan_ft, "taming_f16_n1024", "g:plain,g:eq12,d:plain", "EQ-VQGAN vqgan_ft micro-step, taming VQGAN "
+                "f16 n1024"),
+}
+
+
+def job_config(batch: int, dtype: str, job: str = "eqvae") -> ConfigDict:
+    """The job's config file with random-init shapes (no weight files) and the given micro-batch and dtype."""
+    module, preset, _, _ = JOBS[job]
+    config = module.get_config()
+    config.model.init, config.model.weights, config.model.preset, config.model.dtype = "random", "", preset, dtype
+    config.disc.weights = ""
     config.lpips.weights = "random"
     config.global_batch_size = batch
     return config
 
 
-def parse_plan(name: str, size: int) -> equivariance.BranchPlan:
-    """'plain', 'lowK' or 'eqK' (scale K/32; eq with one quarter turn) -> the static BranchPlan."""
-    den = 32
+def parse_plan(name: str, size: int, den: int = 32) -> equivariance.BranchPlan:
+    """'plain', 'lowK' or 'eqK' (scale K/den; eq with one quarter turn) -> the static BranchPlan."""
     if name == "plain":
         draw = equivariance.Draw(equivariance.Branch.PLAIN, (den, den), den)
     elif name.startswith("low"):
@@ -80,7 +92,7 @@ def parse_plan(name: str, size: int) -> equivariance.BranchPlan:
         k = int(name[2:])
         draw = equivariance.Draw(equivariance.Branch.EQUIVARIANCE, (k, k), den, 1)
     else:
-        raise ValueError(f"unknown branch {name!r} (plain, lowK, eqK with K in 8..31)")
+        raise ValueError(f"unknown branch {name!r} (plain, lowK, eqK: scale K/{den})")
     return draw.plan((size, size))[0]
 
 
@@ -89,7 +101,7 @@ class AbstractJob:
     spec, initial state, jitted steps) on shape-only networks and a TPU topology mesh."""
 
     def __init__(self, config: ConfigDict, target: Target):
-        config: EQVAEConfig = parse_config(config, num_devices=target.chips)
+        config: FinetuneConfig = parse_config(config, num_devices=target.chips)
         self.config, self.target = config, target
         mesh = topology_mesh(target, data=target.chips)  # the config's mesh: data=-1 (all chips), fsdp=1
         nets = abstract_networks(config, disc_stats_groups(config, batch_divisor(mesh)))
@@ -206,11 +218,14 @@ def print_row(target: Target, name: str, batch: int, r: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", default="eqvae", choices=sorted(JOBS), help="eqvae (SD-VAE) or eqvqgan (VQGAN f16)")
     parser.add_argument("--batch", type=int, default=0, help="global micro-batch (default: the config's, 80)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="config.model.dtype")
     parser.add_argument("--targets", default=",".join(t.name for t in TARGETS))
-    parser.add_argument("--programs", default="g:plain,g:eq24,d:plain",
-                        help="comma list of g|d:BRANCH, BRANCH = plain | lowK | eqK (scale K/32)")
+    parser.add_argument("--programs", default="",
+                        help="comma list of g|d:BRANCH, BRANCH = plain | lowK | eqK (scale K over the config's "
+                             "denominator: 32 for eqvae, 16 for eqvqgan); default g:plain,g:eq24,d:plain (eqvae), "
+                             "g:plain,g:eq12,d:plain (eqvqgan)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds; the batch search stops here")
     parser.add_argument("--search-compiles", type=int, default=3,
                         help="max extra compiles per slice (0: only the linear estimate)")
@@ -218,19 +233,19 @@ def main() -> None:
     start = time.perf_counter()
     deadline = start + args.time_limit
     targets = [t for t in TARGETS if t.name in args.targets.split(",")]
-    base = job_config(args.batch or 80, args.dtype)
+    base = job_config(args.batch or 80, args.dtype, args.job)
     batch = args.batch or base.global_batch_size
-    size = base.data.image_size
-    programs = [(p.split(":")[0], p.split(":")[1]) for p in args.programs.split(",")]
-    print(f"EQ-VAE sdvae_ft micro-step, SD-VAE {args.dtype} compute (f32 params, Adam, LPIPS-VGG, PatchGAN), "
+    size, den = base.data.image_size, base.transform.scale_denominator
+    programs = [(p.split(":")[0], p.split(":")[1]) for p in (args.programs or JOBS[args.job][2]).split(",")]
+    print(f"{JOBS[args.job][3]} {args.dtype} compute (f32 params, Adam, LPIPS-VGG, PatchGAN), "
           f"{size}px, global micro-batch {batch}, pure data parallel; jax {jax.__version__}")
     print(f"{'slice':<7}{'program':<20}{'b/chip':>7}{'HBM':>7}{'args':>7}{'temp':>7}{'total':>7}{'fits':>5}"
           f"{'TFLOP':>8}{'GF/img':>8}{'s@40%':>8}{'img/s@40%':>10}{'lower':>7}{'compile':>8}", flush=True)
-    jobs = {t.name: AbstractJob(job_config(batch, args.dtype), t) for t in targets}
+    jobs = {t.name: AbstractJob(job_config(batch, args.dtype, args.job), t) for t in targets}
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     last_compile = 0.0
     for kind, branch in programs:  # programs outer: under a time limit every slice gets the first program first
-        plan = parse_plan(branch, size)
+        plan = parse_plan(branch, size, den)
         name = f"{kind.upper()} {plan}"
         for target in targets:
             elapsed = time.perf_counter() - start
@@ -253,7 +268,7 @@ def main() -> None:
     print(f"largest per-chip batch whose plain G step fits (search until {args.time_limit:.0f}s):")
     for target in targets:
         job = jobs[target.name]
-        plan = parse_plan("plain", size)
+        plan = parse_plan("plain", size, den)
         known = []
         r = results.get((target.name, "g", "plain"))
         if r is None:

@@ -29,9 +29,10 @@ flags.DEFINE_string("log_level", "WARNING", "Level of library logs (absl, Orbax,
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Jobs with a compile-only mode for a TPU topology (launch/tpu.py precompile): their `precompile` module.
-PRECOMPILE = {"eqvae": "eqvae_jax.train.eqvae.precompile"}
+PRECOMPILE = {"eqvae": "eqvae_jax.train.eqvae.precompile", "eqvqgan": "eqvae_jax.train.eqvae.precompile"}
 JOBS = {
     "eqvae": "eqvae_jax.train.eqvae.job",
+    "eqvqgan": "eqvae_jax.train.eqvae.job",  # the same job for a VQGAN (its config schema: EQVQGANConfig)
     "extract_latents": "eqvae_jax.train.latents.job",
     "extract_tokens": "eqvae_jax.train.latents.job",
     "dit": "eqvae_jax.train.dit.job",

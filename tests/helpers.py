@@ -114,3 +114,9 @@ def leaves_equal(a: Any, b: Any) -> bool:
     """Same tree structure and bit-identical leaves."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+
+
+def tiny_eqvqgan_config(cache_dir: str, **changes: Any):
+    """configs/vqgan_ft.py:tiny with the compilation cache and the demo TFDS data under `cache_dir`."""
+    return load_config("vqgan_ft", "tiny", compilation_cache_dir=cache_dir,
+                       **{"data.data_dir": os.path.join(cache_dir, "tfds")}, **changes)

@@ -256,7 +256,30 @@ def test_failure_while_writing_leaves_nothing_behind(src, tmp_path, monkeypatch)
             f.write("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(conv, "_torch_save", half_then_fail)
+    monkeypatch.setattr(conv, "write_torch_checkpoint", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         conv.convert(src["flax"], str(tmp_path / "out.ckpt"), to="taming")
     assert os.listdir(tmp_path) == []
+
+
+def test_torch_free_checkpoint_writer_reads_back_in_torch(tmp_path):
+    """`torch_files.write_torch_checkpoint` (the training export's writer, no torch) gives what torch.save would:
+    every dtype, 0-d and non-contiguous arrays, with and without the 'state_dict' wrapper, also memory-mapped."""
+    from eqvae_jax.convert.torch_files import write_torch_checkpoint
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((3, 4, 2, 2)).astype(np.float32), "t": rng.standard_normal((4, 3)).T,
+              "h": rng.standard_normal(5).astype(np.float16), "step": np.array(7, np.int64),
+              "i": np.arange(6, dtype=np.int32).reshape(2, 3), "s": np.array([-1, 2], np.int16),
+              "b": np.array([True, False]), "u": np.arange(3, dtype=np.uint8), "c": np.array([-3], np.int8)}
+    write_torch_checkpoint(tmp_path / "a.ckpt", arrays)
+    write_torch_checkpoint(tmp_path / "b.pt", arrays, wrap=None)
+    for loaded in (torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"],
+                   torch.load(tmp_path / "a.ckpt", weights_only=True, mmap=True)["state_dict"],
+                   torch.load(tmp_path / "b.pt", weights_only=True)):
+        assert list(loaded) == list(arrays)
+        for k, v in arrays.items():
+            assert loaded[k].numpy().dtype == v.dtype and loaded[k].shape == v.shape, k
+            np.testing.assert_array_equal(loaded[k].numpy(), v)
+    with pytest.raises(ValueError, match="c64: dtype complex64 cannot be written"):
+        write_torch_checkpoint(tmp_path / "c.ckpt", {"c64": np.zeros(2, np.complex64)})

@@ -150,6 +150,8 @@ def test_codebook_statistics():
     assert float(vq_vae.codebook_usage(counts)) == pytest.approx(0.6)
     assert float(vq_vae.perplexity(counts)) == pytest.approx(3.0, rel=1e-6)
     assert float(vq_vae.perplexity(vq_vae.code_counts(jnp.zeros((4,), jnp.int32), 5))) == pytest.approx(1.0)
+    # a mask counts only the valid images (not the padding of a last evaluation batch)
+    np.testing.assert_array_equal(vq_vae.code_counts(idx, 5, jnp.asarray([False, True])), [0, 1, 0, 2, 0])
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -2,6 +2,8 @@
 
 safetensors files are read with the numpy backend (no torch needed); pickled `.ckpt`/`.pt`/`.pth`/`.bin`
 files need torch (a conversion-only dependency) and are always loaded with `weights_only=True`.
+`write_torch_checkpoint` writes a `torch.save`-format file ({'state_dict': {name: tensor}}) without torch, so
+that a training run can export a taming checkpoint on a machine without it.
 
 Lightning training checkpoints (`last.ckpt`) also pickle optimizer states, callback states and
 hyper-parameters, which may name classes that the weights-only unpickler refuses (callbacks keyed by their
@@ -14,10 +16,13 @@ dict are kept.
 
 from __future__ import annotations
 
+import collections
+import io
 import logging
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -160,6 +165,99 @@ def _torch_load(path: str) -> Any:
 
 
 _MAX_RETRIES = 256
+
+
+# torch's storage class per dtype (the name its unpickler resolves; weights_only allows these).
+_STORAGE_TYPES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
+                  np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
+                  np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
+                  np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage",
+                  np.dtype(np.bool_): "BoolStorage"}
+_ALIGNMENT = 64  # torch aligns each storage record's data to 64 bytes (what torch.load(mmap=True) expects)
+
+
+class _Global:
+    """A pickled reference to `module.name`, written as a GLOBAL opcode without importing the module."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> None:  # pickle's save_reduce only needs a callable
+        raise TypeError(f"{self.module}.{self.name} is a pickle reference, not a function")
+
+
+class _Storage:
+    """One tensor's storage: pickled as torch's persistent id ('storage', type, key, 'cpu', numel)."""
+
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.numel = key, numel
+        self.type = _Global("torch", _STORAGE_TYPES[dtype])
+
+
+class _Tensor:
+    """Pickles as torch._utils._rebuild_tensor_v2(storage, 0, shape, contiguous stride, False, OrderedDict())."""
+
+    _REBUILD = _Global("torch._utils", "_rebuild_tensor_v2")
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        stride = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
+        return self._REBUILD, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+
+
+class _TorchPickler(pickle._Pickler):  # the Python pickler: its dispatch table can write _Global as GLOBAL
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_global_ref(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
+
+    dispatch[_Global] = _save_global_ref
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _Storage):
+            return ("storage", obj.type, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _write_record(zf: zipfile.ZipFile, name: str, data: bytes, align: bool) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    if align:  # pad the local header's extra field so that the data starts on a 64-byte boundary
+        start = zf.fp.tell() + 30 + len(name.encode()) + 4
+        info.extra = struct.pack("<HH", 0x4650, (-start) % _ALIGNMENT) + b"\0" * ((-start) % _ALIGNMENT)
+    zf.writestr(info, data)
+
+
+def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
+                           wrap: str | None = "state_dict") -> None:
+    """Write `{wrap: state_dict}` (or the bare state dict with wrap=None) in torch.save's zip format, without
+    torch: what `torch.load(path, weights_only=True)` reads back as CPU tensors (Lightning checkpoints keep their
+    weights under 'state_dict', the layout taming's `init_from_ckpt` reads).
+
+    The layout is torch's (format version 3): `archive/data.pkl` (a protocol-2 pickle in which each tensor is
+    `torch._utils._rebuild_tensor_v2` of a persistent-id storage), `archive/byteorder`, one raw little-endian
+    record per tensor at `archive/data/<key>` (64-byte aligned) and `archive/version`.
+    """
+    tensors: dict[str, _Tensor] = {}
+    records: list[tuple[str, bytes]] = []
+    for i, (name, value) in enumerate(state_dict.items()):
+        array = np.asarray(value)
+        array = np.ascontiguousarray(array) if array.ndim else array  # (ascontiguousarray makes 0-d 1-d)
+        if array.dtype not in _STORAGE_TYPES:
+            raise ValueError(f"{name}: dtype {array.dtype} cannot be written as a torch tensor.")
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        tensors[name] = _Tensor(_Storage(str(i), array.dtype, array.size), tuple(int(n) for n in array.shape))
+        records.append((str(i), array.tobytes()))
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump({wrap: tensors} if wrap else tensors)
+    with zipfile.ZipFile(os.fspath(path), "w", zipfile.ZIP_STORED) as zf:
+        _write_record(zf, "archive/data.pkl", buffer.getvalue(), align=False)
+        _write_record(zf, "archive/byteorder", b"little", align=False)
+        for key, data in records:
+            _write_record(zf, f"archive/data/{key}", data, align=True)
+        _write_record(zf, "archive/version", b"3\n", align=False)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:

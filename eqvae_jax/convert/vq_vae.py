@@ -50,6 +50,7 @@ from eqvae_jax.convert.torch_files import (
     SAFETENSORS_SUFFIXES,
     read_state_dict,
     write_safetensors,
+    write_torch_checkpoint,
 )
 from eqvae_jax.models import vq_vae, weights
 from eqvae_jax.models.vq_vae import VQVAEConfig
@@ -295,14 +296,10 @@ def detect_format(src: str) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _torch_save(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
-    import torch  # conversion only
-
-    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}}, path)
-
-
 def write_taming(dst: str, cfg: VQVAEConfig, flat: Mapping[str, np.ndarray], overwrite: bool = False) -> str:
-    """Write a taming checkpoint (file) or a {last.ckpt, model.yaml} directory; returns what was written."""
+    """Write a taming checkpoint (file) or a {last.ckpt, model.yaml} directory; returns what was written.
+
+    Needs no torch: `.ckpt`/`.pt`/`.pth` files are written by `torch_files.write_torch_checkpoint`."""
     state_dict = flax_to_torch(flat, cfg)
     config = config_to_taming_yaml(cfg)  # validates before anything is written
     with atomic_path(dst, overwrite) as tmp:
@@ -310,10 +307,10 @@ def write_taming(dst: str, cfg: VQVAEConfig, flat: Mapping[str, np.ndarray], ove
             write_safetensors(tmp, state_dict)
             return "safetensors state dict"
         if dst.endswith(PICKLE_SUFFIXES):
-            _torch_save(tmp, state_dict)
+            write_torch_checkpoint(tmp, state_dict)
             return "{'state_dict': ...} checkpoint"
         os.makedirs(tmp)
-        _torch_save(os.path.join(tmp, CKPT_NAME), state_dict)
+        write_torch_checkpoint(os.path.join(tmp, CKPT_NAME), state_dict)
         with open(os.path.join(tmp, YAML_NAME), "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)
         return f"{CKPT_NAME} + {YAML_NAME}"

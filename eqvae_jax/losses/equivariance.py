@@ -299,8 +299,9 @@ def transformed_vq_generator_loss(
     """(total, terms, (target, reconstruction)): the VQGAN generator objective (`losses.vq`) of one branch.
 
     `key` is split like `transformed_generator_loss`'s; only its second half is used (the LPIPS dropout key, if
-    cfg.lpips_dropout). terms add `codebook_usage` and `perplexity` of this batch's code indices (see
-    `models.vq_vae`; accumulate `code_counts` over steps for epoch-level figures). Differentiate `total` w.r.t.
+    cfg.lpips_dropout). terms add `codebook_usage` and `perplexity` of this batch's code indices and their
+    `code_counts` ((n_embed,) int32; sum them over steps for figures of many batches, see `models.vq_vae`).
+    Differentiate `total` w.r.t.
     the VQ model's parameters (the codebook included); D's BatchStat is updated in place.
     """
     _, lpips_key = jax.random.split(key)
@@ -310,7 +311,7 @@ def transformed_vq_generator_loss(
     total, terms = vq_generator_loss(target, recon, last_layer_vjp, encoding.codebook_loss, lpips, disc, step, cfg,
                                      lpips_key if cfg.lpips_dropout else None)
     counts = code_counts(encoding.indices, vq.quantize.n_embed)
-    terms.update(codebook_usage=codebook_usage(counts), perplexity=perplexity(counts))
+    terms.update(codebook_usage=codebook_usage(counts), perplexity=perplexity(counts), code_counts=counts)
     return total, terms, (target, recon)
 
 

@@ -223,10 +223,15 @@ class VQVAE(nnx.Module):
 # ----------------------------------------------------------------------------------------- codebook statistics
 
 
-def code_counts(indices: jax.Array, n_embed: int) -> jax.Array:
-    """(n_embed,) int32 number of occurrences of each code in `indices` (any shape); sum over batches to
-    accumulate before `codebook_usage` / `perplexity`."""
-    return jnp.bincount(jnp.ravel(indices), length=n_embed).astype(jnp.int32)
+def code_counts(indices: jax.Array, n_embed: int, mask: jax.Array | None = None) -> jax.Array:
+    """(n_embed,) int32 number of occurrences of each code in `indices` ((B, ...)); sum over batches to
+    accumulate before `codebook_usage` / `perplexity`. `mask` ((B,) bool) counts only the images where it is
+    True (e.g. not the padding of a last evaluation batch)."""
+    if mask is None:
+        return jnp.bincount(jnp.ravel(indices), length=n_embed).astype(jnp.int32)
+    weights = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (indices.ndim - 1)), indices.shape)
+    return jnp.bincount(jnp.ravel(indices), weights=jnp.ravel(weights).astype(jnp.int32),
+                        length=n_embed).astype(jnp.int32)
 
 
 def codebook_usage(counts: jax.Array) -> jax.Array:

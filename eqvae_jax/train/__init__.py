@@ -6,5 +6,5 @@ config        config sections every job has (length, batch, mesh, log, checkpoin
 checkpointing Orbax whole-run checkpoints; preemption: SIGTERM handling; guard: the non-finite policy
 console       logging setup and the run's own console output; metrics: TensorBoard + metric buffers
 variants      compile-variant bookkeeping of jitted steps; ema: the EMA update
-eqvae/ dit/ latents/   the jobs (trainer = 'eqvae', 'dit', 'extract_latents')
+eqvae/ dit/ latents/   the jobs (trainer = 'eqvae' and 'eqvqgan', 'dit', 'extract_latents')
 """

@@ -9,7 +9,9 @@ same way for every job:
            job names in `resume_must_match`; then `job.on_start` (e.g. start compiling ahead);
   step     `job.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
-           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA);
+           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA); scalar
+           metrics are averaged over the interval's micro-steps, array metrics summed and handed to
+           `job.interval_scalars` (e.g. code counts -> codebook usage);
   eval     at update 0 of a fresh run, every `job.eval_every` updates, at `job.eval_at`, and at the end;
   save     every `checkpoint.every_updates`, at `job.save_at`, on a stop request and at the end; never
            state that failed the non-finite check;
@@ -30,7 +32,7 @@ import jax
 from eqvae_jax.train import console
 from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.guard import NonFiniteCounter
-from eqvae_jax.train.metrics import MetricBuffer, mean_of
+from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
 from eqvae_jax.train.services import RunServices
 from eqvae_jax.typed_config import dotted, to_json_dict
 
@@ -56,6 +58,8 @@ class Job:
     eval_at: tuple[int, ...] = ()  # further updates to evaluate at (e.g. the end of a pre-training phase)
     save_at: tuple[int, ...] = ()  # further updates to checkpoint at
     log_scalars: Callable[[dict[str, float]], dict[str, float]] | None = None  # extras per log line, given it
+    # array metrics of a step (e.g. code counts) summed over the log interval -> scalars for the log line
+    interval_scalars: Callable[[dict[str, Any]], dict[str, float]] | None = None
     console_fields: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress line
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
     finish: Callable[[Any], dict[str, str]] | None = None  # after the last update: {output name: path}
@@ -144,7 +148,10 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
         for m in steps:
             counter.update(m.get("nonfinite", 0.0))
         counter.check(update)
-        return mean_of(steps)
+        scalars = mean_of(steps)
+        if job.interval_scalars is not None:
+            scalars.update(job.interval_scalars(sum_of(steps)))
+        return scalars
 
     def save(update: int) -> None:
         host = {**job.host_state(), "update": update, "nonfinite_total": counter.total}

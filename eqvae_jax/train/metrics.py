@@ -1,7 +1,8 @@
 """Metric writing (TensorBoard + WORKDIR/metrics.jsonl) and host-side averaging of step metrics.
 
-Step functions return small dicts of scalar device arrays; the loop keeps them on device and fetches them
-once per log interval (one host sync per interval, not per step). Console lines are the loop's own
+Step functions return small dicts of scalar device arrays (and possibly small arrays such as code counts, which
+are summed over the interval instead of averaged); the loop keeps them on device and fetches them once per log
+interval (one host sync per interval, not per step). Console lines are the loop's own
 (train/console.py); the writers record scalars and images on process 0: TensorBoard event files, and one
 JSON line per write in WORKDIR/metrics.jsonl (`{"update": N, "name": value, ...}`) for plots and scripts
 (`train.metrics_file.read_metrics`); a gs:// workdir gets TensorBoard only (GCS objects cannot be appended to).
@@ -97,6 +98,13 @@ class MetricBuffer:
 
 
 def mean_of(steps: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Mean of every metric over the steps (keys missing from some steps averaged where present)."""
-    keys = sorted({k for m in steps for k in m})
+    """Mean of every scalar metric over the steps (keys missing from some steps averaged where present); array
+    metrics are left to `sum_of`."""
+    keys = sorted({k for m in steps for k, v in m.items() if np.ndim(v) == 0})
     return {k: float(np.mean([np.asarray(m[k], np.float64) for m in steps if k in m])) for k in keys}
+
+
+def sum_of(steps: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Element-wise sum over the steps of every array metric (ndim >= 1, e.g. a VQGAN's code counts)."""
+    keys = sorted({k for m in steps for k, v in m.items() if np.ndim(v) > 0})
+    return {k: np.sum([np.asarray(m[k]) for m in steps if k in m], axis=0) for k in keys}

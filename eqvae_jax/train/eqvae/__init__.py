@@ -1,1 +1,2 @@
-"""The EQ-VAE fine-tuning job: config (schema + checks), networks, state, steps, evaluation, export, job."""
+"""The EQ fine-tuning job of both autoencoder families (trainers 'eqvae': KL, 'eqvqgan': VQGAN): config
+(schemas + checks), family (what differs), networks, state, steps, evaluation, export, job."""

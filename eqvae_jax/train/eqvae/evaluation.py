@@ -1,6 +1,11 @@
 """Periodic monitoring of the autoencoder on a few held-out batches: PSNR, SSIM, LPIPS and the equivariance
 error, plus image summaries (inputs, reconstructions, transformed inputs, decoded transformed latents).
 
+KL autoencoders: `make_eval_step` / `make_summary_fn` (posterior-sample reconstructions, errors on the posterior
+mean). VQGANs: `make_vq_eval_step` / `make_vq_summary_fn` (reconstructions through the codebook, errors on the
+pre-quantization features, the fraction of code indices that commute with rotations, and the codebook usage and
+perplexity of the held-out images' codes).
+
 This is monitoring on `eval.batches` batches, not the paper's evaluation on 50K ImageNet-val images with rFID
 (that is `configs/eval_vae.py` / the evaluation suite)."""
 
@@ -21,6 +26,7 @@ from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import reconstruction
 from eqvae_jax.eval.images import row_grid
 from eqvae_jax.losses import resample
+from eqvae_jax.models import vq_vae
 
 SUMMARY_SCALE = (1, 2)  # decoded-transformed summary: latent scaled by 1/2 and rotated a quarter turn
 SUMMARY_ROT = 1
@@ -52,10 +58,36 @@ def make_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, se
     return step
 
 
+def make_vq_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, seed: int):
+    """`make_eval_step` for a VQGAN: reconstructions decode the codebook vectors (deterministic, `seed` unused);
+    the equivariance errors are on the pre-quantization features, with the code agreement under rotations
+    (`eval.equivariance.vq_equivariance`); `code_counts` ((n_embed,), summed over the valid images) gives the
+    codebook usage and perplexity of the held-out codes."""
+    del seed
+
+    @jax.jit
+    def step(vae_params, lpips_state, images, mask):
+        vq = nnx.merge(vae_graph, vae_params)
+        encoding = vq.encode(images)
+        recon = vq.decode(encoding.quantized)
+        per_image = {"psnr": reconstruction.psnr(recon, images), "ssim": reconstruction.ssim(recon, images)}
+        if lpips_graph is not None:
+            per_image["lpips"] = nnx.merge(lpips_graph, lpips_state)(images, recon)
+        w = mask.astype(jnp.float32)
+        sums = {k: jnp.sum(v * w) for k, v in per_image.items()}
+        sums.update({f"equivariance/{k}": jnp.sum(v * w) for k, v in eq_eval.vq_equivariance(vq, images).items()})
+        sums["images"] = jnp.sum(w)
+        sums["code_counts"] = vq_vae.code_counts(encoding.indices, vq.quantize.n_embed, mask)
+        return sums
+
+    return step
+
+
 def evaluate(step, vae_params, lpips_state, batches, max_batches: int) -> dict[str, float]:
     """Mean of each metric over the valid (mask=True) held-out images of up to `max_batches` batches, with the
-    equivariance error also per transform family (rotation, scale) as in the paper."""
-    totals: dict[str, float] = {}
+    equivariance error also per transform family (rotation, scale; for a VQGAN also the code agreement
+    'codes/rotation') as in the paper, and the codebook usage and perplexity when the step counts codes."""
+    totals: dict[str, np.ndarray] = {}
     try:
         for i, batch in enumerate(batches):
             if i >= max_batches:
@@ -64,14 +96,20 @@ def evaluate(step, vae_params, lpips_state, batches, max_batches: int) -> dict[s
             if mask is None:
                 mask = jnp.ones(batch["image"].shape[:1], bool)
             for k, v in jax.device_get(step(vae_params, lpips_state, batch["image"], mask)).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                v = np.asarray(v, np.int64 if np.ndim(v) else np.float64)
+                totals[k] = totals[k] + v if k in totals else v
     finally:
         if hasattr(batches, "close"):
             batches.close()
-    count = totals.pop("images", 0.0)
+    count = float(totals.pop("images", 0.0))
+    counts = totals.pop("code_counts", None)
     if not count:
         return {}
-    out = eq_eval.with_families({f"eval/{k}": v / count for k, v in totals.items()}, prefix="eval/equivariance/")
+    out = eq_eval.with_families({f"eval/{k}": float(v) / count for k, v in totals.items()},
+                                prefix="eval/equivariance/")
+    if counts is not None:
+        out["eval/codebook_usage"] = float(vq_vae.codebook_usage(counts))
+        out["eval/perplexity"] = float(vq_vae.perplexity(counts))
     out["eval/images"] = count
     return out
 
@@ -88,6 +126,22 @@ def make_summary_fn(vae_graph: nnx.GraphDef):
         target = resample.rot90(_half(images), SUMMARY_ROT)
         to01 = lambda a: jnp.clip((a + 1.0) / 2.0, 0.0, 1.0)
         return to01(recon), to01(vae.decode(zt)), to01(target)
+
+    return fn
+
+
+def make_vq_summary_fn(vae_graph: nnx.GraphDef):
+    """`make_summary_fn` for a VQGAN: the transformed pre-quantization features are quantized, then decoded."""
+
+    @jax.jit
+    def fn(vae_params, images):
+        vq = nnx.merge(vae_graph, vae_params)
+        encoding = vq.encode(images)
+        recon = vq.decode(encoding.quantized)
+        zt = resample.rot90(_half(encoding.latents), SUMMARY_ROT)
+        target = resample.rot90(_half(images), SUMMARY_ROT)
+        to01 = lambda a: jnp.clip((a + 1.0) / 2.0, 0.0, 1.0)
+        return to01(recon), to01(vq.decode(vq.quantize(zt).quantized)), to01(target)
 
     return fn
 

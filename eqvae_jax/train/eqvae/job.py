@@ -1,10 +1,12 @@
-"""The EQ-VAE fine-tuning job (`trainer = 'eqvae'`): python -m eqvae_jax.main --config=configs/sdvae_ft.py.
+"""The EQ fine-tuning job, for a KL autoencoder (`trainer = 'eqvae'`, configs/sdvae_ft.py) or a VQGAN
+(`trainer = 'eqvqgan'`, configs/vqgan_ft.py): python -m eqvae_jax.main --config=configs/X.py.
 
 Per micro-step, as the reference's two Lightning optimizer calls: the host draws a transform (branch, scale,
 rotation), the jitted generator step updates the autoencoder, the host draws again (or, in 'shared' mode,
 reuses the generator's pair) and the jitted discriminator step updates D. Each (branch, scale) is its own
 compiled program; they are counted and timed. The shared loop (train/loop.py) does resume, logging,
-evaluation, checkpoints and stopping; the end of training exports the autoencoder for diffusers.
+evaluation, checkpoints and stopping; the end of training exports the autoencoder (diffusers for a KL model,
+taming's checkpoint for a VQGAN). What differs between the families is in family.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, place, replicated
 from eqvae_jax.train import loop
 from eqvae_jax.train.compile_pool import CompilePool
 from eqvae_jax.train.eqvae import ahead, evaluation, export, steps
-from eqvae_jax.train.eqvae.config import EQVAEConfig, disc_stats_groups, parse_config
+from eqvae_jax.train.eqvae.config import FinetuneConfig, disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import Networks, build_networks
 from eqvae_jax.train.eqvae.state import EQVAEState
 from eqvae_jax.train.services import open_run
@@ -41,7 +43,7 @@ RESUME_MUST_MATCH = ("model", "disc.ndf", "disc.n_layers", "optim.accumulate", "
 class Built:
     """The job's networks, jitted steps and initial state on the mesh (nothing compiled yet)."""
 
-    config: EQVAEConfig
+    config: FinetuneConfig
     mesh: Mesh
     nets: Networks
     spec: steps.StepSpec
@@ -50,7 +52,7 @@ class Built:
     lpips_state: Any
 
 
-def build(config: EQVAEConfig) -> Built:
+def build(config: FinetuneConfig) -> Built:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     nets = build_networks(config, disc_stats_groups(config, batch_divisor(mesh)))
     spec = steps.make_spec(config, nets)
@@ -60,7 +62,7 @@ def build(config: EQVAEConfig) -> Built:
     return Built(config, mesh, nets, spec, compiled, place(state, compiled.state_sharding), lpips_state)
 
 
-def evaluated_params(config: EQVAEConfig, state: EQVAEState) -> Any:
+def evaluated_params(config: FinetuneConfig, state: EQVAEState) -> Any:
     """The autoencoder weights that are evaluated and exported: the EMA when enabled."""
     return state.ema if config.ema.enabled else state.vae
 
@@ -71,10 +73,12 @@ def branch_metrics(prefix: str, draw: equivariance.Draw) -> dict[str, float]:
     return out
 
 
-def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
+def run(config: ConfigDict | FinetuneConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) to config.total_updates; returns the loop's summary (train/loop.py)."""
-    config = config if isinstance(config, EQVAEConfig) else parse_config(config)
+    config = config if isinstance(config, FinetuneConfig) else parse_config(config)
     built = build(config)
+    family = built.spec.family
+    name = config.trainer
     services = open_run(config, workdir)
     image_hw = (config.data.image_size,) * 2
     sampler = equivariance.TransformSampler(config.transform, config.seed)
@@ -82,17 +86,17 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
     pretrain_micro = config.pretrain_updates * config.optim.accumulate
     expected = len(plans) + (1 if pretrain_micro and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans
                              else 0)
-    log.info("eqvae: lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN weight "
-             "in %d and %d groups; %d compiled variants per step %s", config.learning_rate, config.optim.accumulate,
-             config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
+    log.info("%s: %s, lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN "
+             "weight in %d and %d groups; %d compiled variants per step %s", name, family.kind, config.learning_rate,
+             config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
              built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
     pool = CompilePool(config.compile.workers, log.info) if config.compile.ahead else None
     g_variants = VariantTracker("g_step", expected, log.info, pool, static_argnums=(5,))
     d_variants = VariantTracker("d_step", expected, log.info, pool, static_argnums=(5,))
     base_key = jax.random.key(config.seed)
     data = build_train_iterator(config.data, built.mesh, config.global_batch_size)
-    eval_step = evaluation.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
-    summary_fn = evaluation.make_summary_fn(built.spec.vae_graph)
+    eval_step = family.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
+    summary_fn = family.make_summary_fn(built.spec.vae_graph)
 
     def draw(micro: int) -> tuple[equivariance.BranchPlan, np.int32, equivariance.Draw]:
         d = PLAIN if micro < pretrain_micro else sampler.draw()
@@ -121,7 +125,7 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
                               ahead.abstract(built.lpips_state), built.mesh,
                               (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
-        log.info("eqvae: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)",
+        log.info("%s: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)", name,
                  len(programs), pool.workers)
 
     def evaluate(state: EQVAEState, update: int, writer: Any) -> dict[str, float]:
@@ -132,8 +136,8 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
                                           build_eval_iterator(config.data, built.mesh, config.eval_batch_size),
                                           config.eval.batches)
             if results:
-                log.info("eqvae: monitoring at update %d on %d held-out images (%s %d px, posterior sample), not "
-                         "the paper's 50K-image evaluation", update, int(results["eval/images"]),
+                log.info("%s: monitoring at update %d on %d held-out images (%s %d px), not the paper's 50K-image "
+                         "evaluation", name, update, int(results["eval/images"]),
                          config.data.eval_transform, config.data.image_size)
         if config.eval.images:
             grid = evaluation.write_image_summaries(summary_fn, params, config, built.mesh, writer, update,
@@ -150,13 +154,13 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
     outputs: dict[str, str] = {}
 
     def finish(state: EQVAEState) -> dict[str, str]:
-        if config.export_diffusers:
-            outputs["diffusers export"] = export.export_autoencoder(
+        if config.export_at_end:
+            outputs[family.export_name] = export.export_autoencoder(
                 built.spec.vae_graph, evaluated_params(config, state), f"{services.workdir}/export")
         return outputs
 
     job = loop.Job(
-        name="eqvae",
+        name=name,
         state=built.state,
         train_step=train_step,
         data=data,
@@ -169,11 +173,9 @@ def run(config: ConfigDict | EQVAEConfig, workdir: str, stop_after: int | None =
         eval_at=(config.pretrain_updates,) if 0 < config.pretrain_updates < config.total_updates else (),
         save_at=(config.pretrain_updates,) if config.pretrain_updates else (),
         log_scalars=log_scalars,
-        console_fields=(("g", "g/total"), ("l1", "g/rec_l1"), ("lpips", "g/lpips"), ("d_weight", "g/d_weight"),
-                        ("d", "d/disc_loss"), ("eq", "branch_g/equivariance"), ("lowres", "branch_g/lowres"),
-                        ("plain", "branch_g/plain")),
-        summary_metrics=("eval/equivariance/rotation", "eval/equivariance/scale", "eval/psnr", "eval/ssim",
-                         "eval/lpips"),
+        interval_scalars=family.interval_scalars,
+        console_fields=family.console_fields,
+        summary_metrics=family.summary_metrics,
         finish=finish,
         on_start=compile_ahead,
         overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,

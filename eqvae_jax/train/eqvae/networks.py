@@ -1,5 +1,6 @@
-"""The three networks of the EQ-VAE job (autoencoder, discriminator, LPIPS), each split once into
-(graphdef, state) for the functional jitted steps."""
+"""The three networks of the EQ fine-tuning job (autoencoder of either family, discriminator, LPIPS), each split
+once into (graphdef, state) for the functional jitted steps. A VQGAN's codebook is one of its Params, trained by
+the generator's optimizer with the rest of the autoencoder (taming's opt_ae)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import logging
 
 from flax import nnx
 
-from eqvae_jax.models import discriminator, kl_vae, lpips
+from eqvae_jax.models import discriminator, kl_vae, lpips, vq_vae
 from eqvae_jax.models.autoencoders import build_autoencoder
 from eqvae_jax.models.host_init import init_on_host
-from eqvae_jax.train.eqvae.config import DiscConfig, EQVAEConfig
+from eqvae_jax.train.eqvae.config import DiscConfig, FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class Networks:
 
     vae_graph: nnx.GraphDef
     vae_params: nnx.State
-    vae_config: kl_vae.KLVAEConfig
+    vae_config: kl_vae.KLVAEConfig | vq_vae.VQVAEConfig
     disc_graph: nnx.GraphDef
     disc_params: nnx.State
     disc_stats: nnx.State
@@ -52,7 +53,8 @@ def build_lpips(weights: str, seed: int) -> lpips.LPIPS | None:
     return lpips.load(weights)
 
 
-def _split(vae: kl_vae.KLVAE, disc: discriminator.NLayerDiscriminator, perceptual: lpips.LPIPS | None) -> Networks:
+def _split(vae: kl_vae.KLVAE | vq_vae.VQVAE, disc: discriminator.NLayerDiscriminator,
+           perceptual: lpips.LPIPS | None) -> Networks:
     vae_graph, vae_params = nnx.split(vae, nnx.Param)
     disc_graph, disc_params, disc_stats = nnx.split(disc, nnx.Param, nnx.BatchStat)
     lpips_graph, lpips_state = nnx.split(perceptual) if perceptual is not None else (None, None)
@@ -60,15 +62,15 @@ def _split(vae: kl_vae.KLVAE, disc: discriminator.NLayerDiscriminator, perceptua
                     lpips_graph, lpips_state)
 
 
-def build_networks(config: EQVAEConfig, stats_groups: int) -> Networks:
+def build_networks(config: FinetuneConfig, stats_groups: int) -> Networks:
     """The job's networks with their weights (loaded, or initialised like the reference)."""
     return _split(build_autoencoder(config.model), build_discriminator(config.disc, stats_groups, config.seed + 1),
                   build_lpips(config.lpips.weights, config.seed + 2))
 
 
-def abstract_networks(config: EQVAEConfig, stats_groups: int) -> Networks:
+def abstract_networks(config: FinetuneConfig, stats_groups: int) -> Networks:
     """The same networks with shape-only variables (ahead-of-time compiles, e.g. for TPU targets on a CPU)."""
     d = config.disc
     disc = discriminator.abstract(input_nc=3, ndf=d.ndf, n_layers=d.n_layers, stats_groups=stats_groups)
     perceptual = lpips.abstract() if config.lpips.weights else None
-    return _split(kl_vae.abstract(config.model.model_config()), disc, perceptual)
+    return _split(config.model.module.abstract(config.model.model_config()), disc, perceptual)

@@ -1,4 +1,4 @@
-"""Compile-only mode of the EQ-VAE job: every generator and discriminator program for a TPU slice's topology,
+"""Compile-only mode of the EQ-VAE / EQ-VQGAN job: every generator and discriminator program for a TPU slice's topology,
 compiled here (no TPU) with libtpu's compiler into the run's persistent compilation cache, then exit.
 
 `launch/tpu.py precompile -- python -m eqvae_jax.main --config=... --workdir=gs://...` sets the target
@@ -57,8 +57,8 @@ def precompile(config: ConfigDict, workdir: str, accelerator: str) -> dict[str, 
     programs = [(name, plan) for plan in plans for name in ("g_step", "d_step")]
     aot.enable_cache(cache_dir)
     pool = CompilePool(config.compile.workers, log.info)
-    log.info("precompile: %d programs of the eqvae job for %s (%d devices, mesh %s) on %d threads into %s",
-             len(programs), accelerator, len(devices), dict(mesh.shape), pool.workers, cache_dir)
+    log.info("precompile: %d programs of the %s job for %s (%d devices, mesh %s) on %d threads into %s",
+             len(programs), config.trainer, accelerator, len(devices), dict(mesh.shape), pool.workers, cache_dir)
     start = time.perf_counter()
     ahead.submit_programs(pool, programs, compiled, _with_shardings(state, compiled.state_sharding), lpips_state,
                           mesh, (config.global_batch_size, *image_hw, 3), spec.return_pair)

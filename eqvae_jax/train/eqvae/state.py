@@ -1,4 +1,4 @@
-"""Train state of the EQ-VAE job and its two optimizers."""
+"""Train state of the EQ fine-tuning job (either autoencoder family) and its two optimizers."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class EQVAEState:
     """
 
     step: jax.Array
-    vae: nnx.State  # autoencoder Params (encoder, decoder, quant convs)
+    vae: nnx.State  # autoencoder Params (encoder, decoder, quant convs; a VQGAN's codebook)
     disc: nnx.State  # discriminator Params
     disc_stats: nnx.State  # discriminator BatchNorm running statistics
     opt_g: Any

@@ -1,4 +1,6 @@
-"""The jitted generator and discriminator updates of the EQ-VAE job (pure functions of the train state).
+"""The jitted generator and discriminator updates of the EQ fine-tuning job (pure functions of the train state),
+for both autoencoder families: the `StepSpec` carries the family (its objective and its D-step forward, see
+family.py) and the family's loss config, so one code path serves a KL autoencoder and a VQGAN.
 
 Each is compiled once per static `BranchPlan` (branch + scale bucket, see losses/equivariance.py) with explicit
 in/out shardings on the ('data','fsdp') mesh and the train state donated; the rotation and all randomness are
@@ -19,10 +21,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from eqvae_jax.losses import autoencoder, equivariance
+from eqvae_jax.losses import autoencoder, equivariance, vq
 from eqvae_jax.parallel.mesh import batch_sharding, param_shardings, replicated
 from eqvae_jax.train.ema import ema_update
-from eqvae_jax.train.eqvae.config import EQVAEConfig
+from eqvae_jax.train.eqvae.config import FinetuneConfig
+from eqvae_jax.train.eqvae.family import Family, family_of
 from eqvae_jax.train.eqvae.networks import Networks
 from eqvae_jax.train.eqvae.state import EQVAEState, adam, create_state
 from eqvae_jax.train.guard import all_finite, select
@@ -35,7 +38,8 @@ class StepSpec:
     vae_graph: nnx.GraphDef
     disc_graph: nnx.GraphDef
     lpips_graph: nnx.GraphDef | None
-    loss: autoencoder.LossConfig
+    family: Family
+    loss: autoencoder.LossConfig | vq.VQLossConfig  # the family's objective
     tx_g: optax.GradientTransformation
     tx_d: optax.GradientTransformation
     accumulate: int
@@ -43,14 +47,14 @@ class StepSpec:
     return_pair: bool  # the generator step also returns (target, reconstruction) for a 'shared' D step
 
 
-def make_spec(config: EQVAEConfig, nets: Networks) -> StepSpec:
-    """The static ingredients of both steps for a config: graphs, loss weights (the adaptive weight's groups
-    resolved: 0 = the discriminator's BatchNorm groups), the two Adams, accumulation."""
+def make_spec(config: FinetuneConfig, nets: Networks) -> StepSpec:
+    """The static ingredients of both steps for a config: graphs, the model family, loss weights (the adaptive
+    weight's groups resolved: 0 = the discriminator's BatchNorm groups), the two Adams, accumulation."""
     o = config.optim
     groups = config.loss.adaptive_weight_groups or nets.disc_stats_groups
     return StepSpec(
         vae_graph=nets.vae_graph, disc_graph=nets.disc_graph, lpips_graph=nets.lpips_graph,
-        loss=dataclasses.replace(config.loss, adaptive_weight_groups=groups),
+        family=family_of(config.model.kind), loss=dataclasses.replace(config.loss, adaptive_weight_groups=groups),
         tx_g=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
         tx_d=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
         accumulate=o.accumulate, ema_decay=config.ema.decay if config.ema.enabled else None,
@@ -88,7 +92,8 @@ def generator_grads(
     """(gradients w.r.t. the autoencoder, loss terms, (target, reconstruction), D's new BatchNorm statistics) of
     one generator micro-step on the branch `plan`; D runs in train mode on the fake batch, as in the reference.
 
-    The loss terms include the per-group adaptive weights `d_weight_groups` (see losses/autoencoder.py).
+    The loss terms include the per-group adaptive weights `d_weight_groups` (see losses/autoencoder.py) and, for
+    a VQGAN, the `code_counts` of the quantized (transformed) features.
     """
     lpips = _lpips_fn(spec, lpips_state)
     update_step = state.step // spec.accumulate
@@ -96,7 +101,7 @@ def generator_grads(
     def loss_fn(vae_params):
         vae = nnx.merge(spec.vae_graph, vae_params, copy=True)
         disc = nnx.merge(spec.disc_graph, state.disc, state.disc_stats, copy=True)
-        total, terms, pair = equivariance.transformed_generator_loss(
+        total, terms, pair = spec.family.generator_loss(
             vae, lpips, disc, images, plan, rot_k, key, update_step, spec.loss
         )
         return total, (terms, pair, nnx.state(disc, nnx.BatchStat))
@@ -116,7 +121,8 @@ def generator_step(
 ) -> tuple[EQVAEState, dict[str, jax.Array], tuple[jax.Array, jax.Array] | None]:
     """One autoencoder micro-step: `generator_grads`, the optimizer update, the EMA and the non-finite guard.
 
-    Metrics: the scalar loss terms as g/<term>, g/grad_norm and g/nonfinite.
+    Metrics: the scalar loss terms as g/<term>, the family's summed terms (arrays, e.g. g/code_counts, which the
+    job sums over each log interval), g/grad_norm and g/nonfinite.
     """
     grads, terms, pair, disc_stats = generator_grads(spec, state, lpips_state, images, rot_k, key, plan)
     updates, opt_g = spec.tx_g.update(grads, state.opt_g, state.vae)
@@ -128,7 +134,7 @@ def generator_step(
         updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
         new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
     new_state = _apply_guarded(state, ok, **new).replace(step=state.step + 1)
-    metrics = {f"g/{k}": v for k, v in terms.items() if v.ndim == 0}
+    metrics = {f"g/{k}": v for k, v in terms.items() if v.ndim == 0 or k in spec.family.summed_terms}
     metrics["g/grad_norm"] = optax.global_norm(grads)
     metrics["g/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics, (pair if spec.return_pair else None)
@@ -149,7 +155,7 @@ def discriminator_grads(
     (which advanced `state.step`)."""
     if pair is None:
         vae = nnx.merge(spec.vae_graph, state.vae)
-        target, recon, _ = equivariance.reconstruct_transformed(vae, images, plan, rot_k, key)
+        target, recon = spec.family.reconstruct(vae, images, plan, rot_k, key)
     else:
         target, recon = pair
     target, recon = jax.lax.stop_gradient(target), jax.lax.stop_gradient(recon)

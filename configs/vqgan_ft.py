@@ -1,0 +1,147 @@
+"""EQ-VQGAN: EQ-VAE fine-tuning of taming's ImageNet VQGAN (f16, 1024 codes), the MaskGIT tokenizer.
+
+    python -m eqvae_jax.convert --kind vq_vae --src vqgan_imagenet_f16_1024/last.ckpt --dst weights/vqgan_f16
+    python -m eqvae_jax.convert --kind discriminator --src vqgan_imagenet_f16_1024/last.ckpt \
+        --dst weights/vqgan_f16_disc
+    python -m eqvae_jax.main --config=configs/vqgan_ft.py --workdir=gs://.../eqvqgan \
+        --config.lpips.weights=weights/lpips
+
+The paper (section 3.3) transforms the VQGAN's pre-quantization features, then quantizes and decodes, and gives
+no further recipe. This one: taming's `imagenet_vqgan.yaml` objective and optimizer, the EQ-VAE fine-tune's
+batch, transform mix and data (the schema's docstring, train/eqvae/config.py EQVQGANConfig, says why). The end
+of training writes WORKDIR/export/taming (last.ckpt + model.yaml, loadable by taming and the MaskGIT code) and
+WORKDIR/export/flax. Variants (`:a,b`):
+  tiny   seconds on a CPU (tests, smoke runs): random tiny VQ model, demo photos at 32 px
+  demo   a few minutes per hundred updates on a CPU: a small f4 VQ model from random init at 64 px on the demo
+         photos, plain reconstruction for 150 updates, then EQ-VQGAN fine-tuning to 300 (the equivariance
+         experiment of docs/eqvqgan.md; `--config.transform.p_equivariance=0` is its control run)
+"""
+
+from eqvae_jax.train.eqvae.config import defaults
+from eqvae_jax.typed_config import parse_arg
+
+
+def get_config(arg: str = ""):
+    a = parse_arg(arg, tiny=False, demo=False)
+    c = defaults("eqvqgan")
+    c.seed = 23  # the EQ-VAE fine-tune's seed_everything(23)
+
+    # Autoencoder: taming's VQGAN converted with python -m eqvae_jax.convert --kind vq_vae (fp32 as taming trains).
+    c.model.kind = "vq_vae"
+    c.model.init = "weights"
+    c.model.weights = "weights/vqgan_f16"
+    c.model.dtype = "float32"
+    # Discriminator: warm-started from the same last.ckpt's loss.discriminator.* (--kind discriminator): the GAN
+    # is on from update 0, so a fresh D would first have to catch up with a trained generator.
+    c.disc.weights = "weights/vqgan_f16_disc"
+    c.disc.ndf, c.disc.n_layers = 64, 3
+    c.disc.stats_groups = 0  # BatchNorm statistics per 10 images, as the EQ-VAE fine-tune's per-GPU batch
+    c.lpips.weights = "weights/lpips"  # VGG LPIPS (python -m eqvae_jax.convert --kind lpips)
+
+    # Objective: taming VQLPIPSWithDiscriminator as imagenet_vqgan.yaml configures it.
+    c.loss.reduction = "mean"  # mean over pixels (the KL objective sums)
+    c.loss.codebook_weight = 1.0
+    c.loss.perceptual_weight = 1.0
+    c.loss.lpips_dropout = True  # taming's LPIPS runs in train mode: Dropout(0.5) before each lin head
+    c.loss.disc_loss = "hinge"
+    c.loss.disc_weight = 0.8  # x the adaptive weight at decoder/conv_out
+    c.loss.disc_factor = 1.0
+    c.loss.disc_start = 0  # taming's 250001 counts from its own run's step: a fine-tune keeps the GAN on
+
+    # The equivariance transform: the KL job's mix; scales k/16 (0.25 .. 0.9375): the 16x16 latent scaled by s
+    # must be whole, which k/32 gives only for even k.
+    c.transform.p_equivariance = 0.5
+    c.transform.p_lowres = 0.25
+    c.transform.scale_numerators = list(range(4, 16))
+    c.transform.scale_denominator = 16
+    c.transform.rotations = [1, 2, 3]
+    c.transform.anisotropic = False
+    c.d_step_transform = "redraw"  # taming's D optimizer call runs its own forward, as EQ-VAE's does
+
+    # Optimisation: taming's two Adams (betas 0.5, 0.9), lr scaled by the images per update as taming's main.py
+    # does (accumulate_grad_batches * n_gpus * batch_size * base_lr): 2 * 80 * 4.5e-6 = 7.2e-4.
+    c.global_batch_size = 80  # the EQ-VAE fine-tune's 8 GPUs x 10 images per micro-step
+    c.optim.accumulate = 2  # 160 images per update
+    c.optim.base_lr = 4.5e-6
+    c.optim.scale_lr = True
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.5, 0.9, 1e-8
+    c.ema.enabled = False  # taming has no EMA
+    c.total_updates = 40_037  # 5 ImageNet epochs at 160 images per update (the paper gives no length)
+
+    # Data: ImageNet (the tokenizer's and MaskGIT's data), EQ-VAE's random 50-100% square crops at 256 px, no
+    # flip (taming: resize the short side to 256, random 256 crop = crop_min_fraction 1.0).
+    c.data.source = "tfds"
+    c.data.tfds_name = "imagenet2012"
+    c.data.image_size = 256
+    c.data.transform = "eqvae_train_crop"
+    c.data.crop_min_fraction, c.data.crop_max_fraction = 0.5, 1.0
+    c.data.flip = False
+    c.data.eval_transform = "resize_center_crop"
+
+    c.checkpoint.every_updates = 1000
+    c.log.every_updates = 25
+    c.eval.every_updates = 1000
+    c.export_taming = True
+
+    if a.tiny:
+        apply_tiny(c)
+    if a.demo:
+        apply_demo(c)
+    return c
+
+
+def _random_model(c, **overrides) -> None:
+    c.model.init = "random"
+    c.model.weights = ""
+    c.model.preset = "tiny"
+    c.model.overrides = overrides
+    c.model.seed = c.seed
+    c.disc.weights = ""
+    c.lpips.weights = ""  # no pretrained VGG offline
+    c.loss.perceptual_weight = 0.0
+    c.data.source = "demo"
+    c.data.worker_count = 0
+
+
+def apply_tiny(c) -> None:
+    """Random tiny VQ model (the `tiny` preset: f2, 32/64 channels; 16 codes of 4 channels) on the demo photos at
+    32 px, a few updates. GroupNorm keeps taming's 32 groups, so that the export is a taming checkpoint."""
+    _random_model(c, z_channels=4, embed_dim=4, n_embed=16)
+    c.disc.ndf, c.disc.n_layers = 8, 2
+    c.transform.scale_numerators = [8]  # 0.5: one equivariance and one low-res variant
+    c.transform.scale_denominator = 16
+    c.data.image_size = 32
+    c.global_batch_size = 8
+    c.optim.accumulate = 2
+    c.total_updates = 4
+    c.log.every_updates = 1
+    c.eval.every_updates = 2
+    c.eval.batches = 1
+    c.eval.images = 2
+    c.checkpoint.every_updates = 2
+
+
+def apply_demo(c) -> None:
+    """A small f4 VQ model (32/64/64 channels, attention at the 16 px latent level like taming's f16 at 256 px,
+    128 codes of 16 channels) from random init on the demo photos at 64 px: 150 updates of plain reconstruction,
+    then EQ-VQGAN fine-tuning to 300 with the GAN on; scales 8/16 and 12/16; lr 2e-4 unscaled, batch 8."""
+    _random_model(c, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+                  resolution=64, z_channels=16, embed_dim=16, n_embed=128)
+    c.disc.ndf, c.disc.n_layers = 32, 2
+    c.transform.scale_numerators = [8, 12]
+    c.transform.scale_denominator = 16
+    c.data.image_size = 64
+    c.data.repeats_per_epoch = 16
+    c.global_batch_size = 8
+    c.eval.global_batch_size = 8
+    c.optim.scale_lr = False
+    c.optim.base_lr = 2e-4
+    c.optim.accumulate = 1
+    c.pretrain_updates = 150
+    c.loss.disc_start = 150
+    c.total_updates = 300
+    c.checkpoint.every_updates = 100
+    c.log.every_updates = 25
+    c.eval.every_updates = 10_000  # evaluated at the start, after pre-training and at the end
+    c.eval.batches = 4
+    c.eval.images = 8
