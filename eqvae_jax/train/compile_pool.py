@@ -30,9 +30,13 @@ from eqvae_jax.train.variants import BACKEND_COMPILE, COMPILE_EVENTS, VariantRec
 log = logging.getLogger(__name__)
 
 
+MAX_DEFAULT_WORKERS = 16  # each concurrent compile holds its own HLO and buffers in host memory
+
+
 def default_workers() -> int:
-    """Compile threads when the config says 0: the host's CPU count (XLA compiles one program per thread)."""
-    return max(1, os.cpu_count() or 1)
+    """Compile threads when the config says 0: the host's CPU count (XLA compiles one program per thread), at
+    most 16 so that a TPU VM host with 200+ vCPUs does not hold ~100 large compiles in memory at once."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
 
 
 @dataclasses.dataclass

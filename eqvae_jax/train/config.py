@@ -39,7 +39,7 @@ class CompileConfig:
     """Compiling a job's step variants (jobs with one program per static plan, such as the EQ-VAE job)."""
 
     ahead: bool = True  # compile every program the run will need at start-up, in the order it needs them
-    workers: int = 0  # compile threads for `ahead`; 0 = the host's CPU count
+    workers: int = 0  # compile threads for `ahead`; 0 = the host's CPU count, at most 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[s
         if value < 1:
             problems.append(f"{name} must be >= 1")
     if config.compile.workers < 0:
-        problems.append("compile.workers must be >= 0 (0 = the host's CPU count)")
+        problems.append("compile.workers must be >= 0 (0 = the host's CPU count, at most 16)")
     return problems
 
 
