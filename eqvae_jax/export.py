@@ -17,6 +17,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from eqvae_jax.train.checkpointing import Checkpointer
+from eqvae_jax.train.console import setup_logging
 from eqvae_jax.train.eqvae.config import parse_config
 from eqvae_jax.train.eqvae.export import export_autoencoder
 from eqvae_jax.train.eqvae.job import build
@@ -24,11 +25,15 @@ from eqvae_jax.train.services import resolve
 from eqvae_jax.typed_config import ConfigError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's workdir.")
-flags.DEFINE_integer("update", None, "Checkpoint (optimizer update) to export (default: the latest).")
-flags.DEFINE_bool("ema", False, "Export the EMA weights (the run must have ema.enabled).")
-flags.DEFINE_string("dst", None, "Output directory (default: WORKDIR/export).")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """The CLI flags (defined only when run as a program, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "The run's workdir.")
+    flags.DEFINE_integer("update", None, "Checkpoint (optimizer update) to export (default: the latest).")
+    flags.DEFINE_bool("ema", False, "Export the EMA weights (the run must have ema.enabled).")
+    flags.DEFINE_string("dst", None, "Output directory (default: WORKDIR/export).")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def export(workdir: str, update: int | None = None, use_ema: bool = False, dst: str | None = None) -> str:
@@ -51,6 +56,7 @@ def export(workdir: str, update: int | None = None, use_ema: bool = False, dst: 
 
 def main(argv: list[str]) -> None:
     del argv
+    setup_logging("WARNING")  # the export's own result, not Orbax's INFO lines
     try:
         print(export(FLAGS.workdir, FLAGS.update, FLAGS.ema, FLAGS.dst))
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -59,4 +65,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

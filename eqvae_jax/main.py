@@ -20,13 +20,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Job config file (ml_collections).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports of this run.")
-flags.DEFINE_bool("distributed", None, "Force (--distributed) or prevent (--nodistributed) "
-                  "jax.distributed.initialize(); default: when JAX detects a multi-process TPU/Slurm/MPI job.")
-flags.DEFINE_string("log_level", "WARNING", "Level of library logs (absl, Orbax, Grain, JAX, TF); INFO restores "
-                    "them. The job's own progress lines are always shown.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """The CLI flags (defined only when run as a program, so importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Job config file (ml_collections).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports of this run.")
+    flags.DEFINE_bool("distributed", None, "Force (--distributed) or prevent (--nodistributed) "
+                      "jax.distributed.initialize(); default: when JAX detects a multi-process TPU/Slurm/MPI job.")
+    flags.DEFINE_string("log_level", "WARNING", "Level of library logs (absl, Orbax, Grain, JAX, TF); INFO "
+                        "restores them. The job's own progress lines are always shown.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
 
 # Jobs with a compile-only mode for a TPU topology (launch/tpu.py precompile): their `precompile` module.
 PRECOMPILE = {"eqvae": "eqvae_jax.train.eqvae.precompile", "eqvqgan": "eqvae_jax.train.eqvae.precompile"}
@@ -72,4 +77,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -4,6 +4,8 @@ deferred ones alike) finds no cycle, so a CLI imports the library and never the 
 import ast
 import os
 import pkgutil
+import subprocess
+import sys
 
 import eqvae_jax
 
@@ -75,3 +77,15 @@ def test_no_test_module_imports_another():
                            else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{name}: {m}" for m in modules if m.split(".")[0].startswith("test_")]
     assert not offenders, offenders
+
+
+def test_importing_a_command_line_module_defines_no_flags():
+    """absl flags are process-global: a CLI that defined its flags on import would clash with another CLI's
+    (both have --workdir) as soon as one process imports both, e.g. a test suite or a notebook."""
+    code = ("from absl import flags\n"
+            "import eqvae_jax.main, eqvae_jax.export, eqvae_jax.sample, eqvae_jax.eval_vae, eqvae_jax.evaluate\n"
+            "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith('eqvae_jax')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
