@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable
 
 import jax
 
-from eqvae_jax.train.variants import BACKEND_COMPILE, COMPILE_EVENTS, VariantRecord, compile_timer
+from eqvae_jax.train.variants import VariantRecord, compile_timer
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,8 @@ class CompilePool:
         with compile_timer() as phases:
             compiled = compile_fn()
         end = time.perf_counter()
-        record = VariantRecord(end - start, phases.get(COMPILE_EVENTS[0], 0.0), phases.get(COMPILE_EVENTS[1], 0.0),
-                               phases.get(BACKEND_COMPILE, 0.0))
         log.debug("%s: compiled ahead [%s] in %.2fs", name, key, end - start)
-        return Ready(compiled, record, end)
+        return Ready(compiled, VariantRecord.from_phases(end - start, phases), end)
 
     def has(self, name: str, key: Hashable) -> bool:
         return (name, key) in self._futures

@@ -85,6 +85,12 @@ class VariantRecord:
     def compile_s(self) -> float:
         return self.trace_s + self.lower_s + self.backend_compile_s
 
+    @classmethod
+    def from_phases(cls, first_call_s: float, phases: dict[str, float]) -> VariantRecord:
+        """From `compile_timer()`'s per-event seconds."""
+        return cls(first_call_s, phases.get(COMPILE_EVENTS[0], 0.0), phases.get(COMPILE_EVENTS[1], 0.0),
+                   phases.get(BACKEND_COMPILE, 0.0))
+
 
 class ProgramSource(Protocol):
     """Where programs compiled ahead come from (train/compile_pool.CompilePool)."""
@@ -129,21 +135,7 @@ class VariantTracker:
         start = time.perf_counter()
         with compile_timer() as phases:
             out = jax.block_until_ready(fn(*args, **kwargs))
-        rec = VariantRecord(
-            time.perf_counter() - start,
-            phases.get(COMPILE_EVENTS[0], 0.0),
-            phases.get(COMPILE_EVENTS[1], 0.0),
-            phases.get(BACKEND_COMPILE, 0.0),
-        )
-        self.records[key] = rec
-        bound = "" if self.expected is None else f"/{self.expected}"
-        self._log(
-            f"{self.name}: new compiled variant {self.count}{bound} [{key}]: compile {rec.compile_s:.2f}s "
-            f"(trace {rec.trace_s:.2f}, lower {rec.lower_s:.2f}, xla {rec.backend_compile_s:.2f}), "
-            f"first call {rec.first_call_s:.2f}s"
-        )
-        if self.expected is not None and self.count > self.expected:
-            log.warning("%s: %d compiled variants, more than the expected %d", self.name, self.count, self.expected)
+        self._record(key, VariantRecord.from_phases(time.perf_counter() - start, phases), "compile", "")
         return out
 
     def _first_call_ahead(self, key: Hashable, *args: Any) -> Any:
@@ -152,12 +144,20 @@ class VariantTracker:
         self._programs[key] = ready.compiled
         out = jax.block_until_ready(self._run_ahead(key, *args))
         rec = dataclasses.replace(ready.record, first_call_s=time.perf_counter() - start)
+        self._record(key, rec, "compiled ahead in", " incl. any wait")
+        return out
+
+    def _record(self, key: Hashable, rec: VariantRecord, how: str, first_call_note: str) -> None:
+        """Keep and log a new variant's record (once per key); warn past the expected bound."""
         self.records[key] = rec
         bound = "" if self.expected is None else f"/{self.expected}"
-        self._log(f"{self.name}: new compiled variant {self.count}{bound} [{key}]: compiled ahead in "
-                  f"{rec.compile_s:.2f}s (trace {rec.trace_s:.2f}, lower {rec.lower_s:.2f}, xla "
-                  f"{rec.backend_compile_s:.2f}), first call {rec.first_call_s:.2f}s incl. any wait")
-        return out
+        self._log(
+            f"{self.name}: new compiled variant {self.count}{bound} [{key}]: {how} {rec.compile_s:.2f}s "
+            f"(trace {rec.trace_s:.2f}, lower {rec.lower_s:.2f}, xla {rec.backend_compile_s:.2f}), "
+            f"first call {rec.first_call_s:.2f}s{first_call_note}"
+        )
+        if self.expected is not None and self.count > self.expected:
+            log.warning("%s: %d compiled variants, more than the expected %d", self.name, self.count, self.expected)
 
     def summary(self) -> dict[str, float]:
         """Totals for a metrics/log line: variants, total and max compile seconds."""

@@ -69,21 +69,20 @@ def submit_programs(
     """Queue `lower(...).compile()` of each program with the argument shapes and shardings of the real calls;
     `state` and `lpips_state` are abstract (`abstract(placed)`, or ShapeDtypeStructs with shardings)."""
     rep = replicated(mesh)
-    state_a, lpips_a = state, lpips_state
     images = jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=batch_sharding(mesh))
     rot = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=rep)
 
     def g_args(plan: equivariance.BranchPlan) -> tuple[Any, ...]:
-        return state_a, lpips_a, images, rot, key, plan
+        return state, lpips_state, images, rot, key, plan
 
     def d_args(plan: equivariance.BranchPlan) -> tuple[Any, ...]:
         pair = None
         if returns_pair:
             shapes = steps.generator.eval_shape(*g_args(plan))[2]
             pair = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding(mesh)) for s in shapes)
-        return state_a, images, rot, key, pair, plan
+        return state, images, rot, key, pair, plan
 
     def compile_fn(fn: Any, args: Callable[[equivariance.BranchPlan], tuple[Any, ...]],
                    plan: equivariance.BranchPlan) -> jax.stages.Compiled:
