@@ -2,6 +2,9 @@
 
     python -m benchmarks.train_step [--size 256] [--batch 2] [--repeats 3] [--preset sd_vae|tiny]
 
+Any --size that is a multiple of 32 from 64 works: the job is built with the one scale the benchmark draws
+(24/32) instead of the reference's k/32 grid, which has whole latent sizes for every k only from 256 px.
+
 JAX: the real steps of the job (`train.eqvae.job.build`) (configs/sdvae_ft.py with a random-init autoencoder and random
 LPIPS VGG, image size and micro-batch from the flags, optim.accumulate=1 so every step applies Adam).
 PyTorch, same architecture and loss: diffusers `AutoencoderKL` of the preset's shape, `lpips.LPIPS(net='vgg',
@@ -21,6 +24,7 @@ there. Prints a table; never used as a test.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -55,11 +59,57 @@ def timed(fn: Callable[[], None], warmup: int, repeats: int) -> tuple[float, flo
     return first, statistics.median(times)
 
 
-def jax_runner(args: argparse.Namespace) -> tuple[Callable[[str], Callable[[], None]], Any]:
-    """(branch -> one G+D micro-step of the real job, blocking; the job)."""
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags train_step and step_breakdown share."""
+    parser.add_argument("--preset", default="sd_vae", choices=("sd_vae", "tiny"))
+    parser.add_argument("--size", type=int, default=256, help="image size; a multiple of 32 (see check_size)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="0: each framework's default (all cores); 1: one thread in both (a loaded machine)")
+    parser.add_argument("--branches", default="plain,eq24", help=f"comma list of {', '.join(BRANCHES)}")
+    parser.add_argument("--xla-kernel-grad", action="store_true",
+                        help="build the JAX models with XLA's own conv kernel gradient (models.conv_grad off): "
+                             "the step before the CPU tap-matmul gradient")
+
+
+def setup_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--threads 1: one XLA:CPU thread (set before jax is imported; XLA:CPU has no finer control)."""
+    if args.threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    elif args.threads:
+        parser.error("--threads must be 0 or 1")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The branches asked for; errors for unknown ones and for sizes the 24/32 branch cannot use.
+
+    The job is built with the one scale it draws (24/32), not the reference's k/32 grid: at 128 px the f8
+    latent is 16 and 16 * k/32 is integral only for even k, so the full grid is valid only from 256 px. 24/32
+    of the latent is integral when the latent is a multiple of 4, i.e. the size a multiple of 4 * f = 32.
+    """
+    from eqvae_jax.models import kl_vae
+
+    branches = args.branches.split(",")
+    unknown = [b for b in branches if b not in BRANCHES]
+    if unknown:
+        parser.error(f"unknown branch(es) {unknown}; choose from {', '.join(BRANCHES)}")
+    step = 4 * kl_vae.PRESETS[args.preset]().downsample_factor
+    if args.size % step or args.size < 64:
+        parser.error(f"--size {args.size}: use a multiple of {step} from 64 (24/32 of the latent must be whole "
+                     "and the discriminator needs a 48 px target)")
+    return branches
+
+
+def jax_job(args: argparse.Namespace) -> Any:
+    """The real EQ-VAE job (configs/sdvae_ft.py, random init) at the benchmark's size and batch."""
     import jax
 
     from configs import sdvae_ft
+    from eqvae_jax.models import conv_grad
+
+    if getattr(args, "xla_kernel_grad", False):  # the models read it when they are built
+        conv_grad.conv_general_dilated = jax.lax.conv_general_dilated
     from eqvae_jax.train.eqvae.config import parse_config
     from eqvae_jax.train.eqvae.job import build
 
@@ -67,29 +117,73 @@ def jax_runner(args: argparse.Namespace) -> tuple[Callable[[str], Callable[[], N
     config.model.init, config.model.preset = "random", args.preset
     config.lpips.weights = "random"
     config.data.image_size, config.global_batch_size = args.size, args.batch
+    config.transform.scale_numerators, config.transform.scale_denominator = [24], 32  # what `draw` uses
     config.optim.accumulate = 1
-    job = build(parse_config(config))
-    images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3))
-                            .astype(np.float32))
-    key = jax.random.key(0)
+    return build(parse_config(config))
+
+
+def benchmark_images(args: argparse.Namespace) -> Any:
+    import jax
+
+    return jax.device_put(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3))
+                          .astype(np.float32))
+
+
+def jax_micro_steps(job: Any, images: Any, branch: str, seed: int = 0) -> tuple[Callable[[], None],
+                                                                                Callable[[], None]]:
+    """(G step, D step) of the job on `branch`, each blocking; D scores what the last G call produced."""
+    import jax
+
+    plan, rot = draw(branch).plan((images.shape[1], images.shape[2]))
+    box: dict[str, Any] = {"key": jax.random.key(seed), "pair": None}
+
+    def generator() -> None:
+        box["key"], kg = jax.random.split(box["key"])
+        job.state, metrics, box["pair"] = job.steps.generator(job.state, job.lpips_state, images, rot, kg, plan)
+        jax.block_until_ready((job.state, metrics))
+
+    def discriminator() -> None:
+        box["key"], kd = jax.random.split(box["key"])
+        job.state, metrics = job.steps.discriminator(job.state, images, rot, kd, box["pair"], plan)
+        jax.block_until_ready((job.state, metrics))
+
+    return generator, discriminator
+
+
+def jax_runner(args: argparse.Namespace) -> tuple[Callable[[str], Callable[[], None]], Any]:
+    """(branch -> one G+D micro-step of the real job, blocking; the job)."""
+    job = jax_job(args)
+    images = benchmark_images(args)
 
     def make(branch: str) -> Callable[[], None]:
-        plan, rot = draw(branch).plan((args.size, args.size))
-
-        def step() -> None:
-            nonlocal key
-            key, kg, kd = jax.random.split(key, 3)
-            job.state, _, pair = job.steps.generator(job.state, job.lpips_state, images, rot, kg, plan)
-            job.state, metrics = job.steps.discriminator(job.state, images, rot, kd, pair, plan)
-            jax.block_until_ready((job.state, metrics))
-
-        return step
+        generator, discriminator = jax_micro_steps(job, images, branch)
+        return lambda: (generator(), discriminator())
 
     return make, job
 
 
-def torch_runner(args: argparse.Namespace, vae_cfg: Any) -> Callable[[str], Callable[[], None]]:
-    """(branch -> one PyTorch G+D micro-step of the same architecture and loss)."""
+@dataclasses.dataclass
+class TorchModels:
+    """The PyTorch reference: autoencoder, LPIPS, PatchGAN, the LDM loss, both Adams and one input batch."""
+
+    vae: Any
+    perceptual: Any
+    disc: Any
+    loss: Any
+    opt_g: Any
+    opt_d: Any
+    x: Any
+    latent_shape: tuple[int, ...]
+
+    def encode(self, t: Any) -> Any:
+        return self.vae.quant_conv(self.vae.encoder(t))
+
+    def decode(self, z: Any) -> Any:
+        return self.vae.decoder(self.vae.post_quant_conv(z))
+
+
+def torch_models(args: argparse.Namespace, vae_cfg: Any) -> TorchModels:
+    """The PyTorch models of the same architecture and loss, seeded."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -119,59 +213,64 @@ def torch_runner(args: argparse.Namespace, vae_cfg: Any) -> Callable[[str], Call
     loss = ref.LPIPSWithDiscriminator(perceptual, disc, disc_start=0, kl_weight=1e-6, disc_weight=0.5)
     vae.train()
     loss.train()
-    opt_g = torch.optim.Adam(vae.parameters(), lr=7.2e-4, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=7.2e-4, betas=(0.5, 0.9))
     x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (args.batch, 3, args.size, args.size))
                          .astype(np.float32))
     f = vae_cfg.downsample_factor
-    latent = (args.batch, vae_cfg.latent_channels, args.size // f, args.size // f)
+    return TorchModels(vae, perceptual, disc, loss,
+                       torch.optim.Adam(vae.parameters(), lr=7.2e-4, betas=(0.5, 0.9)),
+                       torch.optim.Adam(disc.parameters(), lr=7.2e-4, betas=(0.5, 0.9)), x,
+                       (args.batch, vae_cfg.latent_channels, args.size // f, args.size // f))
 
-    def encode(t: torch.Tensor) -> torch.Tensor:
-        return vae.quant_conv(vae.encoder(t))
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return vae.decoder(vae.post_quant_conv(z))
+def torch_micro_steps(m: TorchModels, branch: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(G step, D step) of the PyTorch reference on `branch`; D redraws its forward under no_grad."""
+    import torch
+
+    from tests.torch_refs import contperceptual_reference as ref
+
+    d = draw(branch)
+    kind = d.branch.value
+    scale, angle = d.scale[0] / d.denominator, d.rot_k
+
+    def generator() -> None:
+        target, recon, post = ref.transformed_forward(m.encode, m.decode, m.x, torch.randn(m.latent_shape), kind,
+                                                      scale, angle)
+        g_loss, _ = m.loss(target, recon, post, 0, 1, last_layer=m.vae.decoder.conv_out.weight)
+        m.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        m.opt_g.step()
+
+    def discriminator() -> None:
+        with torch.no_grad():
+            target, recon, post = ref.transformed_forward(m.encode, m.decode, m.x, torch.randn(m.latent_shape),
+                                                          kind, scale, angle)
+        d_loss, _ = m.loss(target, recon, post, 1, 1)
+        m.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        m.opt_d.step()
+
+    return generator, discriminator
+
+
+def torch_runner(args: argparse.Namespace, vae_cfg: Any) -> Callable[[str], Callable[[], None]]:
+    """(branch -> one PyTorch G+D micro-step of the same architecture and loss)."""
+    models = torch_models(args, vae_cfg)
 
     def make(branch: str) -> Callable[[], None]:
-        d = draw(branch)
-        kind = d.branch.value
-        scale, angle = d.scale[0] / d.denominator, d.rot_k
-
-        def step() -> None:
-            target, recon, post = ref.transformed_forward(encode, decode, x, torch.randn(latent), kind, scale, angle)
-            g_loss, _ = loss(target, recon, post, 0, 1, last_layer=vae.decoder.conv_out.weight)
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-            with torch.no_grad():
-                target, recon, post = ref.transformed_forward(encode, decode, x, torch.randn(latent), kind, scale,
-                                                              angle)
-            d_loss, _ = loss(target, recon, post, 1, 1)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-
-        return step
+        generator, discriminator = torch_micro_steps(models, branch)
+        return lambda: (generator(), discriminator())
 
     return make
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="sd_vae", choices=("sd_vae", "tiny"))
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=2)
+    add_common_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="0: each framework's default (all cores); 1: one thread in both (a loaded machine)")
-    parser.add_argument("--branches", default="plain,eq24", help=f"comma list of {', '.join(BRANCHES)}")
     args = parser.parse_args()
-    if args.threads == 1:  # before jax is imported; XLA:CPU has no finer thread-count control
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    elif args.threads:
-        parser.error("--threads must be 0 or 1")
+    setup_threads(parser, args)
+    branches = check_args(parser, args)
     import jax
     import torch
 
@@ -179,11 +278,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    branches = args.branches.split(",")
     vae_cfg = kl_vae.PRESETS[args.preset]()
     print(f"EQ-VAE micro-step (G then D), {args.preset} fp32, {args.size}px, batch {args.batch}, "
           f"{args.repeats} repeats; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
+          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"conv kernel gradient {'XLA' if args.xla_kernel_grad else 'tap matmuls (CPU)'}, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
     start = time.perf_counter()
     make_jax, _ = jax_runner(args)
     print(f"jax job built in {time.perf_counter() - start:.1f}s", flush=True)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eqvae_jax.models import conv_grad
 from eqvae_jax.models.weights import load_model
 
 KIND = "discriminator"
@@ -76,13 +77,14 @@ class BatchNorm(nnx.Module):
 
 
 def _torch_conv(cin: int, cout: int, stride: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.Conv:
-    """Conv k4 p1, taming's init: kernel N(0, 0.02); bias (if any) PyTorch's U(+-1/sqrt(fan_in))."""
+    """Conv k4 p1, taming's init: kernel N(0, 0.02); bias (if any) PyTorch's U(+-1/sqrt(fan_in)); kernel gradient
+    on CPU as matmuls (`conv_grad`)."""
     bound = 1.0 / math.sqrt(cin * 16)
     return nnx.Conv(
         cin, cout, kernel_size=(4, 4), strides=stride, padding=((1, 1), (1, 1)), use_bias=use_bias,
         kernel_init=nnx.initializers.normal(0.02),
         bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound),
-        rngs=rngs,
+        conv_general_dilated=conv_grad.conv_general_dilated, rngs=rngs,
     )
 
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eqvae_jax.models import conv_grad
+
 Dtype = jnp.dtype | type
 
 # PyTorch's default conv/linear weight init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
@@ -43,11 +45,13 @@ def conv(
     dtype: Dtype = jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """A PyTorch-initialised square conv; integer `padding` pads that many pixels on every side."""
+    """A PyTorch-initialised square conv; integer `padding` pads that many pixels on every side. Its kernel
+    gradient on CPU runs as matmuls (`conv_grad`)."""
     pad = [(padding, padding)] * 2 if isinstance(padding, int) else padding.upper()
     return nnx.Conv(
         in_ch, out_ch, (kernel, kernel), strides=stride, padding=pad, dtype=dtype,
-        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_ch * kernel * kernel), rngs=rngs,
+        kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_ch * kernel * kernel),
+        conv_general_dilated=conv_grad.conv_general_dilated, rngs=rngs,
     )
 
 

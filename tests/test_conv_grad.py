@@ -1,0 +1,89 @@
+"""conv_grad: the tap-matmul kernel gradient equals XLA's, and only the CPU lowering uses it."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eqvae_jax.models import conv_grad, layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+CASES = [  # (kernel, stride, padding, cin, cout, size): the autoencoder's, downsampler's and PatchGAN's convs
+    (3, 1, ((1, 1), (1, 1)), 8, 16, 12),
+    (3, 2, ((0, 1), (0, 1)), 8, 8, 12),
+    (4, 2, ((1, 1), (1, 1)), 3, 8, 16),
+    (4, 1, ((1, 1), (1, 1)), 8, 1, 9),
+    (1, 1, ((0, 0), (0, 0)), 16, 4, 7),
+    (3, 1, "SAME", 4, 4, 10),
+    (3, 2, "VALID", 4, 4, 11),
+]
+
+
+def _loss(conv_fn, x, w, strides, padding, ct):
+    y = conv_fn(x, w, strides, padding, dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC))
+    return jnp.sum(y * ct[..., : y.shape[1], : y.shape[2], :])
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cin,cout,size", CASES)
+def test_gradients_match_xla(kernel, stride, padding, cin, cout, size):
+    rng = np.random.default_rng(kernel * 100 + size)
+    x = jnp.asarray(rng.standard_normal((2, size, size, cin), np.float32))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout), np.float32))
+    ct = jnp.asarray(rng.standard_normal((2, size, size, cout), np.float32))
+    strides = (stride, stride)
+    ours = jax.jit(jax.value_and_grad(lambda x, w: _loss(conv_grad.conv_general_dilated, x, w, strides, padding,
+                                                         ct), argnums=(0, 1)))(x, w)
+    ref = jax.jit(jax.value_and_grad(lambda x, w: _loss(jax.lax.conv_general_dilated, x, w, strides, padding, ct),
+                                     argnums=(0, 1)))(x, w)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+    np.testing.assert_array_equal(ours[1][0], ref[1][0])  # input gradient: XLA's own in both
+    np.testing.assert_allclose(ours[1][1], ref[1][1], rtol=1e-4, atol=1e-4 * float(jnp.abs(ref[1][1]).max()))
+
+
+def test_unsupported_shapes_fall_back_to_lax():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 4), np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4, 4), np.float32)).astype(jnp.bfloat16)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    fn = jax.jit(lambda x, w: conv_grad.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
+    assert "custom_vjp" not in str(jax.make_jaxpr(fn)(x, w))
+    dilated = jax.make_jaxpr(lambda x, w: conv_grad.conv_general_dilated(
+        x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn))(x.astype(jnp.float32), w.astype(jnp.float32))
+    assert "custom_vjp" not in str(dilated)
+
+
+def _ops(platform: str, conv_fn) -> collections.Counter:
+    """StableHLO op counts of the parameter gradient of a model conv built with `conv_fn`, lowered for `platform`
+    (no such device needed)."""
+    conv = nnx.Conv(8, 8, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=conv_fn, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(conv)
+    x = jnp.ones((1, 16, 16, 8), jnp.float32)
+
+    def param_grad(params, x):
+        return jax.grad(lambda p: jnp.sum(nnx.merge(graph, p)(x) ** 2))(params)
+
+    text = jax.export.export(jax.jit(param_grad), platforms=[platform])(params, x).mlir_module()
+    return collections.Counter(re.findall(r"stablehlo\.\w+", text))
+
+
+def test_only_the_cpu_lowering_computes_the_kernel_gradient_by_matmuls():
+    cpu = _ops("cpu", conv_grad.conv_general_dilated)
+    assert cpu["stablehlo.dot_general"] == 1 and cpu["stablehlo.while"] == 1  # a loop over the 3x3 kernel's taps
+    assert cpu["stablehlo.convolution"] == 1  # the forward
+    # TPU: a plain nnx.Conv's ops (XLA's own kernel gradient, a convolution), behind a `case` on a constant
+    # platform index that XLA folds away; benchmarks/tpu_aot.py shows the compiled programs unchanged.
+    ours, plain = _ops("tpu", conv_grad.conv_general_dilated), _ops("tpu", jax.lax.conv_general_dilated)
+    assert ours["stablehlo.dot_general"] == plain["stablehlo.dot_general"] == 0
+    assert "stablehlo.while" not in ours
+    assert ours["stablehlo.convolution"] == plain["stablehlo.convolution"] == 2
+
+
+def test_model_convs_use_it():
+    assert layers.conv(4, 4, 3, rngs=nnx.Rngs(0)).conv_general_dilated is conv_grad.conv_general_dilated
