@@ -36,7 +36,6 @@ import dataclasses
 import glob
 import os
 import re
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,17 +66,7 @@ def time_blocked(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -
     call that follows at once (on 2 cores the JAX G step measured 27.5 s interleaved vs 19.7 s alone); the
     untimed calls of each block absorb that.
     """
-    times: dict[str, float] = {}
-    for name, fn in fns.items():
-        for _ in range(1 + warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
-    return times
+    return {name: ts.timed(fn, warmup, repeats)[1] for name, fn in fns.items()}
 
 
 class Components:
@@ -304,14 +293,13 @@ class Components:
         grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params)
         box = {"params": params, "opt": tx.init(params)}
 
-        @jax.jit
-        def update(params, opt, grads):
+        def apply(params, opt, grads):
             import optax
 
             updates, opt = tx.update(grads, opt, params)
             return optax.apply_updates(params, updates), opt
 
-        update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))
+        update = jax.jit(apply, donate_argnums=(0, 1))
 
         def run() -> None:
             box["params"], box["opt"] = update(box["params"], box["opt"], grads)
@@ -522,8 +510,7 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     job = ts.jax_job(args)
     models = ts.torch_models(args, vae_cfg)
-    images = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (args.batch, args.size, args.size, 3))
-                            .astype(np.float32))
+    images = ts.benchmark_images(args)
     c = Components(args, models, vae_cfg, job)
     lat = args.size // f
     sizes = {"plain": lat, "eq24": lat * 3 // 4}
