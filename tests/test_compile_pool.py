@@ -8,7 +8,7 @@ import numpy as np
 
 from eqvae_jax.losses import equivariance as eq
 from eqvae_jax.train import variants
-from eqvae_jax.train.compile_pool import CompilePool
+from eqvae_jax.train.compile_pool import CompilePool, memory_map_warning
 from eqvae_jax.train.eqvae import ahead
 
 HW = (32, 32)
@@ -93,3 +93,15 @@ def test_need_order_is_the_order_the_run_first_uses_each_program_and_does_not_ad
             assert {p for n, p in order if n == "d_step"} == plans
         else:  # a short one only what it draws
             assert len(order) <= 2 * len(micro_steps)
+
+
+def test_memory_map_warning_names_the_limit_and_the_fix_on_cpu_only(tmp_path):
+    limit = tmp_path / "max_map_count"
+    limit.write_text("65530\n")
+    warning = memory_map_warning(98, "cpu", str(limit))
+    assert warning and "vm.max_map_count = 65,530" in warning and "sysctl -w vm.max_map_count=262144" in warning
+    assert memory_map_warning(10, "cpu", str(limit)) is None  # the demo's 10 programs fit
+    assert memory_map_warning(98, "tpu", str(limit)) is None
+    assert memory_map_warning(98, "cpu", str(tmp_path / "absent")) is None  # not Linux
+    limit.write_text("1048576\n")
+    assert memory_map_warning(98, "cpu", str(limit)) is None

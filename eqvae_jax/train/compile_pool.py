@@ -31,12 +31,33 @@ log = logging.getLogger(__name__)
 
 
 MAX_DEFAULT_WORKERS = 16  # each concurrent compile holds its own HLO and buffers in host memory
+CPU_MAPS_PER_PROGRAM = 1000  # measured: ~900 per EQ-VAE step program (benchmarks/compile_ahead.py, 98 programs)
+MAP_COUNT_FILE = "/proc/sys/vm/max_map_count"
 
 
 def default_workers() -> int:
     """Compile threads when the config says 0: the host's CPU count (XLA compiles one program per thread), at
     most 16 so that a TPU VM host with 200+ vCPUs does not hold ~100 large compiles in memory at once."""
     return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS))
+
+
+def memory_map_warning(programs: int, backend: str, limit_file: str = MAP_COUNT_FILE) -> str | None:
+    """Why `programs` compiled programs may not fit in one CPU-backend process, or None.
+
+    XLA:CPU links each kernel of each program into memory mappings of its own; past Linux's vm.max_map_count
+    (65530 by default) mmap fails and the process dies ('LLVM compilation error: Cannot allocate memory', then
+    a segfault). The reference grid's 98 programs of even the tiny model need ~89,000. TPU/GPU: not affected."""
+    if backend != "cpu" or not os.path.exists(limit_file):
+        return None
+    with open(limit_file) as f:
+        limit = int(f.read().split()[0])
+    need = programs * CPU_MAPS_PER_PROGRAM
+    if need <= limit:
+        return None
+    return (f"{programs} programs on the CPU backend need about {need:,} memory mappings, more than "
+            f"vm.max_map_count = {limit:,}: the process would die compiling them ('LLVM compilation error: Cannot "
+            f"allocate memory'). Raise the limit (sudo sysctl -w vm.max_map_count={max(262144, 2 * need)}) or "
+            f"use fewer scales.")
 
 
 @dataclasses.dataclass

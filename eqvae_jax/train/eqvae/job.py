@@ -24,7 +24,7 @@ from eqvae_jax.data.iterator import build_eval_iterator, build_train_iterator
 from eqvae_jax.losses import equivariance
 from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, place, replicated
 from eqvae_jax.train import loop
-from eqvae_jax.train.compile_pool import CompilePool
+from eqvae_jax.train.compile_pool import CompilePool, memory_map_warning
 from eqvae_jax.train.eqvae import ahead, evaluation, export, steps
 from eqvae_jax.train.eqvae.config import FinetuneConfig, disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import Networks, build_networks
@@ -90,6 +90,8 @@ def run(config: ConfigDict | FinetuneConfig, workdir: str, stop_after: int | Non
              "weight in %d and %d groups; %d compiled variants per step %s", name, family.kind, config.learning_rate,
              config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
              built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
+    if warning := memory_map_warning(2 * expected, jax.default_backend()):
+        log.warning("%s: %s", name, warning)
     pool = CompilePool(config.compile.workers, log.info) if config.compile.ahead else None
     g_variants = VariantTracker("g_step", expected, log.info, pool, static_argnums=(5,))
     d_variants = VariantTracker("d_step", expected, log.info, pool, static_argnums=(5,))

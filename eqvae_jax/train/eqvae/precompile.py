@@ -11,6 +11,7 @@ checkpoints are not touched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -36,8 +37,29 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def precompile(config: ConfigDict, workdir: str, accelerator: str) -> dict[str, Any]:
-    """Compile the job's programs for `accelerator` ('v5p-8'); returns {programs, seconds, manifest}."""
+@dataclasses.dataclass(frozen=True)
+class TopologyPrograms:
+    """The job's G/D programs for a slice, ready to submit to a CompilePool (`submit`)."""
+
+    config: Any  # the parsed job config
+    mesh: Any
+    devices: list[Any]
+    programs: list[ahead.Program]  # every (step, plan) the sampler can draw, plain included when pre-training
+    cache_dir: str
+    compiled: steps.CompiledSteps
+    state: Any  # abstract, with the slice's shardings
+    lpips_state: Any
+    return_pair: bool  # the G step returns the (target, reconstruction) pair ('shared' D mode)
+
+    def submit(self, pool: CompilePool, programs: list[ahead.Program]) -> None:
+        """Queue these programs' `lower(...).compile()` for the slice (abstract args with its shardings)."""
+        image_hw = (self.config.data.image_size,) * 2
+        ahead.submit_programs(pool, programs, self.compiled, self.state, self.lpips_state, self.mesh,
+                              (self.config.global_batch_size, *image_hw, 3), self.return_pair)
+
+
+def topology_programs(config: ConfigDict, workdir: str, accelerator: str) -> TopologyPrograms:
+    """Shape-only networks and the jitted steps on `accelerator`'s mesh (libtpu compile-only; nothing is read)."""
     aot.prepare_environment()
     devices = aot.topology_devices(accelerator)
     config = parse_config(config, num_devices=len(devices))
@@ -50,18 +72,25 @@ def precompile(config: ConfigDict, workdir: str, accelerator: str) -> dict[str, 
     compiled = steps.compile_steps(spec, state, nets.lpips_state, mesh)
     lpips_state = (_with_shardings(nets.lpips_state, jax.tree.map(lambda _: replicated(mesh), nets.lpips_state))
                    if nets.lpips_state is not None else None)
-    image_hw = (config.data.image_size,) * 2
-    plans = equivariance.all_plans(config.transform, image_hw)
+    plans = equivariance.all_plans(config.transform, (config.data.image_size,) * 2)
     if config.pretrain_updates and ahead.PLAIN_PLAN not in plans:
         plans.append(ahead.PLAIN_PLAN)
     programs = [(name, plan) for plan in plans for name in ("g_step", "d_step")]
+    return TopologyPrograms(config, mesh, devices, programs, cache_dir, compiled,
+                            _with_shardings(state, compiled.state_sharding), lpips_state, spec.return_pair)
+
+
+def precompile(config: ConfigDict, workdir: str, accelerator: str) -> dict[str, Any]:
+    """Compile the job's programs for `accelerator` ('v5p-8'); returns {programs, seconds, manifest}."""
+    target = topology_programs(config, workdir, accelerator)
+    programs, cache_dir = target.programs, target.cache_dir
     aot.enable_cache(cache_dir)
-    pool = CompilePool(config.compile.workers, log.info)
+    pool = CompilePool(target.config.compile.workers, log.info)
     log.info("precompile: %d programs of the %s job for %s (%d devices, mesh %s) on %d threads into %s",
-             len(programs), config.trainer, accelerator, len(devices), dict(mesh.shape), pool.workers, cache_dir)
+             len(programs), target.config.trainer, accelerator, len(target.devices), dict(target.mesh.shape),
+             pool.workers, cache_dir)
     start = time.perf_counter()
-    ahead.submit_programs(pool, programs, compiled, _with_shardings(state, compiled.state_sharding), lpips_state,
-                          mesh, (config.global_batch_size, *image_hw, 3), spec.return_pair)
+    target.submit(pool, programs)
     for i, (name, plan) in enumerate(programs, 1):
         ready = pool.take(name, plan)
         log.info("precompile: %d/%d %s [%s] in %.1fs", i, len(programs), name, plan, ready.record.compile_s)
@@ -69,6 +98,6 @@ def precompile(config: ConfigDict, workdir: str, accelerator: str) -> dict[str, 
     pool.close()
     entries = sorted(p.name for p in epath.Path(cache_dir).iterdir()
                      if p.is_file() and not p.name.startswith(aot.MANIFEST_PREFIX))
-    manifest = aot.write_manifest(accelerator, list(mesh.devices.flat), cache_dir, entries)
+    manifest = aot.write_manifest(accelerator, list(target.mesh.devices.flat), cache_dir, entries)
     log.info("precompile: %d programs in %.0fs; manifest %s", len(programs), seconds, manifest)
     return {"programs": len(programs), "seconds": seconds, "manifest": manifest}
