@@ -14,7 +14,7 @@ WORKDIR/export/flax. Variants (`:a,b`):
   tiny   seconds on a CPU (tests, smoke runs): random tiny VQ model, demo photos at 32 px
   demo   a few minutes per hundred updates on a CPU: a small f4 VQ model from random init at 64 px on the demo
          photos, plain reconstruction for 150 updates, then EQ-VQGAN fine-tuning to 300 (the equivariance
-         experiment of docs/eqvqgan.md; `--config.transform.p_equivariance=0` is its control run)
+         experiment of docs/jobs.md; `--config.transform.p_equivariance=0` is its control run)
 """
 
 from eqvae_jax.train.eqvae.config import defaults
