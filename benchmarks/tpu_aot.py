@@ -32,6 +32,7 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend stays CPU; TPUs are compile-only topologies
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compile-only runs may share this machine
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
