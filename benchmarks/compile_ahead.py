@@ -15,7 +15,7 @@ two programs, to all programs, and the per-program compile seconds (median / max
 `--target ACCEL` measures the same on a TPU slice's programs compiled here with libtpu's compiler (compile-only,
 no TPU; what `launch/tpu.py precompile` runs): configs/sdvae_ft.py (the full SD-VAE job, its reference grid) for
 that topology, the first `--programs` programs of `--steps` in the order the seeded sampler first needs them
-(one sdvae_ft G program takes 10-20 min to compile on a 2-core box, so a subset). No warm row (the cache
+(one sdvae_ft G program takes 9-23 min to compile on a 2-core box, so a subset). No warm row (the cache
 behaviour on a slice is `launch/tpu.py precompile`'s).
 """
 
@@ -59,13 +59,7 @@ def _measure(scales: list[int], size: int, workers: int, micro_steps: int, cache
     ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
                           ahead.abstract(built.lpips_state), built.mesh,
                           (config.global_batch_size, *hw, 3), built.spec.return_pair)
-    first_two = [pool.take(name, plan) for name, plan in programs[:2]]
-    first_step = max(r.finished_at for r in first_two) - start
-    ready = [pool.take(name, plan) for name, plan in programs]
-    every = max(r.finished_at for r in ready) - start
-    compile_s = [r.record.compile_s for r in ready]
-    pool.close()
-    return {**_summary(programs, first_step, every, compile_s), "maps": _memory_maps()}
+    return {**_take_all(pool, programs, 2, start), "maps": _memory_maps()}  # the first step: its G and D
 
 
 def _memory_maps() -> int:
@@ -75,8 +69,15 @@ def _memory_maps() -> int:
         return sum(1 for _ in f)
 
 
-def _summary(programs: list, first_step: float, every: float, compile_s: list[float]) -> dict:
-    return {"programs": len(programs), "first_step_s": first_step, "all_s": every,
+def _take_all(pool, programs: list, first: int, start: float) -> dict:
+    """Wait for every submitted program, then close the pool: seconds from `start` until the first `first`
+    programs and until all were compiled, and each one's compile seconds."""
+    first_ready = [pool.take(name, plan) for name, plan in programs[:first]]
+    ready = [pool.take(name, plan) for name, plan in programs]
+    pool.close()
+    compile_s = [r.record.compile_s for r in ready]
+    return {"programs": len(programs), "first_step_s": max(r.finished_at for r in first_ready) - start,
+            "all_s": max(r.finished_at for r in ready) - start,
             "median_s": statistics.median(compile_s), "max_s": max(compile_s), "sum_s": sum(compile_s),
             "each_s": [[name, str(plan), round(s, 1)] for (name, plan), s in zip(programs, compile_s, strict=True)]}
 
@@ -102,11 +103,7 @@ def _measure_topology(target: str, workers: int, steps: list[str], count: int, m
     pool = CompilePool(workers, lambda _: None)
     start = time.perf_counter()
     built.submit(pool, programs)
-    first = pool.take(*programs[0])
-    ready = [pool.take(name, plan) for name, plan in programs]
-    every = max(r.finished_at for r in ready) - start
-    pool.close()
-    return _summary(programs, first.finished_at - start, every, [r.record.compile_s for r in ready])
+    return _take_all(pool, programs, 1, start)
 
 
 def _run_child(cmd: list[str]) -> dict:
