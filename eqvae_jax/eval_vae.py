@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     from eqvae_jax.eval.vae_eval import EvalVAEError, run
     from eqvae_jax.eval.vae_shards import ShardMismatchError
     from eqvae_jax.models.weights import KeyMismatchError
+    from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.typed_config import ConfigError
@@ -59,9 +60,11 @@ def main(argv: list[str]) -> None:
     error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EvaluationWarning)
+        handled = (ConfigError, EvalVAEError, ShardMismatchError, KeyMismatchError, FileNotFoundError)
         try:
-            run(f.config, f.workdir)
-        except (ConfigError, EvalVAEError, ShardMismatchError, KeyMismatchError, FileNotFoundError) as e:
+            with failures_shared(handled):
+                run(f.config, f.workdir)
+        except handled as e:
             error = str(e)
     for w in caught:
         if not issubclass(w.category, EvaluationWarning):

@@ -124,15 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     import jax  # deferred: after the log levels are set
 
+    from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize(args.distributed)
     error = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", adm.EvaluationWarning)
+        handled = (adm.BadInputError, FileNotFoundError)
         try:
-            run(args)
-        except (adm.BadInputError, FileNotFoundError) as e:
+            with failures_shared(handled):
+                run(args)
+        except handled as e:
             error = _one_line(e)
     for w in caught:
         if not issubclass(w.category, adm.EvaluationWarning):

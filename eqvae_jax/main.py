@@ -48,6 +48,7 @@ JOBS = {
 def main(argv: list[str]) -> None:
     from eqvae_jax.models.weights import KeyMismatchError
     from eqvae_jax.parallel import aot
+    from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.train.loop import ResumeError
@@ -66,12 +67,14 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not target:
         maybe_initialize(FLAGS.distributed)
+    handled = (ConfigError, ResumeError, KeyMismatchError)
     try:
-        if target:
-            importlib.import_module(PRECOMPILE[config.trainer]).precompile(config, FLAGS.workdir, target)
-        else:
-            importlib.import_module(JOBS[config.trainer]).run(config, FLAGS.workdir)
-    except (ConfigError, ResumeError, KeyMismatchError) as e:
+        with failures_shared(handled):  # a multi-process job: one process's error stops all, with that error
+            if target:
+                importlib.import_module(PRECOMPILE[config.trainer]).precompile(config, FLAGS.workdir, target)
+            else:
+                importlib.import_module(JOBS[config.trainer]).run(config, FLAGS.workdir)
+    except handled as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -28,6 +28,7 @@ from ml_collections import ConfigDict, config_flags
 from eqvae_jax.diffusion import sampling
 from eqvae_jax.maskgit import sampling as maskgit_sampling
 from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.parallel.coordination import failures_shared
 from eqvae_jax.parallel.distributed import maybe_initialize
 from eqvae_jax.parallel.mesh import make_mesh, replicated
 from eqvae_jax.train.checkpointing import Checkpointer
@@ -151,9 +152,11 @@ def main(argv: list[str]) -> None:
     setup_logging()
     f = flags.FLAGS
     maybe_initialize(f.distributed)
+    handled = (ConfigError, FileNotFoundError)
     try:
-        path = run_sampling(f.workdir, {n: getattr(f, n) for n in OVERRIDES}, f.config)
-    except (ConfigError, FileNotFoundError) as e:
+        with failures_shared(handled):
+            path = run_sampling(f.workdir, {n: getattr(f, n) for n in OVERRIDES}, f.config)
+    except handled as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"samples written to {path}")

@@ -1,12 +1,22 @@
-"""Atomic outputs: build into a temporary sibling, rename into place on success, remove it on failure."""
+"""Atomic outputs: build into a temporary sibling, rename into place on success, remove it on failure.
+
+Several processes may write the same output at once (e.g. `convert` run on every worker of a slice with a
+shared destination). Each builds in its own temporary directory; the first rename wins. A later one finds the
+destination taken: without `overwrite` that is a FileExistsError saying so (the winner's output is kept as it
+is); with `overwrite` the later output replaces it, as if the processes had run one after the other.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+# what rename() raises when its target is a non-empty directory (Linux: ENOTEMPTY; some systems: EEXIST)
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR)
 
 
 @contextlib.contextmanager
@@ -27,9 +37,29 @@ def atomic_path(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         yield tmp
         if not os.path.exists(tmp):
             raise RuntimeError(f"nothing was written for {dst}")
-        if os.path.exists(dst):
-            old = os.path.join(scratch, "old")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
+        _publish(tmp, dst, overwrite, os.path.join(scratch, "old"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _publish(tmp: str, dst: str, overwrite: bool, old: str) -> None:
+    """Rename `tmp` to `dst`; an existing `dst` is moved to `old` first (overwrite) or is an error."""
+    if overwrite and os.path.lexists(dst):
+        with contextlib.suppress(FileNotFoundError):  # another process may have moved it away meanwhile
+            os.replace(dst, old)
+    if not overwrite and os.path.lexists(dst):  # a file rename would replace it silently
+        raise _taken(dst)
+    try:
+        os.replace(tmp, dst)
+    except OSError as e:
+        if e.errno not in _TAKEN:
+            raise
+        if not overwrite:
+            raise _taken(dst) from None
+        shutil.rmtree(dst, ignore_errors=True)  # another overwriting process renamed its copy in between
+        os.replace(tmp, dst)
+
+
+def _taken(dst: str) -> FileExistsError:
+    return FileExistsError(f"{dst} was written by another process while this one worked; it was left as it "
+                           "is (pass --overwrite to replace it).")

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from eqvae_jax.data import tfds_prepare
+from eqvae_jax.parallel.coordination import make_once
+
 NAME = "eqvae_demo"
 IMAGES_DIR = Path(__file__).parent / "demo_images"
 # Held out for eval; the rest are training photographs (see demo_images/LICENSES.md).
@@ -57,24 +60,20 @@ class EqvaeDemo(tfds.core.GeneratorBasedBuilder):
 def prepare(data_dir: str) -> str:
     """Prepare the demo set under `data_dir` as ArrayRecord if not done yet; returns the dataset directory.
 
-    Safe when several processes prepare the same `data_dir` at once (each writes a private directory and
-    renames it into place; the first rename wins)."""
+    In a multi-process job process 0 prepares while the others wait, then they open its copy (or, on a
+    host-local data_dir, prepare their own). Any processes preparing the same data_dir at once are safe too:
+    a lost final rename counts as success (`tfds_prepare.download_and_prepare`)."""
     if not IMAGES_DIR.is_dir() or not photo_names():
         raise FileNotFoundError(f"demo photographs missing: {str(IMAGES_DIR)!r} has no .jpg files")
+    return make_once("the demo dataset", lambda: _prepare(data_dir))
+
+
+def _prepare(data_dir: str) -> str:
     os.makedirs(data_dir, exist_ok=True)
-    builder = EqvaeDemo(data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        tfds.disable_progress_bar()  # nine photographs: the job's own log says what happens
-        try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-                )
-            )
-        except FileExistsError:
-            # Another process (a multi-host job's other workers on a shared data_dir) renamed its complete copy
-            # into place first; TFDS removed ours. Anything else is a real error.
-            builder = EqvaeDemo(data_dir=data_dir, file_format="array_record")
-            if not builder.is_prepared():
-                raise
+    tfds.disable_progress_bar()  # nine photographs: the job's own log says what happens
+    builder = tfds_prepare.download_and_prepare(
+        lambda: EqvaeDemo(data_dir=data_dir, file_format="array_record"),
+        download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS),
+    )
     return str(builder.data_dir)

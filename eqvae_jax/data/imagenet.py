@@ -26,6 +26,8 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as tfds_imagenet
 
+from eqvae_jax.data import tfds_prepare
+
 
 def _reencode_jpeg(data: bytes) -> bytes:
     """Any image -> RGB JPEG (what TFDS does with TensorFlow for ImageNet's CMYK and PNG files)."""
@@ -94,8 +96,9 @@ def prepare_imagenet(manual_dir: str, data_dir: str) -> str:
     """Build imagenet2012 ArrayRecord files under data_dir from the tars in manual_dir; returns its dir."""
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"ImageNet manual_dir {manual_dir!r} does not exist")
-    builder = Imagenet2012NoTF(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    builder = tfds_prepare.download_and_prepare(
+        lambda: Imagenet2012NoTF(data_dir=data_dir, file_format="array_record"),
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return str(builder.data_dir)
 
 

@@ -36,6 +36,7 @@ import glob
 import json
 import os
 import struct
+import uuid
 from typing import Any
 
 import grain
@@ -241,7 +242,7 @@ def require_content(meta: dict[str, Any], want: str, cache_dir: str) -> None:
 def write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
     """Write meta.json atomically."""
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = os.path.join(cache_dir, f".{META_FILE}.tmp{os.getpid()}")
+    tmp = os.path.join(cache_dir, f".{META_FILE}.tmp-{uuid.uuid4().hex}")  # unique across hosts and processes
     with open(tmp, "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(cache_dir, META_FILE))

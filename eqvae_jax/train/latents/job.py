@@ -38,6 +38,7 @@ from eqvae_jax.data.sources import open_source
 from eqvae_jax.data.transforms import Crop
 from eqvae_jax.models import vq_vae
 from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.parallel.coordination import make_once
 from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 from eqvae_jax.train.latents.config import ExtractConfig, parse_config
 from eqvae_jax.train.services import enable_compilation_cache
@@ -135,15 +136,21 @@ _META_DEFAULTS = {"store_images": False, "content": "moments", "crops": 1, "crop
 
 
 def _check_or_write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
+    """Write meta.json, or check that the one there describes this extraction. Process 0 first, then the others
+    (which then check process 0's file, or write their own on a host-local cache dir)."""
     meta = json.loads(json.dumps(meta))  # compare in JSON form (tuples become lists)
-    if os.path.isfile(os.path.join(cache_dir, latent_cache.META_FILE)):
-        old = latent_cache.read_meta(cache_dir)
-        diff = [k for k in _MUST_MATCH[meta["content"]] if old.get(k, _META_DEFAULTS.get(k)) != meta[k]]
-        if diff:
-            raise ValueError(f"{cache_dir!r} holds a cache made differently ({diff} differ); "
-                             "use a new --workdir or delete the old cache")
-    elif jax.process_index() == 0:
-        latent_cache.write_meta(cache_dir, meta)
+
+    def check_or_write() -> None:
+        if os.path.isfile(os.path.join(cache_dir, latent_cache.META_FILE)):
+            old = latent_cache.read_meta(cache_dir)
+            diff = [k for k in _MUST_MATCH[meta["content"]] if old.get(k, _META_DEFAULTS.get(k)) != meta[k]]
+            if diff:
+                raise ValueError(f"{cache_dir!r} holds a cache made differently ({diff} differ); "
+                                 "use a new --workdir or delete the old cache")
+        else:
+            latent_cache.write_meta(cache_dir, meta)
+
+    make_once("the cache metadata", check_or_write)
 
 
 def encoded_crop(image: np.ndarray, flipped: bool) -> np.ndarray:
