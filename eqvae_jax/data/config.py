@@ -15,7 +15,7 @@ import ml_collections
 from eqvae_jax.data.transforms import TRANSFORMS
 from eqvae_jax.typed_config import default_config, parse
 
-SOURCES = ("tfds", "folder", "demo")
+SOURCES = ("tfds", "folder", "demo", "shapes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,11 @@ class DataConfig:
     folder: str = ""  # 'folder' source: training images
     eval_folder: str = ""  # 'folder' source: held-out images ('' = no eval set)
     label_from_parent: bool = True  # 'folder': label = index of the parent folder name (sorted); else -1
+    # 'shapes' (data/shapes.py): procedural figures rendered from (seed, split, index), no files at all.
+    shapes_seed: int = 0
+    shapes_size: int = 0  # rendering resolution; 0 = image_size
+    shapes_train_size: int = 1 << 24  # records in the train split (effectively infinite)
+    shapes_eval_size: int = 1000  # records in the held-out 'validation' split
 
     # Per-image transforms (data/transforms.py TRANSFORMS). Training: 'eqvae_train_crop' (reference EQ-VAE
     # fine-tuning) or 'adm_center_crop' (DiT latents, generation). Held-out reconstruction evaluation:
@@ -71,6 +76,11 @@ class DataConfig:
                 out.append(f"data.{name} must be one of {TRANSFORMS}, not {getattr(self, name)!r}")
         if self.output_dtype not in ("uint8", "float32"):
             out.append(f"data.output_dtype must be 'uint8' or 'float32', not {self.output_dtype!r}")
+        for name in ("shapes_train_size", "shapes_eval_size"):
+            if getattr(self, name) < 1:
+                out.append(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.shapes_size < 0 or 0 < self.shapes_size < 8:
+            out.append(f"data.shapes_size must be 0 (= image_size) or at least 8, got {self.shapes_size}")
         if not 0 < self.crop_min_fraction <= self.crop_max_fraction <= 1:
             out.append("need 0 < data.crop_min_fraction <= data.crop_max_fraction <= 1")
         return out

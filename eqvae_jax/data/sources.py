@@ -1,4 +1,5 @@
-"""Random-access sources of encoded images: a TFDS ArrayRecord split or a folder searched recursively.
+"""Random-access sources of encoded images: a TFDS ArrayRecord split, a folder searched recursively, or the
+procedural `shapes` figures (data/shapes.py).
 
 Every source returns records {'bytes': encoded image or b'' when unreadable, 'label': int (-1 = none),
 'name': str}; decoding happens later, in the Grain workers, so a bad file costs one skip, not a crash.
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eqvae_jax.data.config import DataConfig
+from eqvae_jax.data.shapes import ShapesSource
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -107,7 +109,7 @@ def default_data_dir(config: DataConfig) -> str:
     return ""
 
 
-def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource:
+def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource | ShapesSource:
     """The training (`train=True`) or held-out eval source named by the data config."""
     if config.source == "folder":
         root = config.folder if train else config.eval_folder
@@ -125,4 +127,7 @@ def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource:
         data_dir = default_data_dir(config)
         demo.prepare(data_dir)
         return TfdsSource(demo.NAME, "train" if train else "validation", data_dir)
-    raise ValueError(f"unknown data.source {config.source!r}; expected 'tfds', 'folder' or 'demo'")
+    if config.source == "shapes":
+        return ShapesSource("train" if train else "validation", config.shapes_size or config.image_size,
+                            config.shapes_train_size if train else config.shapes_eval_size, config.shapes_seed)
+    raise ValueError(f"unknown data.source {config.source!r}; expected 'tfds', 'folder', 'demo' or 'shapes'")

@@ -116,7 +116,9 @@ def _meta(config: ExtractConfig, num_images: int, shape: tuple[int, ...], vae: A
         "store_images": bool(config.store_images),
         "image_size": d.image_size,
         "transform": d.transform,
-        "source": {"source": d.source, "tfds_name": d.tfds_name, "folder": d.folder, "split": config.split},
+        "source": {"source": d.source, "tfds_name": d.tfds_name, "folder": d.folder, "split": config.split,
+                   **({"shapes_seed": d.shapes_seed, "shapes_size": d.shapes_size or d.image_size}
+                      if d.source == "shapes" else {})},
     }
     if config.content == "tokens":
         return meta | {"token_shape": list(shape), "codebook_size": int(vae.config.n_embed),
