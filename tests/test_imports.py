@@ -1,5 +1,6 @@
-"""The package has no import cycles: a static walk of every module's `eqvae_jax` imports (top-level and
-deferred ones alike) finds no cycle, so a CLI imports the library and never the other way round."""
+"""The package has no import cycles and imports only downward: a static walk of every module's `eqvae_jax`
+imports (top-level and deferred ones alike) finds no cycle, and no module imports one of a higher layer (the
+order in LAYERS, also in the README's Layout), so a CLI imports the library and never the other way round."""
 
 import ast
 import os
@@ -38,6 +39,50 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
             continue
         found.update(t for t in targets if t in modules and t != name)
     return found
+
+
+# Lowest first; a module may import its own layer and the ones below. Keys are module-name prefixes (the longest
+# matching prefix wins); a package's `__main__` is a CLI whatever its package's layer.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("eqvae_jax", "eqvae_jax.typed_config"),
+    ("eqvae_jax.parallel", "eqvae_jax.images", "eqvae_jax.viz"),
+    ("eqvae_jax.models", "eqvae_jax.data"),
+    ("eqvae_jax.losses",),
+    ("eqvae_jax.eval",),
+    ("eqvae_jax.diffusion", "eqvae_jax.maskgit", "eqvae_jax.convert"),
+    ("eqvae_jax.train",),
+    ("eqvae_jax.main", "eqvae_jax.eval_vae", "eqvae_jax.eval_samples", "eqvae_jax.evaluate", "eqvae_jax.sample",
+     "eqvae_jax.export", "eqvae_jax.notebook"),
+)
+CLI_LAYER = len(LAYERS) - 1
+
+
+def layer_of(module: str) -> int:
+    """The layer of `module` (index into LAYERS); a `__main__` module is in the CLI layer."""
+    if module.endswith(".__main__"):
+        return CLI_LAYER
+    best, found = "", None
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > len(best):
+                best, found = prefix, i
+    if found is None:
+        raise AssertionError(f"{module} has no layer: add it to LAYERS")
+    return found
+
+
+def test_layer_table_is_sane():
+    assert layer_of("eqvae_jax") == 0 and layer_of("eqvae_jax.typed_config") == 0
+    assert layer_of("eqvae_jax.data.__main__") == CLI_LAYER and layer_of("eqvae_jax.data.iterator") == 2
+    assert layer_of("eqvae_jax.notebook.hub") == CLI_LAYER and layer_of("eqvae_jax.train.eval_vae.job") == 6
+
+
+def test_no_module_imports_a_higher_layer():
+    modules = _modules()
+    upward = [f"{name} (layer {layer_of(name)}) imports {dep} (layer {layer_of(dep)})"
+              for name, path in sorted(modules.items()) for dep in sorted(_imports(name, path, modules))
+              if layer_of(dep) > layer_of(name)]
+    assert not upward, "imports run up the layers:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():

@@ -6,5 +6,8 @@ config        config sections every job has (length, batch, mesh, log, checkpoin
 checkpointing Orbax whole-run checkpoints; preemption: SIGTERM handling; guard: the non-finite policy
 console       logging setup and the run's own console output; metrics: TensorBoard + metric buffers
 variants      compile-variant bookkeeping of jitted steps; ema: the EMA update
-eqvae/ dit/ latents/   the jobs (trainer = 'eqvae' and 'eqvqgan', 'dit', 'extract_latents')
+compile_pool  compiles a job's programs ahead on threads; metrics_file: the run's metrics.jsonl
+eqvae/ dit/ maskgit/ latents/   the training jobs (trainer = 'eqvae' and 'eqvqgan', 'dit', 'maskgit',
+              'extract_latents')
+eval_vae/     the reconstruction-evaluation job (`python -m eqvae_jax.eval_vae`)
 """
