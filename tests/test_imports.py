@@ -128,7 +128,8 @@ def test_importing_a_command_line_module_defines_no_flags():
     """absl flags are process-global: a CLI that defined its flags on import would clash with another CLI's
     (both have --workdir) as soon as one process imports both, e.g. a test suite or a notebook."""
     code = ("from absl import flags\n"
-            "import eqvae_jax.main, eqvae_jax.export, eqvae_jax.sample, eqvae_jax.eval_vae, eqvae_jax.evaluate\n"
+            "import eqvae_jax.main, eqvae_jax.export, eqvae_jax.sample, eqvae_jax.eval_vae\n"
+            "import eqvae_jax.eval_samples, eqvae_jax.evaluate\n"
             "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith('eqvae_jax')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -56,7 +56,7 @@ from eqvae_jax.parallel.mesh import batch_sharding, local_rows, make_mesh, repli
 from eqvae_jax.train.eval_vae import report
 from eqvae_jax.train.eval_vae.config import RANDOM, EvalVAEConfig, parse_config
 from eqvae_jax.train.eval_vae.shards import ORIGINALS, ShardMismatchError, ShardPlan, ShardStore, fingerprint
-from eqvae_jax.train.services import enable_compilation_cache, resolve, write_config
+from eqvae_jax.train.run_dir import enable_compilation_cache, resolve, write_config
 
 log = logging.getLogger(__name__)
 EQ = "equivariance/"
