@@ -1,5 +1,6 @@
-"""Shared pieces of the CPU benchmarks: the median timer, and the JAX-vs-PyTorch forward comparison that
-vae_forward, vq_forward and dinov2_forward run (same flags, same per-batch timing loop, one table row each).
+"""Shared pieces of the CPU benchmarks: the median timer, the JAX-vs-PyTorch forward comparison that
+vae_forward, vq_forward and dinov2_forward run (same flags, same per-batch timing loop, one table row each),
+and the train-step table of dit_step and maskgit_step.
 
 Imports nothing heavy at module level, so a script's `--help` stays fast; JAX and torch are imported by the
 functions that need them.
@@ -84,3 +85,13 @@ def time_forward(jax_fn: Callable[[Any], Any], torch_fn: Callable[[Any], Any], x
     t_jax = median_seconds(lambda: jax.block_until_ready(jax_fn(x_jax)), repeats)
     t_torch = median_seconds(lambda: torch_fn(x_torch), repeats)
     return ForwardTiming(out_jax, out_torch, t_jax, t_torch, compile_s)
+
+
+def step_table(rows: list[tuple[str, float]], batch: int, flops: float, rate_digits: int = 1) -> str:
+    """Seconds per train step per framework -> a table of ms/step, images/s, model GFLOP/s and time relative
+    to the first row (JAX)."""
+    lines = [f"{'framework':<20}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs jax':>8}"]
+    for name, sec in rows:
+        lines.append(f"{name:<20}{sec * 1e3:>10.1f}{batch / sec:>10.{rate_digits}f}{flops / sec / 1e9:>10.1f}"
+                     f"{sec / rows[0][1]:>8.2f}")
+    return "\n".join(lines)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.common import median_seconds
+from benchmarks.common import median_seconds, step_table
 from eqvae_jax.models.dit import DiTConfig, build, dit_config, dit_flops
 
 LR = 1e-4
@@ -134,13 +134,7 @@ def main() -> None:
         f"DiT-{args.model} train step, batch {args.batch} x 32x32x4, fp32, {jax.devices()[0].platform}; "
         f"{flops / 1e9:.0f} model GFLOP/step"
     )
-    print(f"{'framework':<20}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs jax':>8}")
-    for name, sec in rows:
-        print(
-            f"{name:<20}{sec * 1e3:>10.1f}{args.batch / sec:>10.1f}{flops / sec / 1e9:>10.1f}"
-            f"{sec / rows[0][1]:>8.2f}"
-        )
-
+    print(step_table(rows, args.batch, flops))
 
 if __name__ == "__main__":
     main()

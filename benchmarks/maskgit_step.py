@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import median_seconds
+from benchmarks.common import median_seconds, step_table
 from eqvae_jax.maskgit.loss import Objective, training_loss
 from eqvae_jax.models import maskgit
 from eqvae_jax.models.maskgit import MaskGITConfig, maskgit_flops
@@ -140,13 +140,7 @@ def main() -> None:
         f"{cfg.grid_size}x{cfg.grid_size} tokens, fp32, {jax.devices()[0].platform}; "
         f"{flops / 1e9:.0f} model GFLOP/step; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    print(f"{'framework':<20}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs jax':>8}")
-    for name, sec in rows:
-        print(
-            f"{name:<20}{sec * 1e3:>10.1f}{args.batch / sec:>10.2f}{flops / sec / 1e9:>10.1f}"
-            f"{sec / rows[0][1]:>8.2f}"
-        )
-
+    print(step_table(rows, args.batch, flops, rate_digits=2))
 
 if __name__ == "__main__":
     main()
