@@ -8,6 +8,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import eqvae_jax
 
 PACKAGE_DIR = os.path.dirname(eqvae_jax.__file__)
@@ -41,8 +43,9 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
     return found
 
 
-# Lowest first; a module may import its own layer and the ones below. Keys are module-name prefixes (the longest
-# matching prefix wins); a package's `__main__` is a CLI whatever its package's layer.
+# Lowest first; a module may import its own layer and the ones below. Entries name a module and everything under
+# it (the longest match wins; the package root names only itself); a package's `__main__` is a CLI whatever its
+# package's layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("eqvae_jax", "eqvae_jax.typed_config"),
     ("eqvae_jax.parallel", "eqvae_jax.images", "eqvae_jax.viz"),
@@ -64,7 +67,8 @@ def layer_of(module: str) -> int:
     best, found = "", None
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > len(best):
+            under = prefix != "eqvae_jax" and module.startswith(prefix + ".")
+            if (module == prefix or under) and len(prefix) > len(best):
                 best, found = prefix, i
     if found is None:
         raise AssertionError(f"{module} has no layer: add it to LAYERS")
@@ -75,13 +79,17 @@ def test_layer_table_is_sane():
     assert layer_of("eqvae_jax") == 0 and layer_of("eqvae_jax.typed_config") == 0
     assert layer_of("eqvae_jax.data.__main__") == CLI_LAYER and layer_of("eqvae_jax.data.iterator") == 2
     assert layer_of("eqvae_jax.notebook.hub") == CLI_LAYER and layer_of("eqvae_jax.train.eval_vae.job") == 6
+    assert layer_of("eqvae_jax.eval_samples") == CLI_LAYER and layer_of("eqvae_jax.eval.features") == 4
+    with pytest.raises(AssertionError, match="has no layer"):
+        layer_of("eqvae_jax.new_module")
 
 
 def test_no_module_imports_a_higher_layer():
     modules = _modules()
-    upward = [f"{name} (layer {layer_of(name)}) imports {dep} (layer {layer_of(dep)})"
+    layer = {name: layer_of(name) for name in modules}  # every module has a layer
+    upward = [f"{name} (layer {layer[name]}) imports {dep} (layer {layer[dep]})"
               for name, path in sorted(modules.items()) for dep in sorted(_imports(name, path, modules))
-              if layer_of(dep) > layer_of(name)]
+              if layer[dep] > layer[name]]
     assert not upward, "imports run up the layers:\n" + "\n".join(upward)
 
 
