@@ -6,7 +6,7 @@
 The job's own pieces on this host's CPU backend: `train.eqvae.job.build` of configs/sdvae_ft.py:tiny (random tiny
 autoencoder, no LPIPS) with the reference transform grid (scales k/32 for k in --scales, quarter turns 1-3,
 p_eq 0.5, p_lowres 0.25, D redraws: 49 G + 49 D programs for 8-31), the programs in the order the seeded sampler
-first needs them (`train.eqvae.ahead`), compiled by `CompilePool` with each --workers count. workers=1 is what
+first needs them (`train.eqvae.compile_order`), compiled by `CompilePool` with each --workers count. workers=1 is what
 lazy compilation costs at least (the same programs one after another, without the training steps between them).
 Each mode runs in a fresh process (JAX caches traces in memory); 'warm' repeats the largest pool with the
 persistent compilation cache that its cold run filled, i.e. a restarted run. Prints time to the first step's
@@ -37,10 +37,10 @@ def _measure(scales: list[int], size: int, workers: int, micro_steps: int, cache
     from configs import sdvae_ft
     from eqvae_jax.losses import equivariance as eq
     from eqvae_jax.train.compile_pool import CompilePool
-    from eqvae_jax.train.eqvae import ahead
+    from eqvae_jax.train.eqvae import compile_order
     from eqvae_jax.train.eqvae import job as eqvae_job
     from eqvae_jax.train.eqvae.config import parse_config
-    from eqvae_jax.train.services import enable_compilation_cache
+    from eqvae_jax.train.run_dir import enable_compilation_cache
 
     if cache_dir:
         enable_compilation_cache(cache_dir)
@@ -52,13 +52,13 @@ def _measure(scales: list[int], size: int, workers: int, micro_steps: int, cache
     built = eqvae_job.build(config)
     hw = (size, size)
     sampler = eq.TransformSampler(config.transform, config.seed)
-    programs = ahead.programs_in_need_order(config.transform, sampler.state(), hw, range(micro_steps), 0,
-                                            built.spec.return_pair)
+    programs = compile_order.programs_in_need_order(config.transform, sampler.state(), hw, range(micro_steps), 0,
+                                                    built.spec.return_pair)
     pool = CompilePool(workers, lambda _: None)
     start = time.perf_counter()
-    ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
-                          ahead.abstract(built.lpips_state), built.mesh,
-                          (config.global_batch_size, *hw, 3), built.spec.return_pair)
+    compile_order.submit_programs(pool, programs, built.steps, compile_order.abstract(built.state),
+                                  compile_order.abstract(built.lpips_state), built.mesh,
+                                  (config.global_batch_size, *hw, 3), built.spec.return_pair)
     return {**_take_all(pool, programs, 2, start), "maps": _memory_maps()}  # the first step: its G and D
 
 
@@ -88,7 +88,7 @@ def _measure_topology(target: str, workers: int, steps: list[str], count: int, m
     from configs import sdvae_ft
     from eqvae_jax.losses import equivariance as eq
     from eqvae_jax.train.compile_pool import CompilePool
-    from eqvae_jax.train.eqvae import ahead
+    from eqvae_jax.train.eqvae import compile_order
     from eqvae_jax.train.eqvae.precompile import topology_programs
 
     base = sdvae_ft.get_config()
@@ -97,8 +97,8 @@ def _measure_topology(target: str, workers: int, steps: list[str], count: int, m
     config = built.config
     hw = (config.data.image_size,) * 2
     sampler = eq.TransformSampler(config.transform, config.seed)
-    order = ahead.programs_in_need_order(config.transform, sampler.state(), hw, range(micro_steps),
-                                         config.pretrain_updates * config.optim.accumulate, built.return_pair)
+    order = compile_order.programs_in_need_order(config.transform, sampler.state(), hw, range(micro_steps),
+                                                 config.pretrain_updates * config.optim.accumulate, built.return_pair)
     programs = [p for p in order if p[0] in steps][:count]
     pool = CompilePool(workers, lambda _: None)
     start = time.perf_counter()

@@ -12,31 +12,16 @@ printed with them.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import tempfile
-import time
+
+from benchmarks.common import forward_parser, header, time_forward
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes")
-    p.add_argument("--size", type=int, default=224, help="square input resolution (multiple of 14)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per batch size (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
-    args = p.parse_args(argv)
+    args = forward_parser(__doc__, [8], 224, "square input resolution (multiple of 14)").parse_args(argv)
 
     import jax
     import numpy as np
@@ -73,22 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"DINOv2-B/14 forward, {args.size}x{args.size} ({grid}x{grid} patches), fp32, median of {args.repeats} "
           f"(jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load})")
-    header = ("batch", "jax s", "torch s", "torch/jax", "max|diff|")
-    print(" | ".join(f"{h:>9}" for h in header) + " | jax compile s")
+    print(header("max|diff|"))
     for batch in args.batch:
         x = np.random.default_rng(0).standard_normal((batch, args.size, args.size, 3)).astype(np.float32)
-        x_jax = jax.device_put(x)
-        x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        start = time.perf_counter()
-        out_jax = np.asarray(jax_forward(state, x_jax).block_until_ready())  # compile + warm-up
-        compile_s = time.perf_counter() - start
-        out_torch = torch_forward(x_torch).numpy()  # warm-up
-        t_jax = _median_seconds(lambda x=x_jax: jax_forward(state, x).block_until_ready(), args.repeats)
-        t_torch = _median_seconds(lambda x=x_torch: torch_forward(x), args.repeats)
-        diff = float(np.abs(out_jax - out_torch).max())
-        row = (f"{batch:>9}", f"{t_jax:>9.3f}", f"{t_torch:>9.3f}", f"{t_torch / t_jax:>9.2f}",
-               f"{diff:>9.2e}", f"{compile_s:.1f}")
-        print(" | ".join(row))
+        r = time_forward(lambda x: jax_forward(state, x), torch_forward, x, args.repeats)
+        diff = float(np.abs(np.asarray(r.out_jax) - r.out_torch.numpy()).max())
+        print(r.row(batch, f"{diff:>9.2e}"))
     print(f"load average after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -15,8 +15,6 @@ for an AOT compile against a TPU topology. This script only runs on the local ba
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks.common import median_seconds, step_table
 from eqvae_jax.models.dit import DiTConfig, build, dit_config, dit_flops
 
 LR = 1e-4
@@ -72,17 +71,6 @@ def _batch(cfg: DiTConfig, batch: int) -> tuple[np.ndarray, ...]:
     )
 
 
-def _timed(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_jax(cfg: DiTConfig, batch: int, warmup: int, repeats: int) -> float:
     step, params, rest, tx = make_jax_step(cfg)
     jstep = jax.jit(step, donate_argnums=(0, 1))
@@ -93,7 +81,7 @@ def bench_jax(cfg: DiTConfig, batch: int, warmup: int, repeats: int) -> float:
         state["params"], state["opt"], loss = jstep(state["params"], state["opt"], rest, x, t, y, target)
         loss.block_until_ready()
 
-    return _timed(run, max(warmup, 1), repeats)
+    return median_seconds(run, repeats, max(warmup, 1))
 
 
 def bench_torch(cfg: DiTConfig, batch: int, warmup: int, repeats: int) -> float:
@@ -125,7 +113,7 @@ def bench_torch(cfg: DiTConfig, batch: int, warmup: int, repeats: int) -> float:
         loss.backward()
         opt.step()
 
-    return _timed(run, warmup, repeats)
+    return median_seconds(run, repeats, warmup)
 
 
 def main() -> None:
@@ -146,13 +134,7 @@ def main() -> None:
         f"DiT-{args.model} train step, batch {args.batch} x 32x32x4, fp32, {jax.devices()[0].platform}; "
         f"{flops / 1e9:.0f} model GFLOP/step"
     )
-    print(f"{'framework':<20}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs jax':>8}")
-    for name, sec in rows:
-        print(
-            f"{name:<20}{sec * 1e3:>10.1f}{args.batch / sec:>10.1f}{flops / sec / 1e9:>10.1f}"
-            f"{sec / rows[0][1]:>8.2f}"
-        )
-
+    print(step_table(rows, args.batch, flops))
 
 if __name__ == "__main__":
     main()

@@ -22,23 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
+
+from benchmarks.common import median_seconds
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend stays CPU (TPUs are compile-only topologies)
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 MFU = 0.4
 PASSES_HIGHEST = 6
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cpu(args: argparse.Namespace) -> None:
@@ -78,8 +70,8 @@ def cpu(args: argparse.Namespace) -> None:
             compile_s = time.perf_counter() - start
             with torch.no_grad():
                 want = ref(x_torch)[0].numpy()
-                t_torch = _median_seconds(lambda x=x_torch: ref(x), args.repeats)
-            t_jax = _median_seconds(lambda x=x_jax: jax.block_until_ready(net(x)), args.repeats)
+                t_torch = median_seconds(lambda x=x_torch: ref(x), args.repeats)
+            t_jax = median_seconds(lambda x=x_jax: jax.block_until_ready(net(x)), args.repeats)
             rel = float(np.abs(got - want).max() / np.abs(want).max())
             row = (f"{size:>9}", f"{batch:>9}", f"{batch / t_jax:>9.2f}", f"{batch / t_torch:>9.2f}",
                    f"{t_torch / t_jax:>9.2f}", f"{rel:>9.1e}", f"{compile_s:.1f}")

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.common import median_seconds, step_table
 from eqvae_jax.maskgit.loss import Objective, training_loss
 from eqvae_jax.models import maskgit
 from eqvae_jax.models.maskgit import MaskGITConfig, maskgit_flops
@@ -77,17 +76,6 @@ def _batch(cfg: MaskGITConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, cfg.codebook_size, (batch, g, g)), rng.integers(0, cfg.num_classes, batch)
 
 
-def _timed(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_jax(cfg: MaskGITConfig, batch: int, warmup: int, repeats: int) -> float:
     step, params, tx = make_jax_step(cfg)
     jstep = jax.jit(step, donate_argnums=(0, 1))
@@ -100,7 +88,7 @@ def bench_jax(cfg: MaskGITConfig, batch: int, warmup: int, repeats: int) -> floa
         state["i"] += 1
         loss.block_until_ready()
 
-    return _timed(run, max(warmup, 1), repeats)
+    return median_seconds(run, repeats, max(warmup, 1))
 
 
 def bench_torch(cfg: MaskGITConfig, batch: int, warmup: int, repeats: int) -> float:
@@ -127,7 +115,7 @@ def bench_torch(cfg: MaskGITConfig, batch: int, warmup: int, repeats: int) -> fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
 
-    return _timed(run, warmup, repeats)
+    return median_seconds(run, repeats, warmup)
 
 
 def main() -> None:
@@ -152,13 +140,7 @@ def main() -> None:
         f"{cfg.grid_size}x{cfg.grid_size} tokens, fp32, {jax.devices()[0].platform}; "
         f"{flops / 1e9:.0f} model GFLOP/step; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    print(f"{'framework':<20}{'ms/step':>10}{'img/s':>10}{'GFLOP/s':>10}{'vs jax':>8}")
-    for name, sec in rows:
-        print(
-            f"{name:<20}{sec * 1e3:>10.1f}{args.batch / sec:>10.2f}{flops / sec / 1e9:>10.1f}"
-            f"{sec / rows[0][1]:>8.2f}"
-        )
-
+    print(step_table(rows, args.batch, flops, rate_digits=2))
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import train_step as ts
+from benchmarks.common import first_and_median
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ def time_blocked(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -
     call that follows at once (on 2 cores the JAX G step measured 27.5 s interleaved vs 19.7 s alone); the
     untimed calls of each block absorb that.
     """
-    return {name: ts.timed(fn, warmup, repeats)[1] for name, fn in fns.items()}
+    return {name: first_and_median(fn, warmup, repeats)[1] for name, fn in fns.items()}
 
 
 class Components:

@@ -45,9 +45,11 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     V5P_8,
     V6E_8,
     Target,
+    abstract_key,
     hbm_used_from_error,
     is_out_of_memory,
     memory_report,
+    step_seconds,
     topology_mesh,
     xla_flops,
 )
@@ -123,7 +125,7 @@ class AbstractJob:
         size = self.config.data.image_size
         images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
         rot = jax.ShapeDtypeStruct((), jnp.int32)
-        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = abstract_key()
         start = time.perf_counter()
         if kind == "g":
             lowered = self.steps.generator.lower(self.state, self.lpips_state, images, rot, key, plan)
@@ -146,11 +148,6 @@ class AbstractJob:
         out["fits"] = out["per_chip_gib"] * GIB < self.target.hbm_bytes
         out["flops"] = xla_flops(compiled) * self.target.chips  # per device x chips = the whole step
         return out
-
-
-def step_seconds(flops: float, target: Target) -> float:
-    """Step time implied by `flops` on the whole slice at MFU of the bf16 peak."""
-    return flops / (target.chips * target.peak_tflops * 1e12 * MFU)
 
 
 def search_batch(job: AbstractJob, plan: equivariance.BranchPlan, known: list[tuple[int, float, bool]],
@@ -211,7 +208,7 @@ def print_row(target: Target, name: str, batch: int, r: dict[str, Any]) -> None:
     if "error" in r:
         print(f"{head}  does NOT fit: needs {fmt_gib(r['per_chip_gib'])} GiB  ({r['compile_s']:.0f}s)", flush=True)
         return
-    t = step_seconds(r["flops"], target)
+    t = step_seconds(r["flops"], target, MFU)
     print(f"{head}{r['args_gib']:>6.2f}G{r['temp_gib']:>6.1f}G{r['per_chip_gib']:>6.1f}G"
           f"{'yes' if r['fits'] else 'NO':>5}{r['flops'] / 1e12:>8.1f}{r['flops'] / batch / 1e9:>8.0f}"
           f"{t:>8.3f}{batch / t:>10.0f}{r['lower_s']:>6.0f}s{r['compile_s']:>7.0f}s", flush=True)
@@ -262,7 +259,7 @@ def main() -> None:
         g, d = results.get((target.name, "g", "plain")), results.get((target.name, "d", "plain"))
         if g and d and not math.isnan(g["flops"]) and not math.isnan(d["flops"]):
             flops = g["flops"] + d["flops"]
-            t = step_seconds(flops, target)
+            t = step_seconds(flops, target, MFU)
             print(f"{target.name:<7}{'G+D micro-step plain':<20}{batch // target.chips:>7}{'':>42}"
                   f"{flops / 1e12:>8.1f}{flops / batch / 1e9:>8.0f}{t:>8.3f}{batch / t:>10.0f}", flush=True)
     print(f"compiles done in {time.perf_counter() - start:.0f}s")

@@ -1,8 +1,10 @@
-"""Shared pieces of the ahead-of-time TPU compile benchmarks (tpu_aot_dit.py, tpu_aot.py).
+"""Shared pieces of the ahead-of-time TPU compile benchmarks (tpu_aot.py, tpu_aot_dit.py, tpu_aot_repa.py,
+tpu_aot_maskgit.py).
 
 Compile-only TPU topologies from `jax.experimental.topologies` (the local backend stays CPU; libtpu's compiler
 must be importable, see requirements-tpu-aot.txt), the slice table with per-chip peaks and HBM (Cloud TPU docs),
-and XLA's memory/cost analysis of a compiled program. Import this module before jax in a script: it sets the
+XLA's memory/cost analysis of a compiled program, and one train step's compile report (memory, fit, FLOPs,
+step time at a given MFU). Import this module before jax in a script: it sets the
 environment so that JAX does not probe for real TPUs.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend stays CPU; TPUs are compile-only topologies
@@ -19,7 +22,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 GIB = 1024**3
 
@@ -89,3 +92,30 @@ def hbm_used_from_error(message: str) -> float | None:
 def is_out_of_memory(error: Exception) -> bool:
     """The TPU compiler refuses a program that cannot fit in HBM with RESOURCE_EXHAUSTED."""
     return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over every chip of the ('data', 'fsdp') mesh: how a job's step receives its batch."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+    """The shape of a typed PRNG key, the step's last argument."""
+    return jax.eval_shape(lambda: jax.random.key(0))
+
+
+def step_seconds(flops: float, target: Target, mfu: float) -> float:
+    """Step time implied by `flops` on the whole slice at `mfu` of the bf16 peak."""
+    return flops / (target.chips * target.peak_tflops * 1e12 * mfu)
+
+
+def compile_report(step: Any, args: tuple, target: Target, flops: float, mfu: float) -> dict[str, Any]:
+    """Lower and compile the jitted `step` on abstract `args`; seconds, memory per chip, whether it fits in HBM,
+    XLA's and the model's TFLOPs per step, and the step time at `mfu` (key 'step_s')."""
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    mem = memory_report(compiled)
+    return {"compile_s": seconds, **mem, "fits": mem["per_chip_gib"] * GIB < target.hbm_bytes,
+            "xla_tflop": xla_flops(compiled) * target.chips / 1e12, "model_tflop": flops / 1e12,
+            "step_s": step_seconds(flops, target, mfu)}

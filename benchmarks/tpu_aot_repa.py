@@ -36,7 +36,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from benchmarks.tpu_aot_common import (  # noqa: E402
     GIB,
@@ -45,9 +44,11 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     V5P_8,
     V6E_8,
     Target,
+    abstract_key,
+    batch_sharding,
+    compile_report,
     hbm_used_from_error,
     is_out_of_memory,
-    memory_report,
     topology_mesh,
     xla_flops,
 )
@@ -102,12 +103,11 @@ def compile_step(target: Target, variant: str, config) -> dict[str, Any]:
     model = dit_state.functional_model(cfg, config.seed)
     if variant == "sit-tap":
         model = TappedDiT(model.graphdef, model.rest, model.config, tap=config.repa.encoder_depth)
-    b, bs = config.global_batch_size, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    b, bs = config.global_batch_size, batch_sharding(mesh)
     lat = jax.ShapeDtypeStruct((b, *LATENT), jnp.float32, sharding=bs)
     batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs)}
-    key = jax.eval_shape(lambda: jax.random.key(0))
     flops = dit_flops(cfg, b, train=True)
-    args: tuple = (state, batch, key)
+    args: tuple = (state, batch, abstract_key())
     teacher_shardings = None
     if variant.startswith("repa"):
         tcfg = config.teacher_config()
@@ -122,19 +122,12 @@ def compile_step(target: Target, variant: str, config) -> dict[str, Any]:
             size = repa.teacher_input_size(cfg.input_size // cfg.patch_size, tcfg.patch_size)
             flops += dinov2_flops(tcfg, size, b)
     step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings, teacher_shardings)
-    start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    mem = memory_report(compiled)
-    return {"compile_s": seconds, **mem, "fits": mem["per_chip_gib"] * GIB < target.hbm_bytes,
-            "xla_tflop": xla_flops(compiled) * target.chips / 1e12, "model_tflop": flops / 1e12,
-            "step_s": flops / (target.chips * target.peak_tflops * 1e12 * MFU)}
-
+    return compile_report(step, args, target, flops, MFU)
 
 def teacher_check(target: Target, batch: int, dtype: str) -> None:
     """XLA's FLOPs of the 1-block teacher forward (all of it visible to cost_analysis) vs dinov2_flops."""
     mesh = topology_mesh(target)
-    bs = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    bs = batch_sharding(mesh)
     for depth in (1, 2):
         tcfg = dinov2.preset("vitb14", depth=depth, compute_dtype=dtype)
         teacher = dit_state.abstract_teacher(tcfg, mesh, "replicated", 2**14)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import first_and_median
 
 BRANCHES = ("plain", "eq24")  # full resolution; equivariance at scale 24/32 with one quarter turn
 
@@ -42,21 +43,6 @@ def draw(branch: str) -> Any:
     if branch == "plain":
         return eq.Draw(eq.Branch.PLAIN, (32, 32), 32)
     return eq.Draw(eq.Branch.EQUIVARIANCE, (24, 24), 32, 1)
-
-
-def timed(fn: Callable[[], None], warmup: int, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of `repeats` calls after `warmup` more)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -287,11 +273,11 @@ def main() -> None:
     start = time.perf_counter()
     make_jax, _ = jax_runner(args)
     print(f"jax job built in {time.perf_counter() - start:.1f}s", flush=True)
-    jax_times = {b: timed(make_jax(b), args.warmup, args.repeats) for b in branches}
+    jax_times = {b: first_and_median(make_jax(b), args.warmup, args.repeats) for b in branches}
     start = time.perf_counter()
     make_torch = torch_runner(args, vae_cfg)
     print(f"torch models built in {time.perf_counter() - start:.1f}s", flush=True)
-    torch_times = {b: timed(make_torch(b), args.warmup, args.repeats) for b in branches}
+    torch_times = {b: first_and_median(make_torch(b), args.warmup, args.repeats) for b in branches}
     print(f"{'branch':<22}{'jax s/step':>12}{'torch s/step':>14}{'torch/jax':>11}{'jax compile s':>15}")
     for b in branches:
         plan, _ = draw(b).plan((args.size, args.size))

@@ -12,30 +12,15 @@ indices as sanity checks (random weights and taming's tiny codebook init: a few 
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import time
+
+from benchmarks.common import forward_parser, header, time_forward
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes")
-    p.add_argument("--size", type=int, default=256, help="square input resolution")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per batch size (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
-    args = p.parse_args(argv)
+    args = forward_parser(__doc__, [1, 4], 256, "square input resolution").parse_args(argv)
 
     import jax
     import numpy as np
@@ -79,24 +64,14 @@ def main(argv: list[str] | None = None) -> None:
           f"encode+quantize+decode, {args.size}x{args.size}, fp32, median of {args.repeats} "
           f"(jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f})")
-    header = ("batch", "jax s", "torch s", "torch/jax", "max|diff|", "codes =")
-    print(" | ".join(f"{h:>9}" for h in header) + " | jax compile s")
+    print(header("max|diff|", "codes ="))
     for batch in args.batch:
         x = np.random.default_rng(0).uniform(-1, 1, (batch, args.size, args.size, 3)).astype(np.float32)
-        x_jax = jax.device_put(x)
-        x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        start = time.perf_counter()
-        out_jax, idx_jax = jax.block_until_ready(jax_forward(state, x_jax))  # compile + warm-up
-        compile_s = time.perf_counter() - start
-        out_torch, idx_torch = torch_forward(x_torch)  # warm-up
-        t_jax = _median_seconds(lambda x=x_jax: jax.block_until_ready(jax_forward(state, x)), args.repeats)
-        t_torch = _median_seconds(lambda x=x_torch: torch_forward(x), args.repeats)
+        r = time_forward(lambda x: jax_forward(state, x), torch_forward, x, args.repeats)
+        (out_jax, idx_jax), (out_torch, idx_torch) = r.out_jax, r.out_torch
         diff = float(np.abs(np.asarray(out_jax) - out_torch.numpy().transpose(0, 2, 3, 1)).max())
         agree = float(np.mean(np.asarray(idx_jax).ravel() == idx_torch.numpy()))
-        row = (f"{batch:>9}", f"{t_jax:>9.3f}", f"{t_torch:>9.3f}", f"{t_torch / t_jax:>9.2f}",
-               f"{diff:>9.2e}", f"{agree:>9.4f}", f"{compile_s:.1f}")
-        print(" | ".join(row) + f"   (load average {os.getloadavg()[0]:.2f})")
-
+        print(r.row(batch, f"{diff:>9.2e}", f"{agree:>9.4f}") + f"   (load average {os.getloadavg()[0]:.2f})")
 
 if __name__ == "__main__":
     main()

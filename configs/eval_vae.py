@@ -21,7 +21,7 @@ Weights: python -m eqvae_jax.convert --kind kl_vae | vq_vae | inception | lpips 
 """
 
 from eqvae_jax.data.demo import IMAGES_DIR
-from eqvae_jax.eval.vae_config import defaults, model_section
+from eqvae_jax.train.eval_vae.config import defaults, model_section
 from eqvae_jax.typed_config import parse_arg
 
 # name: (kind, weights dir)

@@ -5,7 +5,7 @@
 
 rFID (50K reconstructions vs the 50K originals), PSNR, SSIM, LPIPS, the equivariance error per transform and
 family, and the intrinsic dimension of the latents, for one or several KL / VQ autoencoders side by side
-(eqvae_jax/eval/vae_eval.py has the definitions). Results: DIR/results.json, DIR/results/<model>.json,
+(eqvae_jax/train/eval_vae/job.py has the definitions). Results: DIR/results.json, DIR/results/<model>.json,
 TensorBoard under DIR/tensorboard/<model>, DIR/comparison.png, and a table on the console.
 
 Resumable: every shard of images is written to DIR/shards/ when done, and rerunning the same command
@@ -44,12 +44,12 @@ def main(argv: list[str]) -> None:
     import jax
 
     from eqvae_jax.eval.adm_metrics import EvaluationWarning
-    from eqvae_jax.eval.vae_eval import EvalVAEError, run
-    from eqvae_jax.eval.vae_shards import ShardMismatchError
     from eqvae_jax.models.weights import KeyMismatchError
     from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
     from eqvae_jax.train.console import setup_logging
+    from eqvae_jax.train.eval_vae.job import EvalVAEError, run
+    from eqvae_jax.train.eval_vae.shards import ShardMismatchError
     from eqvae_jax.typed_config import ConfigError
 
     if len(argv) > 1:

@@ -10,7 +10,7 @@ the run keeps them (else the weights), T = `--num_steps` decoding steps (default
 the arccos reveal schedule, Gumbel confidence noise r_temp * (1 - i / (T - 1)) and CFG w ramped linearly,
 decoded by the token cache's VQ model (`--vae` another VQ weights dir).
 Writes DIR/samples/<name>.npz with `arr_0` (N, H, W, 3) uint8 (the ADM evaluator's input; `labels` beside it)
-and <name>.png, a grid of the first samples; the npz goes straight into `python -m eqvae_jax.evaluate`.
+and <name>.png, a grid of the first samples; the npz goes straight into `python -m eqvae_jax.eval_samples`.
 Samples are sharded over all devices (and hosts); a seed gives the same images whatever the device count
 (eqvae_jax/diffusion/sampling.py, eqvae_jax/maskgit/sampling.py).
 """
@@ -39,7 +39,7 @@ from eqvae_jax.train.dit.job import cache_autoencoder
 from eqvae_jax.train.maskgit import job as maskgit_job
 from eqvae_jax.train.maskgit import state as maskgit_state
 from eqvae_jax.train.maskgit.config import parse_config as parse_maskgit_config
-from eqvae_jax.train.services import resolve
+from eqvae_jax.train.run_dir import resolve
 from eqvae_jax.typed_config import ConfigError
 
 OVERRIDES = ("update", "num_samples", "batch_size", "sampler", "num_steps", "cfg_scale", "guide_channels", "seed",

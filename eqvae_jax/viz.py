@@ -1,8 +1,10 @@
 """matplotlib figures for the notebooks: image rows, equivariance bars, training curves, live updates.
 
-Only the notebooks import this module (matplotlib is preinstalled on Colab and pinned in requirements-dev.txt;
-the training and conversion paths never need it). Every function returns a `Figure` and leaves displaying to
-the caller (a notebook shows a returned figure; `LiveDisplay` redraws one in place while a job runs).
+The notebooks and the reconstruction evaluation's comparison PNG (`train.eval_vae.report`, imported lazily)
+use this module (matplotlib is preinstalled on Colab and pinned in requirements-dev.txt; the training and
+conversion paths never need it). Ground floor: it imports nothing of the package, so any layer may use it.
+Every function returns a `Figure` and leaves displaying to the caller (a notebook shows a returned figure;
+`LiveDisplay` redraws one in place while a job runs).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The compile pool (train/compile_pool.py) and the EQ-VAE job's order of first use (train/eqvae/ahead.py)."""
+"""The compile pool (train/compile_pool.py) and the EQ-VAE job's order of first use (train/eqvae/compile_order.py)."""
 
 import threading
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqvae_jax.losses import equivariance as eq
-from eqvae_jax.train import variants
+from eqvae_jax.train import compile_variants
 from eqvae_jax.train.compile_pool import CompilePool, memory_map_warning
-from eqvae_jax.train.eqvae import ahead
+from eqvae_jax.train.eqvae import compile_order
 
 HW = (32, 32)
 TRANSFORM = eq.TransformConfig(p_equivariance=0.5, p_lowres=0.25, scale_numerators=(8, 12, 16, 20, 24, 28),
@@ -42,11 +42,11 @@ def test_programs_compile_in_submission_order_and_a_late_one_is_waited_for_and_l
         pool.submit("scaled", factor, compile_fn(factor))
     pool.submit("scaled", 2, compile_fn(7))  # a key submitted again is ignored
     threading.Timer(0.2, gate.set).start()
-    tracker = variants.VariantTracker("scaled", 3, logs.append, pool=pool, static_argnums=(1,))
+    tracker = compile_variants.VariantTracker("scaled", 3, logs.append, pool=pool, static_argnums=(1,))
     ones = jnp.ones(4)
-    with variants.compile_timer() as main_thread:
+    with compile_variants.compile_timer() as main_thread:
         outs = [tracker(f, SCALED, ones, f) for f in (3, 2, 5, 3)]
-    assert variants.BACKEND_COMPILE not in main_thread  # compiled in the pool's thread, not on first call
+    assert compile_variants.BACKEND_COMPILE not in main_thread  # compiled in the pool's thread, not on first call
     assert all(r.backend_compile_s > 0 for r in tracker.records.values())  # measured there
     assert [np.asarray(o).tolist() for o in outs] == [[3.0] * 4, [2.0] * 4, [5.0] * 4, [3.0] * 4]
     assert started == [2, 3, 5]
@@ -59,7 +59,7 @@ def test_programs_compile_in_submission_order_and_a_late_one_is_waited_for_and_l
 def test_a_key_the_pool_never_got_compiles_on_first_call():
     pool = CompilePool(1, lambda _: None)
     logs: list[str] = []
-    tracker = variants.VariantTracker("scaled", None, logs.append, pool=pool, static_argnums=(1,))
+    tracker = compile_variants.VariantTracker("scaled", None, logs.append, pool=pool, static_argnums=(1,))
     assert float(tracker(11, SCALED, jnp.ones(4), 11)[0]) == 11.0
     assert len(logs) == 1 and "compiled ahead" not in logs[0] and "new compiled variant" in logs[0]
     pool.close()
@@ -69,8 +69,8 @@ def _replay(sampler: eq.TransformSampler, micro_steps: range, pretrain: int, sha
     """The job's own draw rule (train/eqvae/job.py `train_step`), run for real."""
     seen: list[tuple[str, eq.BranchPlan]] = []
     for micro in micro_steps:
-        g = ahead.PLAIN_PLAN if micro < pretrain else sampler.draw().plan(HW)[0]
-        d = g if shared else (ahead.PLAIN_PLAN if micro < pretrain else sampler.draw().plan(HW)[0])
+        g = compile_order.PLAIN_PLAN if micro < pretrain else sampler.draw().plan(HW)[0]
+        d = g if shared else (compile_order.PLAIN_PLAN if micro < pretrain else sampler.draw().plan(HW)[0])
         for program in (("g_step", g), ("d_step", d)):
             if program not in seen:
                 seen.append(program)
@@ -84,7 +84,7 @@ def test_need_order_is_the_order_the_run_first_uses_each_program_and_does_not_ad
         for _ in range(11):  # a resumed run: the sampler is part-way through its stream
             sampler.draw()
         before = sampler.state()
-        order = ahead.programs_in_need_order(TRANSFORM, before, HW, micro_steps, pretrain, shared)
+        order = compile_order.programs_in_need_order(TRANSFORM, before, HW, micro_steps, pretrain, shared)
         assert sampler.state() == before
         assert order == _replay(sampler, micro_steps, pretrain, shared)
         if len(micro_steps) > 100:  # a long run needs every program there is

@@ -1,7 +1,7 @@
 """Generation evaluation on a tiny DiT (8 fake devices) with a tiny random Inception and a tiny reference written by
-`python -m eqvae_jax.evaluate --write_ref`: the job's gFID monitoring runs every N updates and at the end (not at
+`python -m eqvae_jax.eval_samples --write_ref`: the job's gFID monitoring runs every N updates and at the end (not at
 update 0) and logs the five ADM numbers; they equal (FID/sFID/IS to 1e-4, precision/recall to one sample)
-`python -m eqvae_jax.sample` (same settings) piped into `python -m eqvae_jax.evaluate`, the end-to-end path; the
+`python -m eqvae_jax.sample` (same settings) piped into `python -m eqvae_jax.eval_samples`, the end-to-end path; the
 config checks name a missing Inception / reference, a reference of another Inception and a batch that does not
 split over the devices."""
 
@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from helpers import tiny_dit_config, toy_images, write_toy_cache
 
-from eqvae_jax import evaluate
+from eqvae_jax import eval_samples
 from eqvae_jax import sample as sample_cli
 from eqvae_jax.eval import inception
 from eqvae_jax.eval.generation import GenerationEvaluator
@@ -34,8 +34,8 @@ def files(tmp_path_factory):
     write_toy_cache(str(d / "cache"))
     inception.save(inception.build(seed=3, config=inception.tiny()), d / "inception")
     np.savez(d / "ref_images.npz", arr_0=toy_images(24))
-    code = evaluate.main(["--ref", str(d / "ref_images.npz"), "--inception", str(d / "inception"),
-                          "--write_ref", str(d / "ref.npz"), "--batch_size", "8", "--quiet"])
+    code = eval_samples.main(["--ref", str(d / "ref_images.npz"), "--inception", str(d / "inception"),
+                              "--write_ref", str(d / "ref.npz"), "--batch_size", "8", "--quiet"])
     assert code == 0
     return d
 
@@ -94,8 +94,8 @@ def test_gfid_during_training_equals_sample_then_evaluate(files, tmp_path_factor
     print(f"sample CLI vs hook images: max |diff| {diff.max()}, {int((diff > 0).sum())} of {diff.size} values differ")
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     out = os.path.join(workdir, "evaluate.json")
-    code = evaluate.main(["--samples", path, "--ref", str(files / "ref.npz"), "--inception", str(files / "inception"),
-                          "--out", out, "--batch_size", "8", "--quiet", "--no_cache"])
+    code = eval_samples.main(["--samples", path, "--ref", str(files / "ref.npz"), "--inception",
+                              str(files / "inception"), "--out", out, "--batch_size", "8", "--quiet", "--no_cache"])
     assert code == 0
     with open(out) as f:
         cli = json.load(f)

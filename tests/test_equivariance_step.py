@@ -12,7 +12,7 @@ from eqvae_jax.losses import equivariance as eq
 from eqvae_jax.losses.autoencoder import LossConfig
 from eqvae_jax.models.discriminator import NLayerDiscriminator
 from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, place
-from eqvae_jax.train import variants
+from eqvae_jax.train import compile_variants
 from eqvae_jax.train.eqvae import steps
 
 HW = (64, 64)
@@ -30,8 +30,8 @@ def test_no_recompilation_after_every_plan_was_seen():
     compiled = steps.compile_steps(spec, state, lpips_state, mesh)
     state = place(state, compiled.state_sharding)
     logs: list[str] = []
-    g_tracker = variants.VariantTracker("g_step", expected=len(plans), logger=logs.append)
-    d_tracker = variants.VariantTracker("d_step", expected=len(plans), logger=logs.append)
+    g_tracker = compile_variants.VariantTracker("g_step", expected=len(plans), logger=logs.append)
+    d_tracker = compile_variants.VariantTracker("d_step", expected=len(plans), logger=logs.append)
     x = jax.device_put(np.random.default_rng(0).uniform(-1, 1, (2, *HW, 3)).astype(np.float32), batch_sharding(mesh))
     sampler = eq.TransformSampler(cfg, seed=0)
 
@@ -52,10 +52,10 @@ def test_no_recompilation_after_every_plan_was_seen():
         seen.add(one_step(i))
         i += 1
         assert i < 200
-    compiles = variants.compile_events()
+    compiles = compile_variants.compile_events()
     for j in range(i, i + 40):
         seen.add(one_step(j))
-    assert variants.compile_events() == compiles  # nothing compiled after warm-up
+    assert compile_variants.compile_events() == compiles  # nothing compiled after warm-up
     assert set(g_tracker.records) == set(d_tracker.records) == set(plans)  # one program per plan and step
     assert int(state.step) == i + 40
     assert {k for p, k in seen if p.branch is eq.Branch.EQUIVARIANCE} == {1, 2, 3}  # rotation is traced

@@ -23,11 +23,11 @@ from eqvae_jax.data.demo import EVAL_PHOTOS, IMAGES_DIR
 from eqvae_jax.data.transforms import resize_center_crop
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import inception, latents, reconstruction
-from eqvae_jax.eval.vae_config import parse_config
-from eqvae_jax.eval.vae_eval import run
-from eqvae_jax.eval.vae_shards import ShardMismatchError, ShardPlan, ShardStore
 from eqvae_jax.models import kl_vae
 from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.train.eval_vae.config import parse_config
+from eqvae_jax.train.eval_vae.job import run
+from eqvae_jax.train.eval_vae.shards import ShardMismatchError, ShardPlan, ShardStore
 from eqvae_jax.typed_config import ConfigError
 
 

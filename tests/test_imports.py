@@ -1,11 +1,14 @@
-"""The package has no import cycles: a static walk of every module's `eqvae_jax` imports (top-level and
-deferred ones alike) finds no cycle, so a CLI imports the library and never the other way round."""
+"""The package has no import cycles and imports only downward: a static walk of every module's `eqvae_jax`
+imports (top-level and deferred ones alike) finds no cycle, and no module imports one of a higher layer (the
+order in LAYERS, also in the README's Layout), so a CLI imports the library and never the other way round."""
 
 import ast
 import os
 import pkgutil
 import subprocess
 import sys
+
+import pytest
 
 import eqvae_jax
 
@@ -38,6 +41,56 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
             continue
         found.update(t for t in targets if t in modules and t != name)
     return found
+
+
+# Lowest first; a module may import its own layer and the ones below. Entries name a module and everything under
+# it (the longest match wins; the package root names only itself); a package's `__main__` is a CLI whatever its
+# package's layer.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("eqvae_jax", "eqvae_jax.typed_config"),
+    ("eqvae_jax.parallel", "eqvae_jax.images", "eqvae_jax.viz"),
+    ("eqvae_jax.models", "eqvae_jax.data"),
+    ("eqvae_jax.losses",),
+    ("eqvae_jax.eval",),
+    ("eqvae_jax.diffusion", "eqvae_jax.maskgit", "eqvae_jax.convert"),
+    ("eqvae_jax.train",),
+    ("eqvae_jax.main", "eqvae_jax.eval_vae", "eqvae_jax.eval_samples", "eqvae_jax.evaluate", "eqvae_jax.sample",
+     "eqvae_jax.export", "eqvae_jax.notebook"),
+)
+CLI_LAYER = len(LAYERS) - 1
+
+
+def layer_of(module: str) -> int:
+    """The layer of `module` (index into LAYERS); a `__main__` module is in the CLI layer."""
+    if module.endswith(".__main__"):
+        return CLI_LAYER
+    best, found = "", None
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            under = prefix != "eqvae_jax" and module.startswith(prefix + ".")
+            if (module == prefix or under) and len(prefix) > len(best):
+                best, found = prefix, i
+    if found is None:
+        raise AssertionError(f"{module} has no layer: add it to LAYERS")
+    return found
+
+
+def test_layer_table_is_sane():
+    assert layer_of("eqvae_jax") == 0 and layer_of("eqvae_jax.typed_config") == 0
+    assert layer_of("eqvae_jax.data.__main__") == CLI_LAYER and layer_of("eqvae_jax.data.iterator") == 2
+    assert layer_of("eqvae_jax.notebook.hub") == CLI_LAYER and layer_of("eqvae_jax.train.eval_vae.job") == 6
+    assert layer_of("eqvae_jax.eval_samples") == CLI_LAYER and layer_of("eqvae_jax.eval.features") == 4
+    with pytest.raises(AssertionError, match="has no layer"):
+        layer_of("eqvae_jax.new_module")
+
+
+def test_no_module_imports_a_higher_layer():
+    modules = _modules()
+    layer = {name: layer_of(name) for name in modules}  # every module has a layer
+    upward = [f"{name} (layer {layer[name]}) imports {dep} (layer {layer[dep]})"
+              for name, path in sorted(modules.items()) for dep in sorted(_imports(name, path, modules))
+              if layer[dep] > layer[name]]
+    assert not upward, "imports run up the layers:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():
@@ -83,7 +136,8 @@ def test_importing_a_command_line_module_defines_no_flags():
     """absl flags are process-global: a CLI that defined its flags on import would clash with another CLI's
     (both have --workdir) as soon as one process imports both, e.g. a test suite or a notebook."""
     code = ("from absl import flags\n"
-            "import eqvae_jax.main, eqvae_jax.export, eqvae_jax.sample, eqvae_jax.eval_vae, eqvae_jax.evaluate\n"
+            "import eqvae_jax.main, eqvae_jax.export, eqvae_jax.sample, eqvae_jax.eval_vae\n"
+            "import eqvae_jax.eval_samples, eqvae_jax.evaluate\n"
             "print(sorted(m for m in flags.FLAGS.flags_by_module_dict() if m.startswith('eqvae_jax')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -2,7 +2,7 @@
 to end: tokens extracted from the demo photographs (configs/extract_tokens.py:tiny) -> configs/maskgit.py:tiny
 trains on them -> an interrupted and resumed run (with EMA) equals an uninterrupted one bit for bit ->
 `python -m eqvae_jax.sample` writes an ADM npz + PNG (the same samples on 8 and on 2 devices) -> `python -m
-eqvae_jax.evaluate` scores it with a tiny random Inception. Also: the loss falls on a learnable toy token set, a
+eqvae_jax.eval_samples` scores it with a tiny random Inception. Also: the loss falls on a learnable toy token set, a
 non-finite step is not applied, v1's warm-up and weight decay, block params never sharded along their scanned
 depth axis, bad configs rejected."""
 
@@ -26,7 +26,7 @@ from helpers import (
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
-from eqvae_jax import evaluate
+from eqvae_jax import eval_samples
 from eqvae_jax import sample as sample_cli
 from eqvae_jax.data import latent_cache
 from eqvae_jax.diffusion.sampling import generate_all
@@ -220,9 +220,9 @@ def test_sample_then_evaluate(trained, demo_tokens, tmp_path):
     ref = np.stack([latent_cache.decode_token_record(source[i], TOY_GRID, shape)["image"] for i in range(len(source))])
     np.savez(tmp_path / "ref.npz", arr_0=ref)
     inception.save(inception.build(seed=4, config=inception.tiny()), tmp_path / "inception")
-    code = evaluate.main(["--samples", path, "--ref", str(tmp_path / "ref.npz"), "--inception",
-                          str(tmp_path / "inception"), "--out", str(tmp_path / "eval.json"), "--batch_size", "16",
-                          "--no_cache", "--quiet"])
+    code = eval_samples.main(["--samples", path, "--ref", str(tmp_path / "ref.npz"), "--inception",
+                              str(tmp_path / "inception"), "--out", str(tmp_path / "eval.json"), "--batch_size", "16",
+                              "--no_cache", "--quiet"])
     assert code == 0
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert set(scores) == {"fid", "sfid", "inception_score", "precision", "recall"}

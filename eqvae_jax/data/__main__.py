@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from eqvae_jax.data.iterator import build_train_iterator
-from eqvae_jax.eval.images import from_unit_range, square_grid
+from eqvae_jax.images import from_unit_range, square_grid
 from eqvae_jax.parallel.mesh import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file(

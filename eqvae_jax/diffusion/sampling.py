@@ -27,7 +27,7 @@ from PIL import Image
 
 from eqvae_jax.diffusion import ddpm_sampling, flow_sampling, gaussian, guidance
 from eqvae_jax.diffusion.schedule import create_schedule
-from eqvae_jax.eval.images import square_grid
+from eqvae_jax.images import square_grid
 from eqvae_jax.models.dit import FunctionalDiT
 from eqvae_jax.models.kl_vae import denormalize_latents
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows

@@ -11,7 +11,7 @@ floating-point reduction order where the weights are sharded differently). Each 
 computed where the samples are (`InceptionExtractor.on_device`) and only the features reach the host (gathered
 from every process). The reference batch's features are extracted once and cached beside it
 (`InceptionExtractor.from_npz`); its precomputed mu/sigma (ADM's reference layout) replace the statistics of its
-images for FID/sFID, and its images' features serve precision/recall, as `python -m eqvae_jax.evaluate` does.
+images for FID/sFID, and its images' features serve precision/recall, as `python -m eqvae_jax.eval_samples` does.
 Numbers from 10K samples are monitoring: FID is biased upward at small N (the paper's gFID uses 50K samples).
 """
 

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from eqvae_jax.diffusion.sampling import generate_all, sample_keys, to_uint8
-from eqvae_jax.eval.images import square_grid
+from eqvae_jax.images import square_grid
 from eqvae_jax.models.maskgit import FunctionalMaskGIT
 from eqvae_jax.parallel.mesh import batch_sharding
 

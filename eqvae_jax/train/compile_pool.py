@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable
 
 import jax
 
-from eqvae_jax.train.variants import VariantRecord, compile_timer
+from eqvae_jax.train.compile_variants import VariantRecord, compile_timer
 
 log = logging.getLogger(__name__)
 

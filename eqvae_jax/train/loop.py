@@ -33,7 +33,7 @@ from eqvae_jax.train import console
 from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.guard import NonFiniteCounter
 from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
-from eqvae_jax.train.services import RunServices
+from eqvae_jax.train.run_dir import RunServices
 from eqvae_jax.typed_config import dotted, to_json_dict
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from eqvae_jax.train import loop
 from eqvae_jax.train.dit import state as dit_state
 from eqvae_jax.train.dit.config import DiTJobConfig, parse_config
 from eqvae_jax.train.dit.steps import make_train_step
-from eqvae_jax.train.services import open_run
+from eqvae_jax.train.run_dir import open_run
 from eqvae_jax.typed_config import parse
 
 log = logging.getLogger(__name__)

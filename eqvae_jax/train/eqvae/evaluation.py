@@ -24,7 +24,7 @@ from PIL import Image
 from eqvae_jax.data.iterator import build_eval_iterator
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import reconstruction
-from eqvae_jax.eval.images import row_grid
+from eqvae_jax.images import row_grid
 from eqvae_jax.losses import resample
 from eqvae_jax.models import vq_vae
 

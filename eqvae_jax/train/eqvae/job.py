@@ -25,12 +25,12 @@ from eqvae_jax.losses import equivariance
 from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, place, replicated
 from eqvae_jax.train import loop
 from eqvae_jax.train.compile_pool import CompilePool, memory_map_warning
-from eqvae_jax.train.eqvae import ahead, evaluation, export, steps
+from eqvae_jax.train.compile_variants import VariantTracker
+from eqvae_jax.train.eqvae import compile_order, evaluation, export, steps
 from eqvae_jax.train.eqvae.config import FinetuneConfig, disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import Networks, build_networks
 from eqvae_jax.train.eqvae.state import EQVAEState
-from eqvae_jax.train.services import open_run
-from eqvae_jax.train.variants import VariantTracker
+from eqvae_jax.train.run_dir import open_run
 
 log = logging.getLogger(__name__)
 PLAIN = equivariance.Draw(equivariance.Branch.PLAIN, (1, 1), 1)
@@ -122,11 +122,11 @@ def run(config: ConfigDict | FinetuneConfig, workdir: str, stop_after: int | Non
         if pool is None:
             return
         remaining = range(first_micro, config.total_updates * config.optim.accumulate)
-        programs = ahead.programs_in_need_order(config.transform, sampler.state(), image_hw, remaining,
-                                                pretrain_micro, built.spec.return_pair)
-        ahead.submit_programs(pool, programs, built.steps, ahead.abstract(built.state),
-                              ahead.abstract(built.lpips_state), built.mesh,
-                              (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
+        programs = compile_order.programs_in_need_order(config.transform, sampler.state(), image_hw, remaining,
+                                                        pretrain_micro, built.spec.return_pair)
+        compile_order.submit_programs(pool, programs, built.steps, compile_order.abstract(built.state),
+                                      compile_order.abstract(built.lpips_state), built.mesh,
+                                      (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
         log.info("%s: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)", name,
                  len(programs), pool.workers)
 

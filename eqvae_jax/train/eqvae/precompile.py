@@ -25,10 +25,10 @@ from eqvae_jax.losses import equivariance
 from eqvae_jax.parallel import aot
 from eqvae_jax.parallel.mesh import batch_divisor, replicated
 from eqvae_jax.train.compile_pool import CompilePool
-from eqvae_jax.train.eqvae import ahead, steps
+from eqvae_jax.train.eqvae import compile_order, steps
 from eqvae_jax.train.eqvae.config import disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import abstract_networks
-from eqvae_jax.train.services import resolve
+from eqvae_jax.train.run_dir import resolve
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,18 @@ class TopologyPrograms:
     config: Any  # the parsed job config
     mesh: Any
     devices: list[Any]
-    programs: list[ahead.Program]  # every (step, plan) the sampler can draw, plain included when pre-training
+    programs: list[compile_order.Program]  # every (step, plan) the sampler can draw, plain included when pre-training
     cache_dir: str
     compiled: steps.CompiledSteps
     state: Any  # abstract, with the slice's shardings
     lpips_state: Any
     return_pair: bool  # the G step returns the (target, reconstruction) pair ('shared' D mode)
 
-    def submit(self, pool: CompilePool, programs: list[ahead.Program]) -> None:
+    def submit(self, pool: CompilePool, programs: list[compile_order.Program]) -> None:
         """Queue these programs' `lower(...).compile()` for the slice (abstract args with its shardings)."""
         image_hw = (self.config.data.image_size,) * 2
-        ahead.submit_programs(pool, programs, self.compiled, self.state, self.lpips_state, self.mesh,
-                              (self.config.global_batch_size, *image_hw, 3), self.return_pair)
+        compile_order.submit_programs(pool, programs, self.compiled, self.state, self.lpips_state, self.mesh,
+                                      (self.config.global_batch_size, *image_hw, 3), self.return_pair)
 
 
 def topology_programs(config: ConfigDict, workdir: str, accelerator: str) -> TopologyPrograms:
@@ -73,8 +73,8 @@ def topology_programs(config: ConfigDict, workdir: str, accelerator: str) -> Top
     lpips_state = (_with_shardings(nets.lpips_state, jax.tree.map(lambda _: replicated(mesh), nets.lpips_state))
                    if nets.lpips_state is not None else None)
     plans = equivariance.all_plans(config.transform, (config.data.image_size,) * 2)
-    if config.pretrain_updates and ahead.PLAIN_PLAN not in plans:
-        plans.append(ahead.PLAIN_PLAN)
+    if config.pretrain_updates and compile_order.PLAIN_PLAN not in plans:
+        plans.append(compile_order.PLAIN_PLAN)
     programs = [(name, plan) for plan in plans for name in ("g_step", "d_step")]
     return TopologyPrograms(config, mesh, devices, programs, cache_dir, compiled,
                             _with_shardings(state, compiled.state_sharding), lpips_state, spec.return_pair)

@@ -41,7 +41,7 @@ from eqvae_jax.models.autoencoders import build_autoencoder
 from eqvae_jax.parallel.coordination import make_once
 from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 from eqvae_jax.train.latents.config import ExtractConfig, parse_config
-from eqvae_jax.train.services import enable_compilation_cache
+from eqvae_jax.train.run_dir import enable_compilation_cache
 
 log = logging.getLogger(__name__)
 

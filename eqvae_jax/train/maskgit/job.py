@@ -26,7 +26,7 @@ from eqvae_jax.train import loop
 from eqvae_jax.train.maskgit import state as mg_state
 from eqvae_jax.train.maskgit.config import MaskGITJobConfig, parse_config
 from eqvae_jax.train.maskgit.steps import make_train_step
-from eqvae_jax.train.services import open_run
+from eqvae_jax.train.run_dir import open_run
 from eqvae_jax.typed_config import parse
 
 log = logging.getLogger(__name__)

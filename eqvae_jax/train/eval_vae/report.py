@@ -1,4 +1,4 @@
-"""Outputs of the reconstruction evaluation (eval.vae_eval): JSON, TensorBoard, a comparison PNG, a console table.
+"""Outputs of the reconstruction evaluation (job.py): JSON, TensorBoard, a comparison PNG, a console table.
 
     WORKDIR/results.json              {model: {metric: value}} (null where undefined)
     WORKDIR/results/<model>.json      one model: its spec and metrics
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 from etils import epath
 
-from eqvae_jax.eval.images import row_grid
-from eqvae_jax.eval.vae_config import EvalVAEConfig
-from eqvae_jax.eval.vae_shards import ORIGINALS
+from eqvae_jax.images import row_grid
 from eqvae_jax.train.console import number, table
+from eqvae_jax.train.eval_vae.config import EvalVAEConfig
+from eqvae_jax.train.eval_vae.shards import ORIGINALS
 
 log = logging.getLogger(__name__)
 EQ = "equivariance/"

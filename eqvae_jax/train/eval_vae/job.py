@@ -21,9 +21,9 @@ so the draw does not depend on the batch size or device count); a VQ model decod
 
 Everything per image runs in one jitted program per model with the batch sharded over every device (and
 host); the Inception runs on the reconstructions where they are (`InceptionExtractor.on_device`). Results are
-gathered to every process, and process 0 writes them per shard (`eval.vae_shards`), which makes the run
+gathered to every process, and process 0 writes them per shard (`shards`), which makes the run
 resumable: a rerun computes only the shards (and models) that are not on disk yet. Finally process 0 reads all
-shards and writes the results (`eval.vae_report`).
+shards and writes the results (`report`).
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ from tqdm.auto import tqdm
 from eqvae_jax.data import pipeline
 from eqvae_jax.data.iterator import InputIterator
 from eqvae_jax.data.sources import open_source
-from eqvae_jax.eval import adm_metrics, inception, latents, reconstruction, vae_report
+from eqvae_jax.eval import adm_metrics, inception, latents, reconstruction
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval.features import InceptionExtractor
-from eqvae_jax.eval.vae_config import RANDOM, EvalVAEConfig, parse_config
-from eqvae_jax.eval.vae_shards import ORIGINALS, ShardMismatchError, ShardPlan, ShardStore, fingerprint
 from eqvae_jax.models import kl_vae, lpips
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows, make_mesh, replicated
-from eqvae_jax.train.services import enable_compilation_cache, resolve, write_config
+from eqvae_jax.train.eval_vae import report
+from eqvae_jax.train.eval_vae.config import RANDOM, EvalVAEConfig, parse_config
+from eqvae_jax.train.eval_vae.shards import ORIGINALS, ShardMismatchError, ShardPlan, ShardStore, fingerprint
+from eqvae_jax.train.run_dir import enable_compilation_cache, resolve, write_config
 
 log = logging.getLogger(__name__)
 EQ = "equivariance/"
@@ -341,7 +342,7 @@ def run(config: ConfigDict | EvalVAEConfig, workdir: str, stop_after_shards: int
     if not main:
         return {"computed": computed, "stopped": False, "results": None, "outputs": {}}
     results, previews = aggregate(store, plan, [m.name for m in models], c)
-    outputs = vae_report.write_all(workdir, c, results, previews)
+    outputs = report.write_all(workdir, c, results, previews)
     return {"computed": computed, "stopped": False, "results": results, "outputs": outputs}
 
 

@@ -1,4 +1,4 @@
-"""`python -m eqvae_jax.evaluate` on two small synthetic batches with a tiny random Inception (build + save):
+"""`python -m eqvae_jax.eval_samples` on two small synthetic batches with a tiny random Inception (build + save):
 the five numbers equal the numpy ADM transcription's, the sample/reference order, sharded extraction with a
 padded last batch, the feature cache, --write_ref, and bad input (exit 2, one line)."""
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from eqvae_jax import evaluate
+from eqvae_jax import eval_samples
 from eqvae_jax.eval import features as features_mod
 from eqvae_jax.eval import inception
 from eqvae_jax.models.weights import assign_variables, flat_variables
@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 def _run(d, *extra, samples="samples.npz", ref="ref.npz", out="out.json"):
     argv = ["--samples", str(d / samples), "--ref", str(d / ref), "--inception", str(d / "inception"),
             "--out", str(d / out), "--batch_size", "16", "--quiet", *extra]
-    code = evaluate.main(argv)
+    code = eval_samples.main(argv)
     return code, (json.loads((d / out).read_text()) if code == 0 else None)
 
 
@@ -121,8 +121,8 @@ def test_write_ref_then_use_its_statistics(setup):
     assert code == 0
     for key in first:
         assert second[key] == pytest.approx(first[key], rel=1e-6), key
-    assert evaluate.main(["--ref", str(d / "ref.npz"), "--inception", str(d / "inception"), "--quiet",
-                          "--batch_size", "16", "--write_ref", str(d / "only.npz")]) == 0
+    assert eval_samples.main(["--ref", str(d / "ref.npz"), "--inception", str(d / "inception"), "--quiet",
+                              "--batch_size", "16", "--write_ref", str(d / "only.npz")]) == 0
     assert (d / "only.npz").exists()
 
 
@@ -157,14 +157,15 @@ def test_bad_inputs_exit_2_with_one_line(setup, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and message in err[-1]
     capsys.readouterr()
-    assert evaluate.main(["--samples", str(d / "samples.npz"), "--ref", str(d / "ref.npz"),
-                          "--inception", str(d)]) == 2
+    assert eval_samples.main(["--samples", str(d / "samples.npz"), "--ref", str(d / "ref.npz"),
+                              "--inception", str(d)]) == 2
     assert "--inception" in capsys.readouterr().err
-    assert evaluate.main(["--ref", str(d / "ref.npz"), "--inception", str(d / "inception")]) == 2
+    assert eval_samples.main(["--ref", str(d / "ref.npz"), "--inception", str(d / "inception")]) == 2
 
 
-def test_cli_entry_point_usage_error():
-    proc = subprocess.run([sys.executable, "-m", "eqvae_jax.evaluate", "--samples", "x.npz"],
+@pytest.mark.parametrize("module", ["eqvae_jax.eval_samples", "eqvae_jax.evaluate"])  # evaluate: the former name
+def test_cli_entry_point_usage_error(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--samples", "x.npz"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ref" in proc.stderr
 
@@ -173,8 +174,8 @@ TWO_PROCESS_SCRIPT = """
 import sys
 import jax
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from eqvae_jax import evaluate
-sys.exit(evaluate.main(sys.argv[3:]))
+from eqvae_jax import eval_samples
+sys.exit(eval_samples.main(sys.argv[3:]))
 """
 
 

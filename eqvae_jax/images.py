@@ -1,4 +1,6 @@
-"""Image grids for summaries, sample sheets and the data CLI (uint8 HWC, ready for PNG or TensorBoard)."""
+"""Image grids for summaries, sample sheets and the data CLI (uint8 HWC, ready for PNG or TensorBoard).
+
+Ground floor (numpy only): samplers, jobs and CLIs of every layer draw their grids with it."""
 
 from __future__ import annotations
 
