@@ -15,7 +15,7 @@ seed, batch (80 x 2 micro-steps), transform mix and data (ImageNet, random 50-10
 flip), scales k/16 (k = 4..15: the 16x16 latent scaled by s must be whole); fp32, no EMA, 40,037 updates (5
 ImageNet epochs). This file names the converted weights and the variants. The end of training writes
 WORKDIR/export/taming (last.ckpt + model.yaml, loadable by taming and the MaskGIT code) and WORKDIR/export/flax.
-Variants (`:a,b`):
+Variants (`:tiny` or `:demo`, not both):
   tiny   seconds on a CPU (tests, smoke runs): random tiny VQ model, demo photos at 32 px
   demo   a few minutes per hundred updates on a CPU: a small f4 VQ model from random init at 64 px on the demo
          photos, plain reconstruction for 150 updates, then EQ-VQGAN fine-tuning to 300 (the equivariance
