@@ -15,13 +15,11 @@ from eqvae_jax.train.eqvae.config import defaults
 
 def get_config():
     c = defaults()
-    c.seed = 23
     c.model.init = "random"
     c.model.preset = "tiny"
     c.model.overrides = {"base_channels": 32, "channel_mult": (1, 2, 2), "num_res_blocks": 1,
                          "norm_num_groups": 16, "sample_size": 64}
     c.model.seed = 23
-    c.lpips.weights = ""
     c.loss.perceptual_weight = 0.0
     c.disc.ndf, c.disc.n_layers = 32, 2
     c.transform.scale_numerators = [8, 12]
@@ -42,8 +40,6 @@ def get_config():
     c.total_updates = 300
 
     c.checkpoint.every_updates = 100
-    c.log.every_updates = 25
     c.eval.every_updates = 10_000  # evaluated at the start, after pre-training and at the end
     c.eval.batches = 4
-    c.eval.images = 8
     return c

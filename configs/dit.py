@@ -3,6 +3,12 @@
     python -m eqvae_jax.main --config=configs/dit.py:model=XL/2 --workdir=gs://.../dit_xl2 \
         --config.latents.cache_dir=gs://.../latents/imagenet256
 
+The recipe is the schema's defaults (eqvae_jax/train/dit/config.py `DiTJobConfig`, each value with its source):
+AdamW lr 1e-4, no weight decay, betas (0.9, 0.999), constant, no clipping; global batch 256, 400K updates; EMA
+0.9999 every update; 1000 classes, 10% label dropout, learned sigma, bf16 matmuls; a posterior sample of each
+cached latent every step; 250 sampling steps without guidance. This file picks the size and objective and names
+the gFID reference and Inception weights.
+
 Variants (`:a=b,c`): model=S/2..XL/8 (default B/2, the paper's ablation workhorse), objective=ddpm (DiT: eps
 prediction, MSE + VB, 250-step DDPM sampling) or sit (linear interpolant, velocity prediction, 250-step
 Euler-Maruyama SDE), repa (with objective=sit: REPA's recipe, below), tiny (a 2-block 32-wide model on the
@@ -13,8 +19,8 @@ gFID-10K monitoring (ADM's FID/sFID/IS/precision/recall of 10,000 EMA samples, l
 --config.sample.fid_every_updates=N (every N updates and at the end), with sample.fid_reference (ADM's
 VIRTUAL_imagenet256_labeled.npz) and sample.inception (python -m eqvae_jax.convert --kind inception).
 
-`objective=sit,repa` (configs/sit.py:model=XL/2,repa) is sihyun-yu/REPA's train.py: DINOv2-B/14 teacher on the
-cache's stored 256 px crops (extract with configs/extract_latents.py:images; convert the teacher with
+`objective=sit,repa` (configs/dit.py:model=XL/2,objective=sit,repa) is sihyun-yu/REPA's train.py: DINOv2-B/14
+teacher on the cache's stored 256 px crops (extract with configs/extract_latents.py:images; convert the teacher with
 python -m eqvae_jax.convert --kind dinov2 --src dinov2_vitb14_pretrain.pth --dst weights/dinov2_vitb14),
 the tokens after block 8 through a 2048-wide projector, loss = velocity MSE + 0.5 * projection loss; SiT
 without learned sigma (REPA's out_channels = in_channels), gradient clipping at global norm 1.0, AdamW 1e-4,
@@ -32,26 +38,8 @@ def get_config(arg: str = ""):
     c = defaults()
     c.objective = a.objective
     c.model.size, c.model.patch = size, int(patch)
-    c.model.num_classes = 1000
-    c.model.class_dropout_prob = 0.1  # label dropout for classifier-free guidance
-    c.model.learn_sigma = True
-    c.model.compute_dtype = "bfloat16"  # the reference trains with fp16 autocast
-    c.global_batch_size = 256
-    c.total_updates = 400_000
-    c.optim.lr, c.optim.weight_decay = 1e-4, 0.0  # AdamW, constant
-    c.optim.b1, c.optim.b2 = 0.9, 0.999
-    c.optim.grad_clip = 0.0
-    c.ema_decay = 0.9999  # every update, initialised as a copy
-    c.latents.sample_posterior = True  # z = mean + std * eps, times the VAE's scale (0.18215 for SD-VAE/EQ-VAE)
-    c.sample.num_steps = 250
-    c.sample.cfg_scale = 1.0  # the EQ-VAE README's evaluation: no guidance
-    # gFID-10K monitoring, off: --config.sample.fid_every_updates=N runs it every N updates and at the end
-    c.sample.fid_every_updates = 0
-    c.sample.fid_num_samples = 10_000
     c.sample.fid_reference = "VIRTUAL_imagenet256_labeled.npz"  # ADM's ImageNet 256 reference batch
     c.sample.inception = "weights/inception"  # python -m eqvae_jax.convert --kind inception
-    c.checkpoint.every_updates = 50_000
-    c.log.every_updates = 100
     if a.repa:
         apply_repa(c)
     if a.tiny:
@@ -62,13 +50,7 @@ def get_config(arg: str = ""):
 def apply_repa(c) -> None:
     """REPA (sihyun-yu/REPA@67f7145 train.py defaults) on top of the SiT recipe."""
     c.repa.enabled = True
-    c.repa.teacher = "weights/dinov2_vitb14"  # --enc-type dinov2-vit-b
-    c.repa.teacher_dtype = "bfloat16"  # REPA encodes under the fp16 autocast
-    c.repa.teacher_sharding = "replicated"  # 346 MB float32 per chip
-    c.repa.z_dim = 768
-    c.repa.projector_dim = 2048
-    c.repa.encoder_depth = 8
-    c.repa.proj_coeff = 0.5
+    c.repa.teacher = "weights/dinov2_vitb14"  # --enc-type dinov2-vit-b (python -m eqvae_jax.convert --kind dinov2)
     c.model.learn_sigma = False  # REPA's SiT predicts the velocity only
     c.optim.grad_clip = 1.0  # --max-grad-norm
 

@@ -4,11 +4,12 @@
     python -m eqvae_jax.eval_vae --config=configs/eval_vae.py:models=vqgan+eq_vqgan --workdir=gs://B/eval/vq
     python -m eqvae_jax.eval_vae --config=configs/eval_vae.py:tiny --workdir=workdirs/eval_vae_tiny   # CPU demo
 
-The protocol of zelaki/eqvae's eval.py: the 50,000 ImageNet validation images (TFDS imagenet2012 'validation',
-prepared with `python -m eqvae_jax.data.imagenet`; or `--config.data.source=folder
---config.data.eval_folder=DIR`), torchvision Resize(256) + CenterCrop(256), a posterior sample decoded, rFID
-50K vs 50K with the FID Inception, PSNR, SSIM, VGG LPIPS; plus the paper's equivariance error (rotations
-90/180/270, scales 0.25/0.5/0.75) and the TwoNN intrinsic dimension of 10,000 latents.
+The protocol is the schema's defaults (eqvae_jax/eval/vae_config.py `EvalVAEConfig`), zelaki/eqvae's eval.py: the
+50,000 ImageNet validation images (TFDS imagenet2012 'validation', prepared with `python -m
+eqvae_jax.data.imagenet`; or `--config.data.source=folder --config.data.eval_folder=DIR`), torchvision Resize(256) +
+CenterCrop(256), a posterior sample decoded, rFID 50K vs 50K with the FID Inception, PSNR, SSIM, VGG LPIPS; plus the
+paper's equivariance error (rotations 90/180/270, scales 0.25/0.5/0.75) and the TwoNN intrinsic dimension of 10,000
+latents.
 
 Variants (`:a,b=c`):
   models=A+B+...   the autoencoders, compared side by side (default sd_vae+eq_vae). Known names and their weights
@@ -42,26 +43,11 @@ def get_config(arg: str = ""):
     if a.tiny:
         apply_tiny(c)
         return c
-    c.models = {name: model_section(init="weights", kind=MODELS.get(name, ("kl_vae",))[0],
-                                    weights=MODELS.get(name, ("", f"weights/{name}"))[1], dtype="float32")
+    c.models = {name: model_section(kind=MODELS.get(name, ("kl_vae",))[0],
+                                    weights=MODELS.get(name, ("", f"weights/{name}"))[1])
                 for name in a.models.split("+")}
-    c.data.source = "tfds"
-    c.data.tfds_name = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.data.eval_transform = "resize_center_crop"  # torchvision Resize(256) + CenterCrop(256)
-    c.data.image_size = 256
-    c.data.worker_count = 8
-    c.num_images = 50_000
-    c.global_batch_size = 256
-    c.shard_size = 4096
-    c.sample_posterior = True  # the reference decodes encode(x).sample()
-    c.precision = "highest"
     c.inception = "weights/inception"
     c.lpips = "weights/lpips"
-    c.equivariance.rotations = [1, 2, 3]
-    c.equivariance.scales = [(1, 4), (2, 4), (3, 4)]
-    c.id_images = 10_000
-    c.preview_images = 8
     return c
 
 
@@ -76,7 +62,6 @@ def apply_tiny(c) -> None:
     c.data.eval_folder = str(IMAGES_DIR)  # the nine embedded photographs
     c.data.label_from_parent = False
     c.data.image_size = 32
-    c.data.eval_transform = "resize_center_crop"
     c.data.worker_count = 0
     c.num_images = 0  # all nine
     c.global_batch_size = 8

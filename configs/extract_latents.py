@@ -3,7 +3,8 @@
     python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=gs://.../latents/imagenet256 \
         --config.vae.weights=weights/eq_vae
 
-ADM center crop to 256 and one horizontal flip drawn per image (fast-DiT's extract_features.py applies
+The recipe is the schema's defaults (eqvae_jax/train/latents/config.py `ExtractConfig`): ImageNet (TFDS
+imagenet2012), ADM center crop to 256 and one horizontal flip drawn per image (fast-DiT's extract_features.py applies
 RandomHorizontalFlip once at extraction, so about half the stored latents are mirrored), float32 mean/std per
 image. Rerunning the same command finishes an interrupted extraction. `:images` also stores each uint8 crop as
 encoded (what SiT + REPA's DINOv2 teacher reads, as REPA's own data preparation keeps the center-cropped
@@ -18,15 +19,8 @@ from eqvae_jax.typed_config import parse_arg
 def get_config(arg: str = ""):
     a = parse_arg(arg, images=False, tiny=False)
     c = defaults()
-    c.vae.init = "weights"
     c.vae.weights = "weights/eq_vae"
-    c.data.source = "tfds"
-    c.data.image_size = 256
-    c.data.transform = "adm_center_crop"
-    c.flip = "random"  # one record per image, mirrored with p = 0.5 (seeded per image: flip_seed, index)
-    c.flip_seed = 0
     c.store_images = a.images
-    c.dtype = "float32"
     if a.tiny:
         c.vae.init = "random"
         c.vae.preset = "tiny"

@@ -29,17 +29,11 @@ def get_config(arg: str = ""):
     c = defaults()
     c.trainer = "extract_tokens"
     c.vae.kind = "vq_vae"
-    c.vae.init = "weights"
     c.vae.weights = "weights/vqgan_imagenet_f16_1024"  # python -m eqvae_jax.convert --kind vq_vae
     c.vae.preset = "taming_f16_n1024"
-    c.data.source = "tfds"
-    c.data.image_size = 256
     c.data.transform = "resize_random_crop"  # torchvision Resize(256) + RandomCrop(256), v1's training crop
     c.crops = a.crops
-    c.crop_seed = 0
     c.flip = "copy"  # both orientations of every crop: v1's RandomHorizontalFlip, drawn by the reader
-    c.flip_seed = 0
-    c.store_images = False
     if a.tiny:
         c.vae.init = "random"
         c.vae.preset = "tiny"  # f2, 64 codes: 32 px -> 16x16 tokens

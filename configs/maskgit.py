@@ -3,10 +3,15 @@
     python -m eqvae_jax.main --config=configs/maskgit.py --workdir=gs://.../maskgit_base \
         --config.tokens.cache_dir=gs://.../tokens/imagenet256
 
-Make the cache first (configs/extract_tokens.py with the (EQ-)VQGAN). Every value of the recipe is stated below.
-Global batch 512 follows v1's README (8 GPUs x 64; 755,200 iterations for its ~300 epochs); the EQ-VAE paper says
-"300 epochs with a batch size of 256", which v1's code cannot tell apart (--bsize is per GPU): `batch=256` runs
-that reading (300 epochs = 1,501,200 updates), with the learning rate unchanged as the paper gives none.
+Make the cache first (configs/extract_tokens.py with the (EQ-)VQGAN). The recipe is the schema's defaults
+(eqvae_jax/train/maskgit/config.py `MaskGITJobConfig`, each value with its source): the base transformer with
+dropout 0.1 and the class token appended, bf16 matmuls; arccos masking, label drop 0.1, label smoothing 0.1, loss on
+all tokens; AdamW lr 1e-4, betas (0.9, 0.96), weight decay 1e-5, 2,500 warm-up updates, clipping at 1.0, no EMA;
+8-step arccos sampling, softmax temperature 1, Gumbel temperature 4.5, CFG 3. This file sets the size, the batch and
+the length from the variants. Global batch 512 follows v1's README (8 GPUs x 64; 755,200 iterations for its ~300
+epochs); the EQ-VAE paper says "300 epochs with a batch size of 256", which v1's code cannot tell apart (--bsize is
+per GPU): `batch=256` runs that reading (300 epochs = 1,501,200 updates), with the learning rate unchanged as the
+paper gives none.
 
 Variants (`:a=b,c`): batch=512|256, model=base|big|huge (v1's sizes), chang (Chang et al.'s MaskGIT options on the
 same network: cosine masking schedule, loss on the masked tokens only, class token first), tiny (a 2-layer
@@ -25,30 +30,8 @@ def get_config(arg: str = ""):
     a = parse_arg(arg, batch=512, model="base", chang=False, tiny=False)
     c = defaults()
     c.model.preset = a.model  # base: 24 layers, width 768, 16 heads, MLP 3072 (the paper's)
-    c.model.num_classes = 1000
-    c.model.dropout = 0.1
-    c.model.class_token_first = False  # appended after the 256 image tokens
-    c.model.compute_dtype = "bfloat16"  # v1: fp16 autocast with a GradScaler
-    c.objective.schedule = "arccos"  # p = arccos(r) / (pi / 2), r ~ U(0, 1); each token masked with prob p
-    c.objective.label_drop = 0.1
-    c.objective.label_smoothing = 0.1
-    c.objective.loss_on = "all"
-    c.optim.lr = 1e-4
-    c.optim.b1, c.optim.b2 = 0.9, 0.96
-    c.optim.weight_decay = 1e-5  # AdamW, every parameter
-    c.optim.warmup_updates = 2500  # lr * update / 2500 from 0, then constant
-    c.optim.grad_clip = 1.0
-    c.ema.enabled = False  # v1 keeps none
     c.global_batch_size = a.batch
     c.total_updates = EPOCHS * (IMAGENET_TRAIN // a.batch)  # drop_last epochs: 750,600 at 512
-    c.sample.steps = 8
-    c.sample.schedule = "arccos"
-    c.sample.sm_temp = 1.0
-    c.sample.r_temp = 4.5
-    c.sample.randomize = "linear"
-    c.sample.cfg_scale = 3.0
-    c.checkpoint.every_updates = 10_000
-    c.log.every_updates = 100
     if a.chang:
         c.objective.schedule = "cosine"
         c.objective.loss_on = "masked"

@@ -7,10 +7,15 @@
         --config.lpips.weights=weights/lpips
 
 The paper (section 3.3) transforms the VQGAN's pre-quantization features, then quantizes and decodes, and gives
-no further recipe. This one: taming's `imagenet_vqgan.yaml` objective and optimizer, the EQ-VAE fine-tune's
-batch, transform mix and data (the schema's docstring, train/eqvae/config.py EQVQGANConfig, says why). The end
-of training writes WORKDIR/export/taming (last.ckpt + model.yaml, loadable by taming and the MaskGIT code) and
-WORKDIR/export/flax. Variants (`:a,b`):
+no further recipe. This one is the schema's defaults (eqvae_jax/train/eqvae/config.py `EQVQGANConfig`, whose
+docstring says what comes from where): taming's `imagenet_vqgan.yaml` objective (VQ loss reduced by the mean,
+codebook 1.0, LPIPS 1.0 in train mode, hinge GAN from update 0 at adaptive weight x 0.8) and optimizer (Adams
+with betas (0.5, 0.9), lr = 2 x 80 x 4.5e-6 = 7.2e-4 as taming's main.py scales it); the EQ-VAE fine-tune's
+seed, batch (80 x 2 micro-steps), transform mix and data (ImageNet, random 50-100% square crops at 256 px, no
+flip), scales k/16 (k = 4..15: the 16x16 latent scaled by s must be whole); fp32, no EMA, 40,037 updates (5
+ImageNet epochs). This file names the converted weights and the variants. The end of training writes
+WORKDIR/export/taming (last.ckpt + model.yaml, loadable by taming and the MaskGIT code) and WORKDIR/export/flax.
+Variants (`:tiny` or `:demo`, not both):
   tiny   seconds on a CPU (tests, smoke runs): random tiny VQ model, demo photos at 32 px
   demo   a few minutes per hundred updates on a CPU: a small f4 VQ model from random init at 64 px on the demo
          photos, plain reconstruction for 150 updates, then EQ-VQGAN fine-tuning to 300 (the equivariance
@@ -18,71 +23,19 @@ WORKDIR/export/flax. Variants (`:a,b`):
 """
 
 from eqvae_jax.train.eqvae.config import defaults
-from eqvae_jax.typed_config import parse_arg
+from eqvae_jax.typed_config import ConfigError, parse_arg
 
 
 def get_config(arg: str = ""):
     a = parse_arg(arg, tiny=False, demo=False)
+    if a.tiny and a.demo:
+        raise ConfigError(["config variants 'tiny' and 'demo' are two model sizes: choose one"])
     c = defaults("eqvqgan")
-    c.seed = 23  # the EQ-VAE fine-tune's seed_everything(23)
-
-    # Autoencoder: taming's VQGAN converted with python -m eqvae_jax.convert --kind vq_vae (fp32 as taming trains).
-    c.model.kind = "vq_vae"
-    c.model.init = "weights"
-    c.model.weights = "weights/vqgan_f16"
-    c.model.dtype = "float32"
+    c.model.weights = "weights/vqgan_f16"  # taming's VQGAN (python -m eqvae_jax.convert --kind vq_vae)
     # Discriminator: warm-started from the same last.ckpt's loss.discriminator.* (--kind discriminator): the GAN
     # is on from update 0, so a fresh D would first have to catch up with a trained generator.
     c.disc.weights = "weights/vqgan_f16_disc"
-    c.disc.ndf, c.disc.n_layers = 64, 3
-    c.disc.stats_groups = 0  # BatchNorm statistics per 10 images, as the EQ-VAE fine-tune's per-GPU batch
     c.lpips.weights = "weights/lpips"  # VGG LPIPS (python -m eqvae_jax.convert --kind lpips)
-
-    # Objective: taming VQLPIPSWithDiscriminator as imagenet_vqgan.yaml configures it.
-    c.loss.reduction = "mean"  # mean over pixels (the KL objective sums)
-    c.loss.codebook_weight = 1.0
-    c.loss.perceptual_weight = 1.0
-    c.loss.lpips_dropout = True  # taming's LPIPS runs in train mode: Dropout(0.5) before each lin head
-    c.loss.disc_loss = "hinge"
-    c.loss.disc_weight = 0.8  # x the adaptive weight at decoder/conv_out
-    c.loss.disc_factor = 1.0
-    c.loss.disc_start = 0  # taming's 250001 counts from its own run's step: a fine-tune keeps the GAN on
-
-    # The equivariance transform: the KL job's mix; scales k/16 (0.25 .. 0.9375): the 16x16 latent scaled by s
-    # must be whole, which k/32 gives only for even k.
-    c.transform.p_equivariance = 0.5
-    c.transform.p_lowres = 0.25
-    c.transform.scale_numerators = list(range(4, 16))
-    c.transform.scale_denominator = 16
-    c.transform.rotations = [1, 2, 3]
-    c.transform.anisotropic = False
-    c.d_step_transform = "redraw"  # taming's D optimizer call runs its own forward, as EQ-VAE's does
-
-    # Optimisation: taming's two Adams (betas 0.5, 0.9), lr scaled by the images per update as taming's main.py
-    # does (accumulate_grad_batches * n_gpus * batch_size * base_lr): 2 * 80 * 4.5e-6 = 7.2e-4.
-    c.global_batch_size = 80  # the EQ-VAE fine-tune's 8 GPUs x 10 images per micro-step
-    c.optim.accumulate = 2  # 160 images per update
-    c.optim.base_lr = 4.5e-6
-    c.optim.scale_lr = True
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.5, 0.9, 1e-8
-    c.ema.enabled = False  # taming has no EMA
-    c.total_updates = 40_037  # 5 ImageNet epochs at 160 images per update (the paper gives no length)
-
-    # Data: ImageNet (the tokenizer's and MaskGIT's data), EQ-VAE's random 50-100% square crops at 256 px, no
-    # flip (taming: resize the short side to 256, random 256 crop = crop_min_fraction 1.0).
-    c.data.source = "tfds"
-    c.data.tfds_name = "imagenet2012"
-    c.data.image_size = 256
-    c.data.transform = "eqvae_train_crop"
-    c.data.crop_min_fraction, c.data.crop_max_fraction = 0.5, 1.0
-    c.data.flip = False
-    c.data.eval_transform = "resize_center_crop"
-
-    c.checkpoint.every_updates = 1000
-    c.log.every_updates = 25
-    c.eval.every_updates = 1000
-    c.export_taming = True
-
     if a.tiny:
         apply_tiny(c)
     if a.demo:
@@ -109,10 +62,8 @@ def apply_tiny(c) -> None:
     _random_model(c, z_channels=4, embed_dim=4, n_embed=16)
     c.disc.ndf, c.disc.n_layers = 8, 2
     c.transform.scale_numerators = [8]  # 0.5: one equivariance and one low-res variant
-    c.transform.scale_denominator = 16
     c.data.image_size = 32
     c.global_batch_size = 8
-    c.optim.accumulate = 2
     c.total_updates = 4
     c.log.every_updates = 1
     c.eval.every_updates = 2
@@ -129,7 +80,6 @@ def apply_demo(c) -> None:
                   resolution=64, z_channels=16, embed_dim=16, n_embed=128)
     c.disc.ndf, c.disc.n_layers = 32, 2
     c.transform.scale_numerators = [8, 12]
-    c.transform.scale_denominator = 16
     c.data.image_size = 64
     c.data.repeats_per_epoch = 16
     c.global_batch_size = 8
@@ -141,7 +91,5 @@ def apply_demo(c) -> None:
     c.loss.disc_start = 150
     c.total_updates = 300
     c.checkpoint.every_updates = 100
-    c.log.every_updates = 25
     c.eval.every_updates = 10_000  # evaluated at the start, after pre-training and at the end
     c.eval.batches = 4
-    c.eval.images = 8

@@ -44,9 +44,9 @@ def tiny_dit_config(cache_dir: str, compile_cache: str = "", objective: str = "d
 
 
 def tiny_repa_config(cache_dir: str, compile_cache: str = "", **changes: Any):
-    """configs/sit.py:repa,tiny on the toy latent cache with images `cache_dir`."""
-    return load_config("sit", "repa,tiny", compilation_cache_dir=compile_cache, **{"latents.cache_dir": cache_dir},
-                       **changes)
+    """configs/dit.py:objective=sit,repa,tiny on the toy latent cache with images `cache_dir`."""
+    return load_config("dit", "objective=sit,repa,tiny", compilation_cache_dir=compile_cache,
+                       **{"latents.cache_dir": cache_dir}, **changes)
 
 
 def toy_images(n: int = 16) -> np.ndarray:

@@ -189,8 +189,7 @@ def test_repa_run_resumes_exactly(toy_cache, compile_cache, tmp_path):
 
 
 def test_recipe_configs_and_shardings():
-    c = parse_config(load_config("sit", "model=XL/2,repa"), check_cache=False)
-    assert parse_config(load_config("dit", "model=XL/2,objective=sit,repa"), check_cache=False) == c
+    c = parse_config(load_config("dit", "model=XL/2,objective=sit,repa"), check_cache=False)
     r = c.repa
     assert (c.objective, r.enabled, r.encoder_depth, r.proj_coeff, r.z_dim, r.projector_dim, r.teacher_dtype) == \
         ("sit", True, 8, 0.5, 768, 2048, "bfloat16")

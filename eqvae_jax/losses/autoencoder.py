@@ -48,13 +48,13 @@ class LossConfig:
     kl_weight 1e-6, disc_weight 0.5, disc_start 0, hinge, LPIPS 1.0 in train mode). Hashable: a static arg."""
 
     kl_weight: float = 1e-6
-    perceptual_weight: float = 1.0
-    logvar: float = 0.0
-    disc_weight: float = 0.5
+    perceptual_weight: float = 1.0  # VGG LPIPS
+    logvar: float = 0.0  # never trained
+    disc_weight: float = 0.5  # x the adaptive weight at decoder/conv_out
     disc_factor: float = 1.0
-    disc_start: int = 0
+    disc_start: int = 0  # GAN from the first update (the original kl-f8 training used 50001)
     disc_loss: str = "hinge"
-    reduction: str = "sum"
+    reduction: str = "sum"  # sum over C*H*W / B, LPIPS broadcast to every pixel
     adaptive_eps: float = 1e-4
     adaptive_max: float = 1e4
     lpips_dropout: bool = True  # the reference's LPIPS runs in train mode: Dropout(0.5) before each lin head

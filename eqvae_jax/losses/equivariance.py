@@ -56,11 +56,11 @@ class TransformConfig:
     equivariance branch only (the reference's low-res branch is always isotropic).
     """
 
-    p_equivariance: float = 0.5
-    p_lowres: float = 0.25
-    scale_numerators: tuple[int, ...] = tuple(range(8, 32))
+    p_equivariance: float = 0.5  # scale + rotate the latent and the target
+    p_lowres: float = 0.25  # of the rest: reconstruct a downscaled image (0.125 overall)
+    scale_numerators: tuple[int, ...] = tuple(range(8, 32))  # s = k/32, k = 8..31
     scale_denominator: int = 32
-    rotations: tuple[int, ...] = (1, 2, 3)
+    rotations: tuple[int, ...] = (1, 2, 3)  # quarter turns, never 0
     anisotropic: bool = False
 
     def __post_init__(self) -> None:

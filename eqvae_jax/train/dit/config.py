@@ -54,7 +54,7 @@ class ModelConfig:
     patch: int = 2
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # DiTConfig fields (tiny: depth, width)
     num_classes: int = 1000
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
     learn_sigma: bool = True  # SiT keeps the 8-channel head and ignores the sigma half, as the reference
     compute_dtype: str = "bfloat16"  # matmuls in bf16, LN/softmax/residual in f32 (reference: fp16 autocast)
     remat: bool = False
@@ -77,6 +77,8 @@ class LatentsConfig(LatentReadConfig):
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    """AdamW at a constant learning rate (DiT / fast-DiT)."""
+
     lr: float = 1e-4
     b1: float = 0.9
     b2: float = 0.999
@@ -140,7 +142,7 @@ class DiTJobConfig(RunConfig):
     diffusion: DiffusionConfig = DiffusionConfig()
     latents: LatentsConfig = LatentsConfig()
     optim: OptimConfig = OptimConfig()
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # every update, initialised as a copy of the weights
     repa: RepaConfig = dataclasses.field(default_factory=RepaConfig)
     sample: SampleConfig = SampleConfig()
 

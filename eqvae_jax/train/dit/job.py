@@ -8,7 +8,7 @@ checkpoints, stopping and the non-finite policy. Optional monitoring through the
 EMA weights: a sample grid every `sample.grid_every_updates`, and gFID-N (ADM's FID, sFID, IS, precision and
 recall of `sample.fid_num_samples` samples against `sample.fid_reference`, logged as eval/fid, ...) every
 `sample.fid_every_updates` and at the end of training.
-SiT + REPA (`configs/sit.py:model=XL/2,repa`) adds the frozen DINOv2 teacher as a further step input.
+SiT + REPA (`configs/dit.py:model=XL/2,objective=sit,repa`) adds the frozen DINOv2 teacher as a further step input.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EMAConfig:
-    enabled: bool = False  # the reference has no EMA of the autoencoder
-    decay: float = 0.9999
+    enabled: bool = False  # the reference has no EMA of the autoencoder (eq-vae-ema: configs/sdvae_ft.py:ema)
+    decay: float = 0.9999  # the eq-vae-ema model card does not publish its decay; DiT's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,7 @@ class FinetuneConfig(RunConfig):
     global_batch_size: int = 80  # per micro-step: 8 GPUs x 10 in the reference; x accumulate 2 = 160 per update
     checkpoint: CheckpointConfig = CheckpointConfig(every_updates=1000)
     log: LogConfig = LogConfig(every_updates=25)
+    # Converted weights (python -m eqvae_jax.convert), float32 compute (the reference trains in fp32).
     model: AutoencoderSpec = dataclasses.field(default_factory=AutoencoderSpec)
     disc: DiscConfig = DiscConfig()
     lpips: LpipsConfig = LpipsConfig()
@@ -128,7 +129,9 @@ class EQVAEConfig(FinetuneConfig):
 
     trainer: str = "eqvae"
     # The eq-vae release: 5 epochs of OpenImages (train, 1,743,042 images) at 160 images per update
-    # = 5 * 10,894 = 54,470 updates (the paper rounds one epoch to ~10K updates).
+    # = 5 * 10,894 = 54,470 updates (the paper rounds one epoch to ~10K updates). The reference run's own count
+    # rather than the rounded 5 x 10K = 50K: what matters for a fine-tune, whichever dataset feeds it (54,470
+    # updates are ~6.8 ImageNet epochs).
     total_updates: int = 54_470
     loss: LossConfig = LossConfig()
     export_diffusers: bool = True  # write WORKDIR/export/{diffusers,flax} at the end of training
@@ -159,12 +162,14 @@ class EQVQGANConfig(FinetuneConfig):
     """
 
     trainer: str = "eqvqgan"
-    total_updates: int = VQ_TOTAL_UPDATES
+    total_updates: int = VQ_TOTAL_UPDATES  # 40,037: 5 ImageNet epochs at 160 images per update
     model: AutoencoderSpec = dataclasses.field(
         default_factory=lambda: AutoencoderSpec(kind=vq_vae.KIND, preset="taming_f16_n1024"))
     transform: TransformConfig = TransformConfig(scale_numerators=tuple(range(4, 16)), scale_denominator=16)
     loss: VQLossConfig = VQLossConfig()
-    export_taming: bool = True  # write WORKDIR/export/{taming,flax} at the end of training
+    # Write WORKDIR/export/{taming,flax} at the end of training (taming: last.ckpt + model.yaml, loadable by taming
+    # and the MaskGIT code).
+    export_taming: bool = True
 
     @property
     def export_at_end(self) -> bool:
