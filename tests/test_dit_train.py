@@ -1,13 +1,17 @@
 """DiT/SiT training on a latent cache (8 fake devices, FSDP): the loss falls on a toy latent set, an
-interrupted and resumed run equals an uninterrupted one bit for bit, a non-finite step is not applied, block
-params are never sharded along their scanned depth axis, and bad configs are rejected."""
+interrupted and resumed run equals an uninterrupted one bit for bit, a profiled run writes its trace and equals
+an unprofiled one, a non-finite step is not applied, block params are never sharded along their scanned depth
+axis, and bad configs are rejected."""
+
+import glob
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from helpers import TOY_SHAPE, tiny_dit_config, toy_patterns, write_toy_cache
+from helpers import TOY_SHAPE, leaves_equal, tiny_dit_config, toy_patterns, write_toy_cache
 from jax.sharding import PartitionSpec
 
 from eqvae_jax.models import dit
@@ -82,6 +86,26 @@ def test_stopped_and_resumed_run_equals_uninterrupted(toy_cache, compile_cache, 
     changed = tiny_dit_config(toy_cache, compile_cache, total_updates=6, **{"model.overrides": deeper})
     with pytest.raises(ValueError, match="resuming with a different config.*model"):
         dit_job.run(changed, str(tmp_path / "resumed"))
+
+
+@pytest.mark.slow
+def test_profiled_run_writes_a_trace_and_equals_an_unprofiled_one(toy_cache, compile_cache, tmp_path):
+    config = tiny_dit_config(toy_cache, compile_cache, total_updates=2)
+    plain = dit_job.run(config, str(tmp_path / "plain"))["state"]
+    profiled_config = tiny_dit_config(toy_cache, compile_cache, total_updates=2,
+                                      **{"profile.first_update": 1, "profile.num_updates": 2})
+    profiled = dit_job.run(profiled_config, str(tmp_path / "profiled"))["state"]
+    runs = glob.glob(str(tmp_path / "profiled" / "profile" / "plugins" / "profile" / "*"))
+    assert len(runs) == 1, runs
+    assert glob.glob(f"{runs[0]}/*.xplane.pb") and glob.glob(f"{runs[0]}/*.trace.json.gz"), os.listdir(runs[0])
+    assert not os.path.exists(tmp_path / "plain" / "profile")
+    assert int(profiled.step) == 2
+    assert leaves_equal(jax.device_get(plain), jax.device_get(profiled))
+    with pytest.raises(ConfigError, match=r"(?s)profile.num_updates must be >= 0.*profile.first_update must be >= 1"):
+        parse_config(tiny_dit_config(toy_cache, **{"profile.first_update": 0, "profile.num_updates": -1}))
+    with pytest.raises(ConfigError, match="profile.first_update=3 is after total_updates=2"):
+        parse_config(tiny_dit_config(toy_cache, total_updates=2, **{"profile.first_update": 3,
+                                                                    "profile.num_updates": 1}))
 
 
 def test_nonfinite_step_is_not_applied(toy_cache):

@@ -1,7 +1,7 @@
 """Config sections every training job shares, and the checks they share.
 
 A job's schema is a frozen dataclass that inherits `RunConfig` (seed, length, mesh, logging, checkpoints,
-non-finite policy, compilation cache) and adds its own sections. Every count of training progress is in
+non-finite policy, compilation cache, profiling) and adds its own sections. Every count of training progress is in
 optimizer updates (`*_updates`); a job with gradient accumulation runs several micro-steps per update.
 """
 
@@ -43,6 +43,14 @@ class CompileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A jax.profiler trace of `num_updates` updates from `first_update` on, in WORKDIR/profile (process 0)."""
+
+    first_update: int = 10  # the first update traced (counting from 1; later than the first compiles)
+    num_updates: int = 0  # updates traced; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The fields of every training job (subclasses add theirs; all fields have defaults)."""
 
@@ -56,6 +64,7 @@ class RunConfig:
     max_consecutive_nonfinite: int = 20  # stop after this many consecutive steps skipped for NaN/Inf
     compilation_cache_dir: str = ""  # '' = WORKDIR/jax_cache; may be gs://..., shared by workers and restarts
     compile: CompileConfig = CompileConfig()
+    profile: ProfileConfig = ProfileConfig()
 
 
 def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[str]:
@@ -75,6 +84,13 @@ def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[s
                         ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
         if value < 1:
             problems.append(f"{name} must be >= 1")
+    if config.profile.num_updates < 0:
+        problems.append("profile.num_updates must be >= 0 (0 = off)")
+    if config.profile.first_update < 1:
+        problems.append("profile.first_update must be >= 1 (updates count from 1)")
+    elif config.profile.num_updates > 0 and config.profile.first_update > config.total_updates:
+        problems.append(f"profile.first_update={config.profile.first_update} is after total_updates="
+                        f"{config.total_updates}: nothing would be traced")
     if config.compile.workers < 0:
         problems.append("compile.workers must be >= 0 (0 = the host's CPU count, at most 16)")
     return problems

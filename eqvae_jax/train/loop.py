@@ -1,22 +1,24 @@
 """The training loop every job shares.
 
 A job builds its pieces into a `Job` (state, a micro-step function, a checkpointable data iterator, optional
-evaluation and end-of-run hooks) and calls `run(job, config, services)`. The loop does everything else, the
-same way for every job:
+host state, evaluation and logging hooks; what only some jobs have in `Extras`) and calls
+`run(job, config, services)`. The loop does everything else, the same way for every job:
 
   resume   from the latest checkpoint in the workdir (state onto its current shardings, the data iterator,
            the job's host state such as RNG), after checking that the saved config agrees on the keys the
-           job names in `resume_must_match`; then `job.on_start` (e.g. start compiling ahead);
-  step     `job.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
+           job names in `resume_must_match`; then `extras.on_start` (e.g. start compiling ahead);
+  step     `extras.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
            (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA); scalar
            metrics are averaged over the interval's micro-steps, array metrics summed and handed to
-           `job.interval_scalars` (e.g. code counts -> codebook usage);
-  eval     at update 0 of a fresh run, every `job.eval_every` updates, at `job.eval_at`, and at the end;
-  save     every `checkpoint.every_updates`, at `job.save_at`, on a stop request and at the end; never
+           `extras.interval_scalars` (e.g. code counts -> codebook usage);
+  eval     at update 0 of a fresh run, every `job.eval_every` updates, at `extras.milestones`, and at the end;
+  save     every `checkpoint.every_updates`, at `extras.milestones`, on a stop request and at the end; never
            state that failed the non-finite check;
+  profile  the run config's `profile` window into WORKDIR/profile (train/profiling.py); every update is a
+           `StepTraceAnnotation("train")`, data loading and evaluation are annotated too;
   stop     on SIGTERM (TPU preemption) or after `stop_after` updates of this call: save and return;
-  finish   after the last update: `job.finish` (exports), then a summary table of evaluations and outputs.
+  finish   after the last update: `extras.finish` (exports), then a summary table of evaluations and outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 
@@ -33,6 +35,7 @@ from eqvae_jax.train import console
 from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.guard import NonFiniteCounter
 from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
+from eqvae_jax.train.profiling import Profiler
 from eqvae_jax.train.run_dir import RunServices
 from eqvae_jax.typed_config import dotted, to_json_dict
 
@@ -41,30 +44,74 @@ log = logging.getLogger(__name__)
 Metrics = Mapping[str, jax.Array]
 
 
+class HostState(Protocol):
+    """Host-side state checkpointed beside the device state, as one JSON object (e.g. an RNG's state)."""
+
+    def state(self) -> dict[str, Any]:
+        """The JSON-serialisable state to save (keys 'update' and 'nonfinite_total' are the loop's)."""
+        ...
+
+    def set_state(self, saved: Mapping[str, Any]) -> None:
+        """Restore from a checkpoint's whole host JSON (the keys `state()` wrote, and the loop's)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedHostState:
+    """Host state that never changes, saved for the readers of a checkpoint (e.g. a cache's meta); not restored."""
+
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def set_state(self, saved: Mapping[str, Any]) -> None:
+        del saved
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedHostState:
+    """The state of one object with `state()` / `set_state()` (e.g. a sampler), saved under the key `name`."""
+
+    name: str
+    target: Any
+
+    def state(self) -> dict[str, Any]:
+        return {self.name: self.target.state()}
+
+    def set_state(self, saved: Mapping[str, Any]) -> None:
+        self.target.set_state(saved[self.name])
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """What only some jobs have (the EQ-VAE job: accumulation, the end of pre-training, compiling ahead, exports)."""
+
+    micro_steps_per_update: int = 1
+    milestones: tuple[int, ...] = ()  # further updates at which to evaluate and checkpoint
+    # array metrics of a step (e.g. code counts) summed over the log interval -> scalars for the log line
+    interval_scalars: Callable[[dict[str, Any]], dict[str, float]] | None = None
+    on_start: Callable[[int], None] | None = None  # after resuming, before any step: (first micro-step to run)
+    finish: Callable[[Any], dict[str, str]] | None = None  # after the last update: {output name: path}
+
+
 @dataclasses.dataclass
 class Job:
-    """What a job hands the loop. Only `state`, `train_step` and `data` are required."""
+    """What a job hands the loop. Only `name`, `state`, `train_step` and `data` are required."""
 
     name: str
     state: Any  # device pytree; checkpointed; replaced by every micro-step
     train_step: Callable[[Any, Mapping[str, jax.Array], int], tuple[Any, Metrics]]  # (state, batch, micro_step)
     data: Any  # iterator of batches with the Grain checkpoint protocol (get_state / set_state)
-    micro_steps_per_update: int = 1
+    host: HostState = FixedHostState()  # checkpointed with the state
     resume_must_match: tuple[str, ...] = ()  # dotted config keys a resumed run must not change
-    host_state: Callable[[], dict[str, Any]] = dict  # extra host state to checkpoint (e.g. an RNG)
-    load_host_state: Callable[[dict[str, Any]], None] = lambda saved: None
     evaluate: Callable[[Any, int, Any], dict[str, float]] | None = None  # (state, update, writer) -> scalars
     eval_every: int = 0  # updates between evaluations (0: start and end only)
-    eval_at: tuple[int, ...] = ()  # further updates to evaluate at (e.g. the end of a pre-training phase)
-    save_at: tuple[int, ...] = ()  # further updates to checkpoint at
     log_scalars: Callable[[dict[str, float]], dict[str, float]] | None = None  # extras per log line, given it
-    # array metrics of a step (e.g. code counts) summed over the log interval -> scalars for the log line
-    interval_scalars: Callable[[dict[str, Any]], dict[str, float]] | None = None
     console_fields: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress line
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
-    finish: Callable[[Any], dict[str, str]] | None = None  # after the last update: {output name: path}
     overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
-    on_start: Callable[[int], None] | None = None  # after resuming, before any step: (first micro-step to run)
+    extras: Extras = Extras()
 
 
 class ResumeError(ValueError):
@@ -88,7 +135,7 @@ def _restore(job: Job, config: Any, services: RunServices, counter: NonFiniteCou
     _check_resume(services.checkpointer.read_json(latest, ("config",)).get("config"), config, job.resume_must_match)
     restored = services.checkpointer.restore(latest, job.state, data_iterator=job.data)
     job.state = restored.state
-    job.load_host_state(restored.host)
+    job.host.set_state(restored.host)
     counter.total = int(restored.host.get("nonfinite_total", 0))
     log.info("%s: resumed at update %d from %s", job.name, latest, services.checkpointer.directory)
     return latest
@@ -97,7 +144,8 @@ def _restore(job: Job, config: Any, services: RunServices, counter: NonFiniteCou
 def _evaluate(job: Job, update: int, services: RunServices, summary: dict[str, Any]) -> None:
     if job.evaluate is None:
         return
-    results = job.evaluate(job.state, update, services.writer)
+    with jax.profiler.TraceAnnotation("eval"):
+        results = job.evaluate(job.state, update, services.writer)
     if not results:
         return
     services.writer.write_scalars(update, results)
@@ -124,24 +172,26 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     """Train (or resume) to config.total_updates; returns a summary (see the module docstring).
 
     summary: start_update, updates (the last one reached), stopped (if a stop request ended the call),
-    evals ({update: scalars}), last_metrics, outputs ({name: path} from `job.finish`), state.
+    evals ({update: scalars}), last_metrics, outputs ({name: path} from `extras.finish`), state.
     `stop_after=N` ends the call like a SIGTERM would (checkpoint, then return) after N updates.
     """
-    total, k = config.total_updates, job.micro_steps_per_update
+    extras = job.extras
+    total, k = config.total_updates, extras.micro_steps_per_update
     counter = NonFiniteCounter(config.max_consecutive_nonfinite)
     start = _restore(job, config, services, counter)
     summary: dict[str, Any] = {"start_update": start, "updates": start, "evals": {}, "outputs": {}, "state": job.state}
     if start >= total:
         log.info("%s: already trained to update %d in %s; nothing to do", job.name, start, services.workdir)
         return summary
-    if job.on_start is not None:
-        job.on_start(start * k)
+    if extras.on_start is not None:
+        extras.on_start(start * k)
     if job.overview and jax.process_index() == 0:
         log.info("%s: networks and state\n%s", job.name, console.parameter_table(job.overview))
     if start == 0:
         _evaluate(job, 0, services, summary)
     buffer = MetricBuffer()
     last_time, last_update = time.perf_counter(), start
+    profiler = Profiler(config.profile, services.workdir)
 
     def flush(update: int) -> dict[str, float]:
         steps = buffer.fetch()
@@ -149,48 +199,60 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
             counter.update(m.get("nonfinite", 0.0))
         counter.check(update)
         scalars = mean_of(steps)
-        if job.interval_scalars is not None:
-            scalars.update(job.interval_scalars(sum_of(steps)))
+        if extras.interval_scalars is not None:
+            scalars.update(extras.interval_scalars(sum_of(steps)))
         return scalars
 
     def save(update: int) -> None:
-        host = {**job.host_state(), "update": update, "nonfinite_total": counter.total}
+        host = {**job.host.state(), "update": update, "nonfinite_total": counter.total}
         services.checkpointer.save(update, job.state, host, to_json_dict(config), job.data)
 
-    update = start
-    for update in range(start + 1, total + 1):
-        for micro in range((update - 1) * k, update * k):
-            job.state, metrics = job.train_step(job.state, next(job.data), micro)
-            buffer.add(metrics)
-        if stop_after is not None and update - start >= stop_after:
-            services.stop.request()
-        stop = services.stop.should_stop(update)
-        saving = update in job.save_at or update == total or stop or services.checkpointer.should_save(update)
-        if update % config.log.every_updates == 0 or saving:
-            scalars = flush(update)
-            now = time.perf_counter()
-            rate = (update - last_update) / max(now - last_time, 1e-9)
-            last_time, last_update = now, update
-            scalars["perf/updates_per_s"] = rate
-            if job.log_scalars is not None:
-                scalars.update(job.log_scalars(scalars))
-            services.writer.write_scalars(update, scalars)
-            summary["last_metrics"] = scalars
-            log.info(console.progress_line(update, total, scalars, job.console_fields, rate, (total - update) / rate))
-        evaluate = update in job.eval_at or (job.eval_every and update % job.eval_every == 0)
-        if evaluate and update != total:
-            _evaluate(job, update, services, summary)
-        if saving and update not in services.checkpointer.all_steps():
-            save(update)
-        summary["updates"] = update
-        if stop:
-            log.warning("%s: stopped at update %d (checkpoint saved)", job.name, update)
-            summary["stopped"] = update
-            summary["state"] = job.state
-            return summary
+    def step(update: int) -> None:
+        profiler.before(update)
+        with jax.profiler.StepTraceAnnotation("train", step_num=update):
+            for micro in range((update - 1) * k, update * k):
+                with jax.profiler.TraceAnnotation("data"):
+                    batch = next(job.data)
+                job.state, metrics = job.train_step(job.state, batch, micro)
+                buffer.add(metrics)
+        profiler.after(update, job.state)
+
+    try:
+        for update in range(start + 1, total + 1):
+            step(update)
+            if stop_after is not None and update - start >= stop_after:
+                services.stop.request()
+            stop = services.stop.should_stop(update)
+            saving = (update in extras.milestones or update == total or stop
+                      or services.checkpointer.should_save(update))
+            if update % config.log.every_updates == 0 or saving:
+                scalars = flush(update)
+                now = time.perf_counter()
+                rate = (update - last_update) / max(now - last_time, 1e-9)
+                last_time, last_update = now, update
+                scalars["perf/updates_per_s"] = rate
+                if job.log_scalars is not None:
+                    scalars.update(job.log_scalars(scalars))
+                services.writer.write_scalars(update, scalars)
+                summary["last_metrics"] = scalars
+                log.info(console.progress_line(update, total, scalars, job.console_fields, rate,
+                                               (total - update) / rate))
+            evaluate = update in extras.milestones or (job.eval_every and update % job.eval_every == 0)
+            if evaluate and update != total:
+                _evaluate(job, update, services, summary)
+            if saving and update not in services.checkpointer.all_steps():
+                save(update)
+            summary["updates"] = update
+            if stop:
+                log.warning("%s: stopped at update %d (checkpoint saved)", job.name, update)
+                summary["stopped"] = update
+                summary["state"] = job.state
+                return summary
+    finally:
+        profiler.stop()
     _evaluate(job, total, services, summary)
-    if job.finish is not None:
-        summary["outputs"] = job.finish(job.state)
+    if extras.finish is not None:
+        summary["outputs"] = extras.finish(job.state)
     summary["state"] = job.state
     if jax.process_index() == 0:
         log.info("%s: done\n%s", job.name, _summary_table(job, summary, services))

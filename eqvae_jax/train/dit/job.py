@@ -107,7 +107,7 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
         train_step=lambda s, batch, micro: step_fn(s, batch, key, *extra),
         data=data,
         resume_must_match=RESUME_MUST_MATCH + (REPA_RESUME_MUST_MATCH if aligned else ()),
-        host_state=lambda: dict(host),
+        host=loop.FixedHostState(host),
         evaluate=evaluate if grid is not None or gfid is not None else None,
         eval_every=math.gcd(s.grid_every_updates, s.fid_every_updates),
         summary_metrics=tuple(f"eval/{k}" for k in GFID_METRICS) if gfid is not None else (),

@@ -30,7 +30,7 @@ from eqvae_jax.train.eqvae import compile_order, evaluation, export, steps
 from eqvae_jax.train.eqvae.config import FinetuneConfig, disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import Networks, build_networks
 from eqvae_jax.train.eqvae.state import EQVAEState
-from eqvae_jax.train.run_dir import open_run
+from eqvae_jax.train.run_dir import RunServices, open_run
 
 log = logging.getLogger(__name__)
 PLAIN = equivariance.Draw(equivariance.Branch.PLAIN, (1, 1), 1)
@@ -73,124 +73,144 @@ def branch_metrics(prefix: str, draw: equivariance.Draw) -> dict[str, float]:
     return out
 
 
-def run(config: ConfigDict | FinetuneConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) to config.total_updates; returns the loop's summary (train/loop.py)."""
-    config = config if isinstance(config, FinetuneConfig) else parse_config(config)
-    built = build(config)
-    family = built.spec.family
-    name = config.trainer
-    services = open_run(config, workdir)
-    image_hw = (config.data.image_size,) * 2
-    sampler = equivariance.TransformSampler(config.transform, config.seed)
-    plans = equivariance.all_plans(config.transform, image_hw)
-    pretrain_micro = config.pretrain_updates * config.optim.accumulate
-    expected = len(plans) + (1 if pretrain_micro and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans
-                             else 0)
-    log.info("%s: %s, lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN "
-             "weight in %d and %d groups; %d compiled variants per step %s", name, family.kind, config.learning_rate,
-             config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape), built.nets.disc_stats_groups,
-             built.spec.loss.adaptive_weight_groups, expected, equivariance.plans_summary(plans))
-    if warning := memory_map_warning(2 * expected, jax.default_backend()):
-        log.warning("%s: %s", name, warning)
-    pool = CompilePool(config.compile.workers, log.info) if config.compile.ahead else None
-    g_variants = VariantTracker("g_step", expected, log.info, pool, static_argnums=(5,))
-    d_variants = VariantTracker("d_step", expected, log.info, pool, static_argnums=(5,))
-    base_key = jax.random.key(config.seed)
-    data = build_train_iterator(config.data, built.mesh, config.global_batch_size)
-    eval_step = family.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
-    summary_fn = family.make_summary_fn(built.spec.vae_graph)
+class FinetuneRun:
+    """One run's host-side pieces (transform sampler, compiled-variant trackers, compile pool, data) and the
+    hooks the loop calls; `outputs` collects the files written (reconstruction grid, exports)."""
 
-    def draw(micro: int) -> tuple[equivariance.BranchPlan, np.int32, equivariance.Draw]:
-        d = PLAIN if micro < pretrain_micro else sampler.draw()
-        plan, rot = d.plan(image_hw)
+    def __init__(self, config: FinetuneConfig, built: Built, services: RunServices):
+        self.config, self.built, self.services = config, built, services
+        self.family = built.spec.family
+        self.name = config.trainer
+        self.image_hw = (config.data.image_size,) * 2
+        self.sampler = equivariance.TransformSampler(config.transform, config.seed)
+        plans = equivariance.all_plans(config.transform, self.image_hw)
+        self.pretrain_micro = config.pretrain_updates * config.optim.accumulate
+        expected = len(plans) + (1 if self.pretrain_micro
+                                 and equivariance.BranchPlan(equivariance.Branch.PLAIN) not in plans else 0)
+        log.info("%s: %s, lr %.3g, %d micro-steps of %d images per update, mesh %s, D statistics and adaptive GAN "
+                 "weight in %d and %d groups; %d compiled variants per step %s", self.name, self.family.kind,
+                 config.learning_rate, config.optim.accumulate, config.global_batch_size, dict(built.mesh.shape),
+                 built.nets.disc_stats_groups, built.spec.loss.adaptive_weight_groups, expected,
+                 equivariance.plans_summary(plans))
+        if warning := memory_map_warning(2 * expected, jax.default_backend()):
+            log.warning("%s: %s", self.name, warning)
+        self.pool = CompilePool(config.compile.workers, log.info) if config.compile.ahead else None
+        self.g_variants = VariantTracker("g_step", expected, log.info, self.pool, static_argnums=(5,))
+        self.d_variants = VariantTracker("d_step", expected, log.info, self.pool, static_argnums=(5,))
+        self.base_key = jax.random.key(config.seed)
+        self.data = build_train_iterator(config.data, built.mesh, config.global_batch_size)
+        self.eval_step = self.family.make_eval_step(built.spec.vae_graph, built.spec.lpips_graph, config.seed)
+        self.summary_fn = self.family.make_summary_fn(built.spec.vae_graph)
+        self.outputs: dict[str, str] = {}
+
+    def draw(self, micro: int) -> tuple[equivariance.BranchPlan, np.int32, equivariance.Draw]:
+        d = PLAIN if micro < self.pretrain_micro else self.sampler.draw()
+        plan, rot = d.plan(self.image_hw)
         return plan, rot, d
 
-    def train_step(state: EQVAEState, batch: dict[str, jax.Array], micro: int):
-        key_g, key_d = jax.random.split(jax.random.fold_in(base_key, micro))
-        plan, rot, d = draw(micro)
-        state, g_metrics, pair = g_variants(plan, built.steps.generator, state, built.lpips_state, batch["image"],
-                                            rot, key_g, plan)
-        d_plan, d_rot, d_draw = (plan, rot, d) if built.spec.return_pair else draw(micro)
-        state, d_metrics = d_variants(d_plan, built.steps.discriminator, state, batch["image"], d_rot, key_d, pair,
-                                      d_plan)
+    def train_step(self, state: EQVAEState, batch: dict[str, jax.Array], micro: int):
+        """One micro-step: a drawn generator step, then a discriminator step."""
+        built = self.built
+        key_g, key_d = jax.random.split(jax.random.fold_in(self.base_key, micro))
+        plan, rot, d = self.draw(micro)
+        state, g_metrics, pair = self.g_variants(plan, built.steps.generator, state, built.lpips_state,
+                                                 batch["image"], rot, key_g, plan)
+        d_plan, d_rot, d_draw = (plan, rot, d) if built.spec.return_pair else self.draw(micro)
+        state, d_metrics = self.d_variants(d_plan, built.steps.discriminator, state, batch["image"], d_rot, key_d,
+                                           pair, d_plan)
         nonfinite = g_metrics["g/nonfinite"] + d_metrics["d/nonfinite"]
         return state, {**g_metrics, **d_metrics, "nonfinite": nonfinite, **branch_metrics("branch_g", d),
                        **branch_metrics("branch_d", d_draw)}
 
-    def compile_ahead(first_micro: int) -> None:
+    def compile_ahead(self, first_micro: int) -> None:
         """Queue every program the rest of the run will draw, in the order it will draw them."""
-        if pool is None:
+        if self.pool is None:
             return
+        config, built = self.config, self.built
         remaining = range(first_micro, config.total_updates * config.optim.accumulate)
-        programs = compile_order.programs_in_need_order(config.transform, sampler.state(), image_hw, remaining,
-                                                        pretrain_micro, built.spec.return_pair)
-        compile_order.submit_programs(pool, programs, built.steps, compile_order.abstract(built.state),
+        programs = compile_order.programs_in_need_order(config.transform, self.sampler.state(), self.image_hw,
+                                                        remaining, self.pretrain_micro, built.spec.return_pair)
+        compile_order.submit_programs(self.pool, programs, built.steps, compile_order.abstract(built.state),
                                       compile_order.abstract(built.lpips_state), built.mesh,
-                                      (config.global_batch_size, *image_hw, 3), built.spec.return_pair)
-        log.info("%s: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)", name,
-                 len(programs), pool.workers)
+                                      (config.global_batch_size, *self.image_hw, 3), built.spec.return_pair)
+        log.info("%s: compiling %d programs ahead on %d threads (compile.ahead; in the order of first use)",
+                 self.name, len(programs), self.pool.workers)
 
-    def evaluate(state: EQVAEState, update: int, writer: Any) -> dict[str, float]:
+    def evaluate(self, state: EQVAEState, update: int, writer: Any) -> dict[str, float]:
+        config, built = self.config, self.built
         params = evaluated_params(config, state)
         results = {}
         if config.eval.batches:
-            results = evaluation.evaluate(eval_step, params, built.lpips_state,
+            results = evaluation.evaluate(self.eval_step, params, built.lpips_state,
                                           build_eval_iterator(config.data, built.mesh, config.eval_batch_size),
                                           config.eval.batches)
             if results:
                 log.info("%s: monitoring at update %d on %d held-out images (%s %d px), not the paper's 50K-image "
-                         "evaluation", name, update, int(results["eval/images"]),
+                         "evaluation", self.name, update, int(results["eval/images"]),
                          config.data.eval_transform, config.data.image_size)
         if config.eval.images:
-            grid = evaluation.write_image_summaries(summary_fn, params, config, built.mesh, writer, update,
-                                                    services.workdir)
+            grid = evaluation.write_image_summaries(self.summary_fn, params, config, built.mesh, writer, update,
+                                                    self.services.workdir)
             if grid:
-                outputs["reconstructions"] = grid
+                self.outputs["reconstructions"] = grid
         return results
 
-    def log_scalars(scalars: dict[str, float]) -> dict[str, float]:
-        out = {**g_variants.summary(), **d_variants.summary(), **(pool.progress() if pool else {})}
-        out.update({f"data/skipped_{k}": float(v) for k, v in data.skip_counts.items()})
+    def log_scalars(self, scalars: dict[str, float]) -> dict[str, float]:
+        out = {**self.g_variants.summary(), **self.d_variants.summary(),
+               **(self.pool.progress() if self.pool else {})}
+        out.update({f"data/skipped_{k}": float(v) for k, v in self.data.skip_counts.items()})
         return out
 
-    outputs: dict[str, str] = {}
+    def finish(self, state: EQVAEState) -> dict[str, str]:
+        if self.config.export_at_end:
+            self.outputs[self.family.export_name] = export.export_autoencoder(
+                self.built.spec.vae_graph, evaluated_params(self.config, state), f"{self.services.workdir}/export")
+        return self.outputs
 
-    def finish(state: EQVAEState) -> dict[str, str]:
-        if config.export_at_end:
-            outputs[family.export_name] = export.export_autoencoder(
-                built.spec.vae_graph, evaluated_params(config, state), f"{services.workdir}/export")
-        return outputs
+    def job(self) -> loop.Job:
+        config, built, family = self.config, self.built, self.family
+        pretrain = config.pretrain_updates
+        return loop.Job(
+            name=self.name,
+            state=built.state,
+            train_step=self.train_step,
+            data=self.data,
+            host=loop.NamedHostState("sampler", self.sampler),
+            resume_must_match=RESUME_MUST_MATCH,
+            evaluate=self.evaluate,
+            eval_every=config.eval.every_updates,
+            log_scalars=self.log_scalars,
+            console_fields=family.console_fields,
+            summary_metrics=family.summary_metrics,
+            overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,
+                      "LPIPS (frozen)": built.lpips_state or {},
+                      "optimizer states": (built.state.opt_g, built.state.opt_d)},
+            extras=loop.Extras(
+                micro_steps_per_update=config.optim.accumulate,
+                milestones=(pretrain,) if pretrain else (),  # the end of pre-training
+                interval_scalars=family.interval_scalars,
+                on_start=self.compile_ahead,
+                finish=self.finish,
+            ),
+        )
 
-    job = loop.Job(
-        name=name,
-        state=built.state,
-        train_step=train_step,
-        data=data,
-        micro_steps_per_update=config.optim.accumulate,
-        resume_must_match=RESUME_MUST_MATCH,
-        host_state=lambda: {"sampler": sampler.state()},
-        load_host_state=lambda saved: sampler.set_state(saved["sampler"]),
-        evaluate=evaluate,
-        eval_every=config.eval.every_updates,
-        eval_at=(config.pretrain_updates,) if 0 < config.pretrain_updates < config.total_updates else (),
-        save_at=(config.pretrain_updates,) if config.pretrain_updates else (),
-        log_scalars=log_scalars,
-        interval_scalars=family.interval_scalars,
-        console_fields=family.console_fields,
-        summary_metrics=family.summary_metrics,
-        finish=finish,
-        on_start=compile_ahead,
-        overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,
-                  "LPIPS (frozen)": built.lpips_state or {}, "optimizer states": (built.state.opt_g,
-                                                                                  built.state.opt_d)},
-    )
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.services.close()
+        self.data.close()
+
+
+def run(config: ConfigDict | FinetuneConfig, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) to config.total_updates; returns the loop's summary (train/loop.py)."""
+    config = config if isinstance(config, FinetuneConfig) else parse_config(config)
+    built = build(config)
+    services = open_run(config, workdir)
+    job = FinetuneRun(config, built, services)
     try:
-        summary = loop.run(job, config, services, stop_after)
+        summary = loop.run(job.job(), config, services, stop_after)
     finally:
-        if pool is not None:
-            pool.close()
-        services.close()
-        data.close()
-    summary["g_variants"], summary["d_variants"] = g_variants.count, d_variants.count
-    summary["compiled_ahead"] = g_variants.ahead_count + d_variants.ahead_count
+        job.close()
+    summary["g_variants"], summary["d_variants"] = job.g_variants.count, job.d_variants.count
+    summary["compiled_ahead"] = job.g_variants.ahead_count + job.d_variants.ahead_count
     return summary

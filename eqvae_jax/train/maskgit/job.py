@@ -91,7 +91,7 @@ def run(config: ConfigDict | MaskGITJobConfig, workdir: str, stop_after: int | N
         train_step=lambda s, batch, micro: step_fn(s, batch, key),
         data=data,
         resume_must_match=RESUME_MUST_MATCH,
-        host_state=lambda: dict(host),
+        host=loop.FixedHostState(host),
         evaluate=evaluate if grid is not None else None,
         eval_every=every,
         log_scalars=log_scalars,
