@@ -154,9 +154,12 @@ def read_config(src: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     return meta["kind"], meta["config"]
 
 
-def load_weights(src: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
-    """(kind, config, flat variables) of a weights directory, as numpy arrays on the host."""
-    kind, config = read_config(src)
+def load_weights(src: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """(kind, config, flat variables) of a weights directory, as numpy arrays on the host; with `kind`, a
+    directory holding another kind of model is a ValueError."""
+    got_kind, config = read_config(src)
+    if kind is not None and got_kind != kind:
+        raise ValueError(f"{os.fspath(src)} holds a {got_kind!r} model, not {kind!r}.")
     with _local_checkpointer() as ckptr:
         nested = ckptr.restore(os.path.join(os.path.abspath(os.fspath(src)), VARIABLES_DIR))
     flat: dict[str, np.ndarray] = {}
@@ -169,14 +172,12 @@ def load_weights(src: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str,
             flat[prefix] = np.asarray(node)
 
     walk(nested, "")
-    return kind, config, flat
+    return got_kind, config, flat
 
 
 def load_model(src: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], ModuleT]) -> ModuleT:
     """Build a model of `kind` from a weights directory: `build(config)` then strict assignment."""
-    got_kind, config, flat = load_weights(src)
-    if got_kind != kind:
-        raise ValueError(f"{src} holds a {got_kind!r} model, not {kind!r}.")
+    _, config, flat = load_weights(src, kind)
     model = build(config)
     assign_variables(model, flat, what=os.fspath(src))
     return model
