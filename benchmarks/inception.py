@@ -45,7 +45,7 @@ def cpu(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    net = inception.build(0)
+    net = inception.build()
     flat = flat_variables(net)
     sd = conv.key_map().to_torch(flat, variable_shapes(net))
     sd["fc.bias"] = np.zeros((1008,), np.float32)

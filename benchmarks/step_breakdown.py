@@ -94,7 +94,7 @@ class Components:
         assign_variables(self.lpips, lpips_convert.flax_variables(sd)[0])
         sd = {k: v.detach().numpy() for k, v in models.disc.state_dict().items()}
         cfg = {"input_nc": 3, "ndf": 64, "n_layers": 3}
-        self.disc = discriminator.abstract(**cfg)
+        self.disc = discriminator.abstract(cfg)
         assign_variables(self.disc, disc_convert.flax_variables(sd, cfg)[0])
         self.f = vae_cfg.downsample_factor
         self.latent_channels = vae_cfg.latent_channels

@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     """A toy latent cache, a tiny random Inception dir, and an ADM reference batch with its statistics."""
     d = tmp_path_factory.mktemp("gfid")
     write_toy_cache(str(d / "cache"))
-    inception.save(inception.build(seed=3, config=inception.tiny()), d / "inception")
+    inception.save(inception.build(inception.tiny(), seed=3), d / "inception")
     np.savez(d / "ref_images.npz", arr_0=toy_images(24))
     code = eval_samples.main(["--ref", str(d / "ref_images.npz"), "--inception", str(d / "inception"),
                               "--write_ref", str(d / "ref.npz"), "--batch_size", "8", "--quiet"])
@@ -114,7 +114,7 @@ def test_gfid_config_checks(files, tmp_path):
     ok = parse_config(_config(files))
     assert ok.sample.fid_every_updates == 2
     other = tmp_path / "other_inception"
-    inception.save(inception.build(seed=0, config=inception.tiny(width_divisor=8)), other)  # 256-d pool features
+    inception.save(inception.build(inception.tiny(width_divisor=8), seed=0), other)  # 256-d pool features
     cases = {
         "sample.inception": (str(tmp_path / "missing"), "sample.inception="),
         "sample.fid_reference": (str(tmp_path / "missing.npz"), "sample.fid_reference: "),

@@ -32,7 +32,7 @@ def _images(seed: int, n: int, bright: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("evaluate")
-    net = inception.build(seed=4, config=inception.tiny())
+    net = inception.build(inception.tiny(), seed=4)
     flat = flat_variables(net)
     flat["fc/kernel"] = flat["fc/kernel"] * 30.0  # the tiny net's pool features are small: sharpen the softmax
     assign_variables(net, flat)
@@ -103,7 +103,7 @@ def test_sharded_extraction_and_cache(setup, monkeypatch, tmp_path):
     monkeypatch.setattr(extractor, "_fn", fail)
     again = extractor.from_npz(d / "samples.npz", cache_dir=str(tmp_path), progress=False)
     np.testing.assert_array_equal(again.pool, acts.pool)
-    other = features_mod.InceptionExtractor(inception.build(seed=5, config=inception.tiny()), batch_size=8)
+    other = features_mod.InceptionExtractor(inception.build(inception.tiny(), seed=5), batch_size=8)
     assert other.cache_path(d / "samples.npz", str(tmp_path)) != extractor.cache_path(d / "samples.npz",
                                                                                        str(tmp_path))
     with pytest.raises(ValueError, match="multiple of the 8 devices"):

@@ -127,7 +127,7 @@ def test_per_image_numbers_recomputed_outside_the_pipeline(resumed):
         np.testing.assert_allclose(rows[:, names.index(f"equivariance/{t}")], value, rtol=1e-3, atol=1e-6)
 
     # Inception pool features of the originals; TwoNN over every image's flattened posterior mean.
-    net = inception.build(seed=0, config=inception.tiny())
+    net = inception.build(inception.tiny(), seed=0)
     np.testing.assert_allclose(originals["pool"][:4], net(images)["pool"], rtol=1e-3, atol=1e-5)
     all_latents = np.concatenate([store.read("kl", s)[1]["latents"] for s in range(2)])
     assert all_latents.shape[0] == 9

@@ -142,7 +142,7 @@ def test_pools_exclude_padding_and_max_branch():
 
 
 def test_frozen_only_and_sizes():
-    net = inception.build(0)
+    net = inception.build()
     assert len(nnx.state(net, nnx.Param)) == 0
     assert all(isinstance(v, Frozen) for _, v in nnx.to_flat_state(nnx.state(net)))
     n = sum(int(np.prod(s)) for s in variable_shapes(net).values())
@@ -153,7 +153,7 @@ def test_frozen_only_and_sizes():
 
 
 def test_tiny_build_save_load_and_jit(tmp_path):
-    net = inception.build(3, inception.tiny())
+    net = inception.build(inception.tiny(), seed=3)
     images = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
     f = {k: np.asarray(v) for k, v in net(images).items()}
     assert {k: v.shape for k, v in f.items()} == {"pool": (3, 128), "logits_unbiased": (3, 1008), "spatial": (3, 63)}
@@ -169,7 +169,7 @@ def test_tiny_build_save_load_and_jit(tmp_path):
 
 
 def test_rejects_bad_images():
-    net = inception.build(0, inception.tiny())
+    net = inception.build(inception.tiny())
     with pytest.raises(ValueError, match="NHWC"):
         net(np.zeros((1, 3, 32, 32), np.uint8))
     with pytest.raises(ValueError, match="uint8"):

@@ -219,7 +219,7 @@ def test_sample_then_evaluate(trained, demo_tokens, tmp_path):
     shape = latent_cache.image_shape(meta)
     ref = np.stack([latent_cache.decode_token_record(source[i], TOY_GRID, shape)["image"] for i in range(len(source))])
     np.savez(tmp_path / "ref.npz", arr_0=ref)
-    inception.save(inception.build(seed=4, config=inception.tiny()), tmp_path / "inception")
+    inception.save(inception.build(inception.tiny(), seed=4), tmp_path / "inception")
     code = eval_samples.main(["--samples", path, "--ref", str(tmp_path / "ref.npz"), "--inception",
                               str(tmp_path / "inception"), "--out", str(tmp_path / "eval.json"), "--batch_size", "16",
                               "--no_cache", "--quiet"])

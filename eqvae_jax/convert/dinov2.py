@@ -36,7 +36,13 @@ import numpy as np
 from eqvae_jax.convert.atomic import atomic_path
 from eqvae_jax.convert.key_map import KeyMap, Row
 from eqvae_jax.convert.options import check_destination, check_target, typed_options
-from eqvae_jax.convert.torch_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_state_dict, write_safetensors
+from eqvae_jax.convert.torch_files import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    read_state_dict,
+    write_safetensors,
+    write_state_dict,
+)
 from eqvae_jax.models import dinov2
 from eqvae_jax.models.dinov2 import SIZES, DINOv2Config
 from eqvae_jax.models.weights import KeyMismatchError, check_shapes, load_weights, save_weights, variable_shapes
@@ -321,21 +327,14 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         with atomic_path(dst, overwrite) as tmp:
             save_weights(tmp, KIND, cfg.to_dict(), flat)
         return f"{describe(cfg)}: {layout} {src} -> {dst} ({len(flat)} frozen arrays){_notes(cfg, layout)}"
-    kind, config, flat = load_weights(src)
-    if kind != KIND:
-        raise ValueError(f"{src} holds a {kind!r} model, not {KIND!r}")
+    _, config, flat = load_weights(src, KIND)
     cfg = DINOv2Config.from_dict(config)
     sd = flax_to_hub(flat, cfg)
     if to == "hub":
         if not dst.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
             raise ValueError(f"{dst}: --to hub writes .safetensors or .pth/.pt/.ckpt/.bin")
         with atomic_path(dst, overwrite) as tmp:
-            if dst.endswith(SAFETENSORS_SUFFIXES):
-                write_safetensors(tmp, sd)
-            else:
-                import torch  # conversion only
-
-                torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+            write_state_dict(tmp, sd, like=dst)
         return f"{describe(cfg)}: {src} -> {dst} (torch-hub state dict)"
     config_json = hf_config_json(cfg)
     with atomic_path(dst, overwrite) as tmp:

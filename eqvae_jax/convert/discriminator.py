@@ -51,7 +51,7 @@ def _config(options: Mapping[str, str | int]) -> dict[str, int]:
 
 def model_shapes(config: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """{Flax key: shape} of the discriminator of `config`."""
-    return variable_shapes(disc_model.abstract(**config))
+    return variable_shapes(disc_model.abstract(config))
 
 
 def flax_variables(sd: Mapping[str, np.ndarray], config: Mapping[str, int], what: str = "discriminator",
@@ -81,7 +81,7 @@ def discriminator_from_ldm_state_dict(
         return None
     cfg = _config(config)
     flat, _ = flax_variables(sd, cfg, what="LDM checkpoint discriminator")
-    model = disc_model.abstract(**cfg)
+    model = disc_model.abstract(cfg)
     assign_variables(model, flat, what="LDM checkpoint discriminator")
     return model
 

@@ -40,7 +40,7 @@ from eqvae_jax.convert.torch_files import (
     SAFETENSORS_SUFFIXES,
     read_state_dict,
     strip_wrapper_prefixes,
-    write_safetensors,
+    write_state_dict,
 )
 from eqvae_jax.models import dit
 from eqvae_jax.models.dit import SIZES, DiTConfig, sincos_pos_embed_2d
@@ -322,9 +322,7 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         extra = f"; note: {'; '.join(notes)}" if notes else ""
         return f"{_describe(cfg)}: {src} -> {dst}{extra}"
     if to == "dit":
-        kind, config, flat = load_weights(src)
-        if kind != KIND:
-            raise ValueError(f"{src} holds a {kind!r} model, not {KIND!r}")
+        _, config, flat = load_weights(src, KIND)
         cfg = DiTConfig(**config)
         if cfg.timestep_freq_shift and not opts.get("allow_timestep_shift", False):
             raise ValueError(
@@ -335,10 +333,5 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         if not dst.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
             raise ValueError(f"{dst}: --to dit writes .safetensors or .pt/.pth/.ckpt/.bin")
         with atomic_path(dst, overwrite) as tmp:
-            if dst.endswith(SAFETENSORS_SUFFIXES):
-                write_safetensors(tmp, sd)
-            else:
-                import torch
-
-                torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+            write_state_dict(tmp, sd, like=dst)
         return f"{_describe(cfg)}: {src} -> {dst} (reference DiT state dict)"

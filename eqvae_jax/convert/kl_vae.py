@@ -246,9 +246,7 @@ def write_ldm(dst: str, cfg: KLVAEConfig, flat: Mapping[str, np.ndarray], overwr
 
 
 def _read_flax(src: str) -> tuple[KLVAEConfig, dict[str, np.ndarray]]:
-    kind, config, flat = weights.load_weights(src)
-    if kind != kl_vae.KIND:
-        raise ValueError(f"{src} holds a {kind!r} model, not {kl_vae.KIND!r}.")
+    _, config, flat = weights.load_weights(src, kl_vae.KIND)
     return KLVAEConfig.from_dict(config), flat
 
 

@@ -13,6 +13,7 @@ Only `--to flax`: LPIPS is frozen, so there is nothing trained to export back.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -120,8 +121,7 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
     if lin is not None:
         lin_sd = read_state_dict(lin)
     flat, skipped = flax_variables(sd, lin_sd, what=src)
-    model = lpips_model.abstract()
     with atomic_path(dst, overwrite) as tmp:
-        save_weights(tmp, lpips_model.KIND, model.config(), flat)
+        save_weights(tmp, lpips_model.KIND, dataclasses.asdict(lpips_model.LPIPSConfig()), flat)
     note = f" (skipped {len(skipped)} unused keys: {', '.join(skipped)})" if skipped else ""
     return f"lpips: wrote {len(flat)} frozen arrays to {dst}{note}"

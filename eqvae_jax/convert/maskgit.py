@@ -35,7 +35,7 @@ from eqvae_jax.convert.torch_files import (
     SAFETENSORS_SUFFIXES,
     read_state_dict,
     strip_wrapper_prefixes,
-    write_safetensors,
+    write_state_dict,
 )
 from eqvae_jax.models import maskgit
 from eqvae_jax.models.maskgit import MaskGITConfig
@@ -173,19 +173,11 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         return f"{_describe(cfg)}: {src} -> {dst}"
     if not dst.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
         raise ValueError(f"{dst}: --to valeoai writes .safetensors or .pt/.pth/.ckpt/.bin")
-    kind, config, flat = load_weights(src)
-    if kind != KIND:
-        raise ValueError(f"{src} holds a {kind!r} model, not {KIND!r}")
+    _, config, flat = load_weights(src, KIND)
     cfg = MaskGITConfig.from_dict(config)
     if cfg.class_token_first:
         raise ValueError(f"{src}: class_token_first=True has no valeoai v1 layout (v1 appends the class token)")
     sd = flax_to_valeoai(flat, cfg)
     with atomic_path(dst, overwrite) as tmp:
-        if dst.endswith(SAFETENSORS_SUFFIXES):
-            write_safetensors(tmp, sd)
-        else:
-            import torch  # conversion only
-
-            ckpt = {"iter": 0, "global_epoch": 0, DEFAULT_ENTRY: {k: torch.from_numpy(v) for k, v in sd.items()}}
-            torch.save(ckpt, tmp)
+        write_state_dict(tmp, sd, like=dst, wrap=DEFAULT_ENTRY, extra={"iter": 0, "global_epoch": 0})
     return f"{_describe(cfg)}: {src} -> {dst} (valeoai v1 MaskTransformer state dict)"

@@ -231,10 +231,11 @@ def _write_record(zf: zipfile.ZipFile, name: str, data: bytes, align: bool) -> N
 
 
 def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
-                           wrap: str | None = "state_dict") -> None:
-    """Write `{wrap: state_dict}` (or the bare state dict with wrap=None) in torch.save's zip format, without
-    torch: what `torch.load(path, weights_only=True)` reads back as CPU tensors (Lightning checkpoints keep their
-    weights under 'state_dict', the layout taming's `init_from_ckpt` reads).
+                           wrap: str | None = "state_dict", extra: Mapping[str, Any] | None = None) -> None:
+    """Write `{**extra, wrap: state_dict}` (or the bare state dict with wrap=None) in torch.save's zip format,
+    without torch: what `torch.load(path, weights_only=True)` reads back as CPU tensors (Lightning checkpoints keep
+    their weights under 'state_dict', the layout taming's `init_from_ckpt` reads). `extra`: plain Python values
+    (ints, strings) stored next to the wrapped state dict.
 
     The layout is torch's (format version 3): `archive/data.pkl` (a protocol-2 pickle in which each tensor is
     `torch._utils._rebuild_tensor_v2` of a persistent-id storage), `archive/byteorder`, one raw little-endian
@@ -251,7 +252,9 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
         tensors[name] = _Tensor(_Storage(str(i), array.dtype, array.size), tuple(int(n) for n in array.shape))
         records.append((str(i), array.tobytes()))
     buffer = io.BytesIO()
-    _TorchPickler(buffer, protocol=2).dump({wrap: tensors} if wrap else tensors)
+    if extra and not wrap:
+        raise ValueError("write_torch_checkpoint: extra entries need a wrap key for the state dict")
+    _TorchPickler(buffer, protocol=2).dump({**(extra or {}), wrap: tensors} if wrap else tensors)
     with zipfile.ZipFile(os.fspath(path), "w", zipfile.ZIP_STORED) as zf:
         _write_record(zf, "archive/data.pkl", buffer.getvalue(), align=False)
         _write_record(zf, "archive/byteorder", b"little", align=False)
@@ -264,6 +267,21 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path))
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
+                     like: str | os.PathLike | None = None, wrap: str | None = None,
+                     extra: Mapping[str, Any] | None = None) -> None:
+    """A state dict in the file type named by the suffix of `like` (default `path`; an atomic write passes its
+    destination), without torch: `.safetensors` (the bare state dict) or a torch.save-format `.pt`/`.pth`/`.ckpt`/
+    `.bin` (`write_torch_checkpoint` with `wrap` and `extra`)."""
+    name = os.fspath(path if like is None else like)
+    if name.endswith(SAFETENSORS_SUFFIXES):
+        write_safetensors(path, state_dict)
+    elif name.endswith(PICKLE_SUFFIXES):
+        write_torch_checkpoint(path, state_dict, wrap=wrap, extra=extra)
+    else:
+        raise ValueError(f"{name}: a state dict file ends in one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
 
 
 def conv_to_flax(w: np.ndarray) -> np.ndarray:

@@ -272,9 +272,7 @@ def read_taming(src: str, **options: Any) -> TamingRead:
 
 
 def _read_flax(src: str) -> tuple[VQVAEConfig, dict[str, np.ndarray]]:
-    kind, config, flat = weights.load_weights(src)
-    if kind != vq_vae.KIND:
-        raise ValueError(f"{src} holds a {kind!r} model, not {vq_vae.KIND!r}.")
+    _, config, flat = weights.load_weights(src, vq_vae.KIND)
     return VQVAEConfig.from_dict(config), flat
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -434,29 +433,16 @@ def _jitted_features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array
 # --------------------------------------------------------------------------------------------------------
 
 
-def _config(config: InceptionConfig | Mapping[str, Any] | None) -> InceptionConfig:
-    if config is None:
-        return InceptionConfig()
-    return config if isinstance(config, InceptionConfig) else InceptionConfig.from_dict(config)
-
-
-def abstract(config: InceptionConfig | Mapping[str, Any] | None = None) -> InceptionV3:
-    """The model with shape-only variables (no allocation): key maps, shape checks, loading."""
-    cfg = _config(config)
-    return nnx.eval_shape(lambda: InceptionV3(cfg))
-
-
-def build(seed: int = 0, config: InceptionConfig | Mapping[str, Any] | None = None) -> InceptionV3:
-    """A random network drawn on the host with numpy (milliseconds, no XLA compile).
+def random_variables(config: InceptionConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random flat variables drawn on the host with numpy (milliseconds, no XLA compile).
 
     Kernels N(0, 2/fan_in) (He, so activations keep their scale through the depth); BatchNorm scale U(0.8, 1.2),
     bias N(0, 0.1), running mean N(0, 0.1), running var U(0.5, 1.5); fc N(0, 1/fan_in). Random weights are for
     tests: their features have the right shapes but mean nothing.
     """
-    model = abstract(config)
     rng = np.random.default_rng(seed)
     flat = {}
-    for key, shape in sorted(weights.variable_shapes(model).items()):
+    for key, shape in sorted(weights.variable_shapes(abstract(config)).items()):
         leaf = key.rsplit("/", 1)[1]
         if key == "fc/kernel":
             value = rng.normal(0.0, 1.0 / np.sqrt(shape[0]), shape)
@@ -471,21 +457,11 @@ def build(seed: int = 0, config: InceptionConfig | Mapping[str, Any] | None = No
         else:  # pragma: no cover - a new variable without an init rule
             raise ValueError(f"build: no init rule for {key}")
         flat[key] = value.astype(np.float32)
-    weights.assign_variables(model, flat, what="random Inception")
-    return model
+    return flat
 
 
-def load(path: str | os.PathLike, **overrides: Any) -> InceptionV3:
-    """The network from a weights directory (`python -m eqvae_jax.convert --kind inception` or `save`).
-
-    `overrides` replace stored config fields that do not change the weights' shapes (e.g. precision="default").
-    """
-    def make(config: dict[str, Any]) -> InceptionV3:
-        return abstract(dataclasses.replace(InceptionConfig.from_dict(config), **overrides))
-
-    return weights.load_model(path, KIND, make)
-
-
-def save(model: InceptionV3, path: str | os.PathLike) -> None:
-    """Write `model` as a weights directory (`path` must not exist; convert.atomic makes it atomic)."""
-    weights.save_weights(path, KIND, model.config.to_dict(), weights.flat_variables(model))
+# build(config=None, *, seed=0) (`random_variables`), abstract(config=None) (None: the FID network),
+# load(path, **overrides) (fields that keep the weights' shapes, e.g. precision="default"), save(model, path):
+# see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, InceptionConfig, lambda config, rngs: InceptionV3(config), random_variables=random_variables)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -353,16 +352,6 @@ class DINOv2(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _config(config: DINOv2Config | Mapping[str, Any]) -> DINOv2Config:
-    return config if isinstance(config, DINOv2Config) else DINOv2Config.from_dict(config)
-
-
-def abstract(config: DINOv2Config | Mapping[str, Any]) -> DINOv2:
-    """The model with shape-only variables (nothing allocated): for key maps and strict loading."""
-    config = _config(config)
-    return nnx.eval_shape(lambda: DINOv2(config))
-
-
 def random_variables(config: DINOv2Config, seed: int = 0) -> dict[str, np.ndarray]:
     """Flat random variables with the reference init, drawn with numpy: weights and pos_embed truncated
     N(0, 0.02) (at +-2 std), biases 0, LayerNorm 1/0, LayerScale 1 (the hub's init_values), class and
@@ -383,26 +372,8 @@ def random_variables(config: DINOv2Config, seed: int = 0) -> dict[str, np.ndarra
     return out
 
 
-def build(config: DINOv2Config | Mapping[str, Any], seed: int = 0) -> DINOv2:
-    """A randomly initialised model (`random_variables`), e.g. for benchmarks; no XLA compile per shape."""
-    config = _config(config)
-    model = abstract(config)
-    weights.assign_variables(model, random_variables(config, seed), what="random DINOv2")
-    return model
-
-
-def load(path: str | os.PathLike, **overrides: Any) -> DINOv2:
-    """A DINOv2 from a weights directory (`python -m eqvae_jax.convert --kind dinov2` or `save`).
-
-    `overrides` replace config fields that do not change the weights: compute_dtype ("bfloat16"),
-    pos_interpolation ("antialias" | "bicubic").
-    """
-    allowed = {"compute_dtype", "pos_interpolation"}
-    if set(overrides) - allowed:
-        raise ValueError(f"dinov2.load: can only override {sorted(allowed)}, got {sorted(overrides)}.")
-    return weights.load_model(path, KIND, lambda cfg: abstract({**cfg, **overrides}))
-
-
-def save(model: DINOv2, path: str | os.PathLike) -> None:
-    """Write `model` as a weights directory (`path` must not exist; see convert.atomic for atomic writes)."""
-    weights.save_weights(path, KIND, model.config.to_dict(), weights.flat_variables(model))
+# build(config=None, *, seed=0) (`random_variables`), abstract(config=None), load(path, **overrides) (only fields
+# that do not change the weights: compute_dtype, pos_interpolation), save(model, path): `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, DINOv2Config, lambda config, rngs: DINOv2(config), random_variables=random_variables,
+    load_overrides=("compute_dtype", "pos_interpolation"))

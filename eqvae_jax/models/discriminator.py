@@ -26,17 +26,27 @@ reference's behaviour sets G = number of batch shards (per-device, as DDP) or G 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eqvae_jax.models import conv_grad
-from eqvae_jax.models.weights import load_model
+from eqvae_jax.models import conv_grad, weights
+from eqvae_jax.models.host_init import init_on_host
 
 KIND = "discriminator"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig:
+    """Constructor arguments of `NLayerDiscriminator` (stored in weights directories)."""
+
+    input_nc: int = 3
+    ndf: int = 64
+    n_layers: int = 3
+    stats_groups: int = 1  # BatchNorm statistics groups (module docstring); not a property of the weights
 
 
 class BatchNorm(nnx.Module):
@@ -106,9 +116,9 @@ class NLayerDiscriminator(nnx.Module):
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
 
-    def config(self) -> dict[str, int]:
-        return {"input_nc": self.input_nc, "ndf": self.ndf, "n_layers": self.n_layers,
-                "stats_groups": self.stats_groups}
+    @property
+    def config(self) -> DiscriminatorConfig:
+        return DiscriminatorConfig(self.input_nc, self.ndf, self.n_layers, self.stats_groups)
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None,
                  stats_groups: int | None = None) -> jax.Array:
@@ -118,11 +128,16 @@ class NLayerDiscriminator(nnx.Module):
         return self.convs[-1](h)
 
 
-def abstract(**config: int) -> NLayerDiscriminator:
-    """A discriminator with shape/dtype placeholder variables (no init cost), to be filled by assignment."""
-    return nnx.eval_shape(lambda: NLayerDiscriminator(**config, rngs=nnx.Rngs(0)))
+def _new(config: DiscriminatorConfig, rngs: nnx.Rngs) -> NLayerDiscriminator:
+    return NLayerDiscriminator(config.input_nc, config.ndf, config.n_layers, stats_groups=config.stats_groups,
+                               rngs=rngs)
 
 
-def load(path: str | os.PathLike, **overrides: int) -> NLayerDiscriminator:
-    """A discriminator from a weights directory; `overrides` (e.g. stats_groups=8) replace stored config."""
-    return load_model(path, KIND, lambda cfg: abstract(**{**cfg, **overrides}))
+def _init(config: DiscriminatorConfig, seed: int) -> NLayerDiscriminator:
+    """taming's weights_init: conv N(0, 0.02), BN scale N(1, 0.02), BN bias 0; drawn on the host (fast)."""
+    return init_on_host(lambda: _new(config, nnx.Rngs(0)), seed, kernel_std=0.02, norm_scale_std=0.02)
+
+
+# build(config=None, *, seed=0) (taming's init), abstract(config=None), load(path, **overrides) (e.g.
+# stats_groups=8), save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(KIND, DiscriminatorConfig, _new, init=_init)

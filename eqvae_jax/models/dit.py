@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eqvae_jax.models import weights
 from eqvae_jax.models.repa import PROJECTOR_DIM, Projector
 from eqvae_jax.models.variables import Frozen
-from eqvae_jax.models.weights import load_model
 
 # (depth, hidden_size, num_heads) of the reference sizes.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -381,22 +381,10 @@ class DiT(nnx.Module):
 KIND = "dit"
 
 
-def build(config: DiTConfig | dict[str, Any], seed: int = 0) -> DiT:
-    """A DiT with reference initialisation from a config (or its dict, as stored in weights directories)."""
-    if isinstance(config, dict):
-        config = DiTConfig(**config)
-    return DiT(config, rngs=nnx.Rngs(seed))
-
-
-def abstract(config: DiTConfig) -> DiT:
-    """The model with shape-only variables (nothing allocated): for key maps and restore targets."""
-    return nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
-
-
-def load(path: str, **overrides: Any) -> DiT:
-    """Load a weights directory from `python -m eqvae_jax.convert --kind dit`; may override compute_dtype.
-    The model is built shape-only and filled from the file (no random init of DiT-XL's 675M parameters)."""
-    return load_model(path, KIND, lambda cfg: abstract(DiTConfig(**{**cfg, **overrides})))
+# build(config=None, *, seed=0) (the reference's initialisation), abstract(config=None), load(path, **overrides)
+# (e.g. compute_dtype; built shape-only and filled from the file, no random init of DiT-XL's 675M parameters),
+# save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(KIND, DiTConfig, lambda config, rngs: DiT(config, rngs=rngs))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,6 @@ while GroupNorm and the attention softmax stay float32; the posterior and decode
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -218,34 +217,13 @@ def denormalize_latents(latents: jax.Array, scaling_factor: float, shift_factor:
     return latents / scaling_factor + shift_factor
 
 
-def build(config: KLVAEConfig | Mapping[str, Any], *, seed: int = 0) -> KLVAE:
-    """A randomly initialised KLVAE from a config or its dict form: PyTorch's default init, drawn on the host with
-    numpy (`models.host_init`; eager jax.random init compiles a program per weight shape and takes ~20 s)."""
-    if not isinstance(config, KLVAEConfig):
-        config = KLVAEConfig.from_dict(config)
+def _init(config: KLVAEConfig, seed: int) -> KLVAE:
+    """PyTorch's default init, drawn on the host with numpy (`models.host_init`; eager jax.random init compiles a
+    program per weight shape and takes ~20 s)."""
     return init_on_host(lambda: KLVAE(config, rngs=nnx.Rngs(seed)), seed)
 
 
-def abstract(config: KLVAEConfig) -> KLVAE:
-    """The model with shape-only variables (no allocation): for key maps, shape checks and fast loading."""
-    return nnx.eval_shape(lambda: KLVAE(config, rngs=nnx.Rngs(0)))
-
-
-def load(path: str | os.PathLike, *, dtype: str | None = None) -> KLVAE:
-    """A KLVAE from a weights directory written by `python -m eqvae_jax.convert --kind kl_vae` (or save).
-
-    `dtype` overrides the stored compute dtype (e.g. "bfloat16"); parameters stay float32.
-    """
-
-    def make(config: dict[str, Any]) -> KLVAE:
-        cfg = KLVAEConfig.from_dict(config)
-        if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        return abstract(cfg)
-
-    return weights.load_model(path, KIND, make)
-
-
-def save(model: KLVAE, path: str | os.PathLike) -> None:
-    """Write `model` as a weights directory (`path` must not exist; see convert.atomic for atomic writes)."""
-    weights.save_weights(path, KIND, model.config.to_dict(), weights.flat_variables(model))
+# build(config=None, *, seed=0), abstract(config=None), load(path, **overrides) (e.g. dtype="bfloat16"; parameters
+# stay float32), save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, KLVAEConfig, lambda config, rngs: KLVAE(config, rngs=rngs), init=_init)

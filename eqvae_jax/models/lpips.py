@@ -15,21 +15,21 @@ arguments inside `jax.jit` (e.g. `nnx.merge(graphdef, state)(x, y, dropout_key=k
 reference keeps this dropout on while training (PyTorch Lightning's `model.train()` recurses into the loss),
 so a faithful train step passes a fresh key per step; evaluation passes none.
 
-`build(seed)` builds a randomly initialised network without any file in well under a second (tests);
+`build(seed=seed)` builds a randomly initialised network without any file in well under a second (tests);
 `LPIPS(rngs=nnx.Rngs(0))` draws the same distributions with jax.random (one XLA compile per weight shape).
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eqvae_jax.models import weights
 from eqvae_jax.models.variables import Frozen
-from eqvae_jax.models.weights import assign_variables, load_model
 
 KIND = "lpips"
 
@@ -49,6 +49,13 @@ VGG16_LAYERS: tuple[tuple[str, int, int, int] | str, ...] = (
 )
 TAPS = ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")  # relu of these is what LPIPS compares
 TAP_CHANNELS = (64, 128, 256, 512, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class LPIPSConfig:
+    """Constructor arguments of `LPIPS` (stored in weights directories)."""
+
+    dropout_rate: float = 0.5  # the reference's Dropout before each lin head (used only with a dropout_key)
 
 
 class FrozenConv(nnx.Module):
@@ -128,8 +135,9 @@ class LPIPS(nnx.Module):
         for i, ch in enumerate(TAP_CHANNELS):
             setattr(self, f"lin{i}", LinHead(ch, rngs=rngs))
 
-    def config(self) -> dict[str, float]:
-        return {"dropout_rate": self.dropout_rate}
+    @property
+    def config(self) -> LPIPSConfig:
+        return LPIPSConfig(dropout_rate=self.dropout_rate)
 
     def __call__(self, x: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """Distance per image, shape (batch,). Dropout (rate `dropout_rate`, kept values scaled by 1/(1-rate))
@@ -150,13 +158,12 @@ class LPIPS(nnx.Module):
         return total
 
 
-def build(seed: int = 0, dropout_rate: float = 0.5) -> LPIPS:
-    """A random LPIPS for tests, needing no file: VGG N(0, 2/fan_out), heads U(0, 0.2), biases 0.
+def random_variables(config: LPIPSConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for tests, needing no file: VGG N(0, 2/fan_out), heads U(0, 0.2), biases 0.
 
     Same distributions as `LPIPS(rngs=...)`, drawn with numpy into an abstract model: no XLA compilation,
     so it takes well under a second instead of one compile per weight shape.
     """
-    model = abstract(dropout_rate)
     gen = np.random.default_rng(seed)
     flat = {}
     for layer in VGG16_LAYERS:
@@ -167,15 +174,10 @@ def build(seed: int = 0, dropout_rate: float = 0.5) -> LPIPS:
             flat[f"net/{name}/bias"] = np.zeros((cout,), np.float32)
     for i, ch in enumerate(TAP_CHANNELS):
         flat[f"lin{i}/kernel"] = gen.uniform(0.0, 0.2, (1, 1, ch, 1)).astype(np.float32)
-    assign_variables(model, flat, what="random LPIPS")
-    return model
+    return flat
 
 
-def abstract(dropout_rate: float = 0.5) -> LPIPS:
-    """An LPIPS whose variables are shape/dtype placeholders (no init cost), to fill by assignment."""
-    return nnx.eval_shape(lambda: LPIPS(dropout_rate=dropout_rate, rngs=nnx.Rngs(0)))
-
-
-def load(path: str | os.PathLike) -> LPIPS:
-    """An LPIPS from a weights directory (see `eqvae_jax.models.weights`)."""
-    return load_model(path, KIND, lambda cfg: abstract(**cfg))
+# build(config=None, *, seed=0) (`random_variables`), abstract(config=None), load(path, **overrides),
+# save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, LPIPSConfig, lambda config, rngs: LPIPS(config.dropout_rate, rngs=rngs), random_variables=random_variables)

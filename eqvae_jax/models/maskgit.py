@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -342,16 +341,6 @@ class MaskGIT(nnx.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _config(config: MaskGITConfig | Mapping[str, Any]) -> MaskGITConfig:
-    return config if isinstance(config, MaskGITConfig) else MaskGITConfig.from_dict(config)
-
-
-def abstract(config: MaskGITConfig | Mapping[str, Any]) -> MaskGIT:
-    """The model with shape-only variables (nothing allocated): for key maps and restore targets."""
-    config = _config(config)
-    return nnx.eval_shape(lambda: MaskGIT(config, rngs=nnx.Rngs(0)))
-
-
 def init_values(config: MaskGITConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Flat {path: float32 array} drawn with numpy like the reference's PyTorch init.
 
@@ -385,28 +374,11 @@ def init_values(config: MaskGITConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def build(config: MaskGITConfig | Mapping[str, Any], seed: int = 0) -> MaskGIT:
-    """A MaskGIT with the reference's initialisation, drawn on the host with numpy (milliseconds, identical on
-    every backend; eager jax.random init compiles a program per weight shape)."""
-    config = _config(config)
-    model = abstract(config)
-    weights.assign_variables(model, init_values(config, seed), what="init")
-    return model
-
-
-def load(path: str | os.PathLike, **overrides: Any) -> MaskGIT:
-    """Load a weights directory (`python -m eqvae_jax.convert --kind maskgit` or `save`); overrides such as
-    compute_dtype="bfloat16" or dropout replace stored config fields."""
-
-    def make(cfg: dict[str, Any]) -> MaskGIT:
-        return abstract({**cfg, **overrides})
-
-    return weights.load_model(path, KIND, make)
-
-
-def save(model: MaskGIT, path: str | os.PathLike) -> None:
-    """Write `model` as a weights directory (`path` must not exist; see convert.atomic for atomic writes)."""
-    weights.save_weights(path, KIND, model.config.to_dict(), weights.flat_variables(model))
+# build(config=None, *, seed=0) (`init_values`, drawn on the host with numpy: milliseconds, identical on every
+# backend), abstract(config=None), load(path, **overrides) (e.g. compute_dtype="bfloat16" or dropout),
+# save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, MaskGITConfig, lambda config, rngs: MaskGIT(config, rngs=rngs), random_variables=init_values)
 
 
 @dataclasses.dataclass(frozen=True)

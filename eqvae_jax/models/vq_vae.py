@@ -23,7 +23,6 @@ and the whole quantizer (distances, argmin, losses) stay float32.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -249,34 +248,13 @@ def perplexity(counts: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------ build / load / save
 
 
-def build(config: VQVAEConfig | Mapping[str, Any], *, seed: int = 0) -> VQVAE:
-    """A randomly initialised VQVAE: PyTorch's default init for convs, taming's for the codebook, drawn on the
-    host with numpy (`models.host_init`)."""
-    if not isinstance(config, VQVAEConfig):
-        config = VQVAEConfig.from_dict(config)
+def _init(config: VQVAEConfig, seed: int) -> VQVAE:
+    """PyTorch's default init for convs, taming's for the codebook, drawn on the host with numpy
+    (`models.host_init`)."""
     return init_on_host(lambda: VQVAE(config, rngs=nnx.Rngs(seed)), seed)
 
 
-def abstract(config: VQVAEConfig) -> VQVAE:
-    """The model with shape-only variables (no allocation): for key maps, shape checks and fast loading."""
-    return nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
-
-
-def load(path: str | os.PathLike, *, dtype: str | None = None) -> VQVAE:
-    """A VQVAE from a weights directory written by `python -m eqvae_jax.convert --kind vq_vae` (or `save`).
-
-    `dtype` overrides the stored compute dtype (e.g. "bfloat16"); parameters stay float32.
-    """
-
-    def make(config: dict[str, Any]) -> VQVAE:
-        cfg = VQVAEConfig.from_dict(config)
-        if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        return abstract(cfg)
-
-    return weights.load_model(path, KIND, make)
-
-
-def save(model: VQVAE, path: str | os.PathLike) -> None:
-    """Write `model` as a weights directory (`path` must not exist; see convert.atomic for atomic writes)."""
-    weights.save_weights(path, KIND, model.config.to_dict(), weights.flat_variables(model))
+# build(config=None, *, seed=0), abstract(config=None), load(path, **overrides) (e.g. dtype="bfloat16"; parameters
+# stay float32), save(model, path): see `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, VQVAEConfig, lambda config, rngs: VQVAE(config, rngs=rngs), init=_init)

@@ -7,18 +7,29 @@ Layout of a weights directory (what `python -m eqvae_jax.convert` writes and eve
 
 Variables are addressed by '/'-joined NNX paths (e.g. "encoder/conv_in/kernel"). Loading is strict: a missing,
 unexpected or mis-shaped variable is a `KeyMismatchError` that names it.
+
+Every model module (models.kl_vae, vq_vae, dit, maskgit, dinov2, lpips, discriminator, eval.inception) gets the
+same four functions from `model_api`:
+
+    build(config=None, *, seed=0) -> Module       random weights (config: the config dataclass or its dict)
+    abstract(config=None) -> Module               shape-only variables, nothing allocated
+    load(path, **overrides) -> Module             a weights directory; overrides replace stored config fields
+    save(model, path) -> None                     write a weights directory (`path` must not exist)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
+
+from eqvae_jax.typed_config import from_section, to_json_dict
 
 FORMAT = "eqvae-jax-weights"
 VERSION = 1
@@ -26,6 +37,7 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 ModuleT = TypeVar("ModuleT", bound=nnx.Module)
+ConfigT = TypeVar("ConfigT")
 
 
 class KeyMismatchError(ValueError):
@@ -142,9 +154,12 @@ def read_config(src: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     return meta["kind"], meta["config"]
 
 
-def load_weights(src: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
-    """(kind, config, flat variables) of a weights directory, as numpy arrays on the host."""
-    kind, config = read_config(src)
+def load_weights(src: str | os.PathLike, kind: str | None = None) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    """(kind, config, flat variables) of a weights directory, as numpy arrays on the host; with `kind`, a
+    directory holding another kind of model is a ValueError."""
+    got_kind, config = read_config(src)
+    if kind is not None and got_kind != kind:
+        raise ValueError(f"{os.fspath(src)} holds a {got_kind!r} model, not {kind!r}.")
     with _local_checkpointer() as ckptr:
         nested = ckptr.restore(os.path.join(os.path.abspath(os.fspath(src)), VARIABLES_DIR))
     flat: dict[str, np.ndarray] = {}
@@ -157,14 +172,85 @@ def load_weights(src: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str,
             flat[prefix] = np.asarray(node)
 
     walk(nested, "")
-    return kind, config, flat
+    return got_kind, config, flat
 
 
 def load_model(src: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], ModuleT]) -> ModuleT:
     """Build a model of `kind` from a weights directory: `build(config)` then strict assignment."""
-    got_kind, config, flat = load_weights(src)
-    if got_kind != kind:
-        raise ValueError(f"{src} holds a {got_kind!r} model, not {kind!r}.")
+    _, config, flat = load_weights(src, kind)
     model = build(config)
     assign_variables(model, flat, what=os.fspath(src))
     return model
+
+
+# ------------------------------------------------------------------------------------------ the model API
+
+
+class ModelAPI(NamedTuple, Generic[ConfigT, ModuleT]):
+    """The four functions every model module exports (see the module docstring)."""
+
+    build: Callable[..., ModuleT]
+    abstract: Callable[..., ModuleT]
+    load: Callable[..., ModuleT]
+    save: Callable[[ModuleT, str | os.PathLike], None]
+
+
+def _config_of(model: Any) -> Any:
+    return model.config
+
+
+def model_api(
+    kind: str,
+    config_cls: type[ConfigT],
+    new: Callable[[ConfigT, nnx.Rngs], ModuleT],
+    *,
+    init: Callable[[ConfigT, int], ModuleT] | None = None,
+    random_variables: Callable[[ConfigT, int], Mapping[str, np.ndarray]] | None = None,
+    config_of: Callable[[ModuleT], ConfigT] = _config_of,
+    load_overrides: Collection[str] | None = None,
+) -> ModelAPI[ConfigT, ModuleT]:
+    """`build, abstract, load, save` of the model `new(config, rngs)` whose weights directories say `kind`.
+
+    Random weights (`build`) come from `init(config, seed)` if given, else from `random_variables(config, seed)`
+    (a flat {path: array} dict assigned into the abstract model), else from `new(config, nnx.Rngs(seed))`.
+    `config_of(model)` is the config `save` stores (default `model.config`). `load_overrides` limits which
+    config fields `load` may override (default: any field).
+    """
+    if init is not None and random_variables is not None:
+        raise ValueError("model_api: give init or random_variables, not both")
+
+    def as_config(config: ConfigT | Mapping[str, Any] | None) -> ConfigT:
+        if config is None:
+            return config_cls()
+        return config if isinstance(config, config_cls) else from_section(config_cls, config)
+
+    def abstract(config: ConfigT | Mapping[str, Any] | None = None) -> ModuleT:
+        """The model with shape-only variables (nothing allocated): key maps, shape checks, restore targets."""
+        cfg = as_config(config)
+        return nnx.eval_shape(lambda: new(cfg, nnx.Rngs(0)))
+
+    def build(config: ConfigT | Mapping[str, Any] | None = None, *, seed: int = 0) -> ModuleT:
+        """A randomly initialised model (default config when `config` is None)."""
+        cfg = as_config(config)
+        if init is not None:
+            return init(cfg, seed)
+        if random_variables is not None:
+            model = abstract(cfg)
+            assign_variables(model, random_variables(cfg, seed), what=f"random {kind}")
+            return model
+        return new(cfg, nnx.Rngs(seed))
+
+    def load(path: str | os.PathLike, **overrides: Any) -> ModuleT:
+        """The model from a weights directory (`python -m eqvae_jax.convert` or `save`); `overrides` replace
+        stored config fields that do not change the weights (e.g. a compute dtype)."""
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        allowed = fields if load_overrides is None else set(load_overrides)
+        if set(overrides) - allowed:
+            raise ValueError(f"{kind}.load: can only override {sorted(allowed)}, got {sorted(overrides)}.")
+        return load_model(path, kind, lambda cfg: abstract(dataclasses.replace(as_config(cfg), **overrides)))
+
+    def save(model: ModuleT, path: str | os.PathLike) -> None:
+        """Write `model` as a weights directory (`path` must not exist; convert.atomic makes it atomic)."""
+        save_weights(path, kind, to_json_dict(config_of(model)), flat_variables(model))
+
+    return ModelAPI(build, abstract, load, save)

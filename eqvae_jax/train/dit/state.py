@@ -46,7 +46,7 @@ def state_shardings(state: Any, mesh: Mesh, min_size: int) -> Any:
 
 def _init_fn(cfg: dit.DiTConfig, seed: int, tx: optax.GradientTransformation):
     def init() -> tuple[TrainState, Any]:
-        handle, params = dit.functional(dit.build(cfg, seed))
+        handle, params = dit.functional(dit.build(cfg, seed=seed))
         return TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params), tx.init(params)), \
             handle.rest
 
@@ -93,7 +93,7 @@ def teacher_shardings(state: Any, mesh: Mesh, sharding: str, min_size: int) -> A
 def create_teacher(r: RepaConfig, cfg: dinov2.DINOv2Config, mesh: Mesh, min_size: int, seed: int = 0,
                    ) -> tuple[Teacher, Teacher]:
     """(teacher on the mesh, its shardings): loaded from `r.teacher`, or random (host numpy init) for 'random'."""
-    model = dinov2.build(cfg, seed) if r.teacher == "random" else dinov2.load(r.teacher,
+    model = dinov2.build(cfg, seed=seed) if r.teacher == "random" else dinov2.load(r.teacher,
                                                                               compute_dtype=cfg.compute_dtype)
     graphdef, state = nnx.split(model)
     state = jax.device_get(state.to_pure_dict())

@@ -11,7 +11,6 @@ from flax import nnx
 
 from eqvae_jax.models import discriminator, kl_vae, lpips, vq_vae
 from eqvae_jax.models.autoencoders import build_autoencoder
-from eqvae_jax.models.host_init import init_on_host
 from eqvae_jax.train.eqvae.config import DiscConfig, FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -37,11 +36,7 @@ def build_discriminator(d: DiscConfig, stats_groups: int, seed: int) -> discrimi
     if d.weights:
         log.info("discriminator: loaded %s", d.weights)
         return discriminator.load(d.weights, stats_groups=stats_groups)
-    # weights_init: conv N(0, 0.02), BN scale N(1, 0.02), BN bias 0; drawn on the host (fast).
-    return init_on_host(
-        lambda: discriminator.NLayerDiscriminator(3, d.ndf, d.n_layers, stats_groups=stats_groups, rngs=nnx.Rngs(0)),
-        seed, kernel_std=0.02, norm_scale_std=0.02,
-    )
+    return discriminator.build(discriminator.DiscriminatorConfig(3, d.ndf, d.n_layers, stats_groups), seed=seed)
 
 
 def build_lpips(weights: str, seed: int) -> lpips.LPIPS | None:
@@ -71,6 +66,6 @@ def build_networks(config: FinetuneConfig, stats_groups: int) -> Networks:
 def abstract_networks(config: FinetuneConfig, stats_groups: int) -> Networks:
     """The same networks with shape-only variables (ahead-of-time compiles, e.g. for TPU targets on a CPU)."""
     d = config.disc
-    disc = discriminator.abstract(input_nc=3, ndf=d.ndf, n_layers=d.n_layers, stats_groups=stats_groups)
+    disc = discriminator.abstract(discriminator.DiscriminatorConfig(3, d.ndf, d.n_layers, stats_groups))
     perceptual = lpips.abstract() if config.lpips.weights else None
     return _split(config.model.module.abstract(config.model.model_config()), disc, perceptual)

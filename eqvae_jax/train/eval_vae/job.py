@@ -154,7 +154,7 @@ def _data_fingerprint(c: EvalVAEConfig) -> dict[str, Any]:
 def build_inception(path: str) -> inception.InceptionV3:
     if path == RANDOM:
         log.warning("eval_vae: a random tiny Inception (tests/demo only: its rFID means nothing)")
-        return inception.build(seed=0, config=inception.tiny())
+        return inception.build(inception.tiny(), seed=0)
     return inception.load(path)
 
 
