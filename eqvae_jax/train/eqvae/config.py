@@ -78,7 +78,7 @@ class EMAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Periodic monitoring on held-out images (not the paper's 50K evaluation: see eqvae_jax.evaluate)."""
+    """Periodic monitoring on held-out images (not the paper's 50K evaluation: see eqvae_jax.eval_samples)."""
 
     every_updates: int = 1000
     batches: int = 8  # held-out batches for PSNR/SSIM/LPIPS/equivariance error (0 = no periodic eval)

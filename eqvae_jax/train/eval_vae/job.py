@@ -147,6 +147,9 @@ def _data_fingerprint(c: EvalVAEConfig) -> dict[str, Any]:
     d = c.data
     where = {"tfds_name": d.tfds_name, "eval_split": d.eval_split} if d.source != "folder" else {
         "eval_folder": d.eval_folder}
+    if d.source == "shapes":  # the images are a function of these
+        where = {"shapes_seed": d.shapes_seed, "shapes_size": d.shapes_size or d.image_size,
+                 "shapes_eval_size": d.shapes_eval_size}
     return {"source": d.source, **where, "image_size": d.image_size, "eval_transform": d.eval_transform,
             "min_side": d.min_side, "global_batch_size": c.global_batch_size}
 
