@@ -4,7 +4,7 @@
     python -m eqvae_jax.eval_vae --config=configs/eval_vae.py:models=vqgan+eq_vqgan --workdir=gs://B/eval/vq
     python -m eqvae_jax.eval_vae --config=configs/eval_vae.py:tiny --workdir=workdirs/eval_vae_tiny   # CPU demo
 
-The protocol is the schema's defaults (eqvae_jax/eval/vae_config.py `EvalVAEConfig`), zelaki/eqvae's eval.py: the
+The protocol is the schema's defaults (eqvae_jax/train/eval_vae/config.py `EvalVAEConfig`), zelaki/eqvae's eval.py: the
 50,000 ImageNet validation images (TFDS imagenet2012 'validation', prepared with `python -m
 eqvae_jax.data.imagenet`; or `--config.data.source=folder --config.data.eval_folder=DIR`), torchvision Resize(256) +
 CenterCrop(256), a posterior sample decoded, rFID 50K vs 50K with the FID Inception, PSNR, SSIM, VGG LPIPS; plus the

@@ -21,9 +21,9 @@ from helpers import REPO
 from ml_collections import ConfigDict, config_dict
 
 from eqvae_jax import typed_config
-from eqvae_jax.eval.vae_config import EvalVAEConfig
 from eqvae_jax.train.dit.config import DiTJobConfig
 from eqvae_jax.train.eqvae.config import SCHEMAS as EQ_SCHEMAS
+from eqvae_jax.train.eval_vae.config import EvalVAEConfig
 from eqvae_jax.train.latents.config import ExtractConfig
 from eqvae_jax.train.maskgit.config import MaskGITJobConfig
 

@@ -266,7 +266,8 @@ def _fid_problems(c: DiTJobConfig, num_devices: int, check_files: bool) -> list[
             problems.append(f"sample.inception={s.inception!r}: {e}")
     if not s.fid_reference:
         problems.append("sample.fid_reference is empty: give an ADM reference batch (.npz), e.g. "
-                        "VIRTUAL_imagenet256_labeled.npz, or one written by python -m eqvae_jax.eval_samples --write_ref")
+                        "VIRTUAL_imagenet256_labeled.npz, or one written by "
+                        "python -m eqvae_jax.eval_samples --write_ref")
         return problems
     try:
         NpzImages(s.fid_reference)
