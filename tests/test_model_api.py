@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from eqvae_jax.eval import inception
-from eqvae_jax.models import dinov2, discriminator, dit, kl_vae, lpips, maskgit, vq_vae
+from eqvae_jax.models import dinov2, discriminator, dit, kl_vae, lpips, maskgit, shapes_classifier, vq_vae
 from eqvae_jax.models.weights import flat_variables, path_key, read_config
 
 # (module, a tiny config, a config field that load may override and a value for it)
@@ -29,6 +29,8 @@ CASES: dict[str, tuple[ModuleType, Any, str, Any]] = {
     "inception": (inception, inception.tiny(), "precision", "default"),
     "lpips": (lpips, lpips.LPIPSConfig(), "dropout_rate", 0.25),
     "discriminator": (discriminator, discriminator.DiscriminatorConfig(ndf=8, n_layers=1), "stats_groups", 2),
+    "shapes_classifier": (shapes_classifier, shapes_classifier.ShapesClassifierConfig(channels=(8, 8)),
+                          "image_size", 16),
 }
 API = ("build", "abstract", "load", "save")
 

@@ -6,6 +6,7 @@ import pytest
 
 from eqvae_jax.eval import shapes_metric
 from eqvae_jax.eval.adm_metrics import EvaluationWarning
+from eqvae_jax.models import shapes_classifier
 from eqvae_jax.models.weights import flat_variables
 
 
@@ -39,8 +40,8 @@ def test_identical_sets_give_fid_near_zero_and_a_shifted_set_more(classifier):
 
 def test_weights_directory_round_trip(classifier, tmp_path):
     model, _ = classifier
-    shapes_metric.save(model, tmp_path / "clf")
-    loaded = shapes_metric.load(tmp_path / "clf")
+    shapes_classifier.save(model, tmp_path / "clf")
+    loaded = shapes_classifier.load(tmp_path / "clf")
     assert loaded.config == model.config
     a, b = flat_variables(model), flat_variables(loaded)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -1,7 +1,7 @@
 """Sample quality on `shapes` without any download: a classifier trained here, fed to the ADM metric code.
 
     model, report = train_classifier(ClassifierTraining(size=32, seed=0))   # report: held-out accuracy, time
-    save(model, "weights/shapes_classifier"); model = load("weights/shapes_classifier")
+    shapes_classifier.save(model, "weights/clf"); model = shapes_classifier.load("weights/clf")
     ref = reference_images(size=32, count=2000)                             # held-out split, uint8
     scores = sample_metrics(model, ref, samples, sample_labels)             # fid, sfid, IS, P/R, class acc.
 
@@ -13,7 +13,6 @@ its argmax the class accuracy of class-conditional samples. All numbers compare 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -25,8 +24,7 @@ from flax import nnx
 from eqvae_jax.data import shapes
 from eqvae_jax.eval import adm_metrics
 from eqvae_jax.models import shapes_classifier
-from eqvae_jax.models.shapes_classifier import KIND, ShapesClassifier, ShapesClassifierConfig
-from eqvae_jax.models.weights import flat_variables, load_model, save_weights
+from eqvae_jax.models.shapes_classifier import ShapesClassifier, ShapesClassifierConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +114,3 @@ def sample_metrics(model: ShapesClassifier, reference: np.ndarray, samples: np.n
         out["class_accuracy"] = float((sample_acts.logits_unbiased.argmax(-1) == np.asarray(labels)).mean())
     return out
 
-
-def save(model: ShapesClassifier, path: str | os.PathLike) -> None:
-    """A weights directory (config.json + Orbax), like every other model's."""
-    save_weights(path, KIND, model.config.to_dict(), flat_variables(model))
-
-
-def load(path: str | os.PathLike) -> ShapesClassifier:
-    return load_model(path, KIND, lambda cfg: shapes_classifier.abstract(ShapesClassifierConfig.from_dict(cfg)))

@@ -15,13 +15,12 @@ The numbers compare runs within the `shapes` domain only; they are not ImageNet 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eqvae_jax.models import weights
 from eqvae_jax.models.host_init import init_on_host
 
 KIND = "shapes_classifier"
@@ -34,16 +33,6 @@ class ShapesClassifierConfig:
     image_size: int = 32  # inputs are resized (bilinear, antialiased) to this size
     channels: tuple[int, ...] = (32, 64, 128)
     num_classes: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ShapesClassifierConfig:
-        d = dict(d)
-        if "channels" in d:
-            d["channels"] = tuple(d["channels"])
-        return cls(**d)
 
 
 class ShapesClassifier(nnx.Module):
@@ -89,13 +78,12 @@ class ShapesClassifier(nnx.Module):
                 "logits_unbiased": self.head(pool)}
 
 
-def abstract(config: ShapesClassifierConfig | None = None) -> ShapesClassifier:
-    """Shape/dtype placeholders to fill by assignment or restore."""
-    config = config or ShapesClassifierConfig()
-    return nnx.eval_shape(lambda: ShapesClassifier(config, rngs=nnx.Rngs(0)))
-
-
-def build(config: ShapesClassifierConfig | None = None, *, seed: int = 0) -> ShapesClassifier:
-    """A randomly initialised classifier (PyTorch-default distributions, drawn with numpy on the host)."""
-    config = config or ShapesClassifierConfig()
+def _init(config: ShapesClassifierConfig, seed: int) -> ShapesClassifier:
+    """PyTorch-default distributions, drawn with numpy on the host (no compile per weight shape)."""
     return init_on_host(lambda: ShapesClassifier(config, rngs=nnx.Rngs(0)), seed)
+
+
+# build(config=None, *, seed=0), abstract(config=None), load(path, **overrides), save(model, path): see
+# `models.weights.model_api`.
+build, abstract, load, save = weights.model_api(
+    KIND, ShapesClassifierConfig, lambda config, rngs: ShapesClassifier(config, rngs=rngs), init=_init)
