@@ -18,23 +18,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch_refs"))
 def pytest_collection_modifyitems(config, items):
     """`torch`: tests of modules that use a PyTorch reference (select with -m torch / deselect with -m 'not torch').
 
-    Order: modules marked slow as a whole first, then modules with some slow tests, then the rest (each module's
-    tests stay together and in order). With `-n auto --dist loadfile` the longest files start first and the short
-    ones fill the gaps, instead of one worker finishing a long file alone at the end."""
+    Order: modules by `SUITE_SECONDS` (a module's rough wall time on a 2-core machine, declared by the longest
+    modules) descending, then the other modules with slow tests, most slow tests first, then the rest; each
+    module's tests stay together and in order. With `-n auto --dist loadfile` (xdist's reordering by test count
+    off in pyproject's addopts) the longest files start first, on different workers, and the short ones fill the
+    gaps instead of one worker running two long files back to back at the end."""
     import pytest
 
-    weight: dict[str, int] = {}
+    weight: dict[str, tuple[float, int]] = {}
     for item in items:
         module = getattr(item, "module", None)
         if module is not None and "torch" in vars(module):
             item.add_marker(pytest.mark.torch)
         path = str(item.path)
-        whole = module is not None and any(getattr(m, "name", "") == "slow" for m in
-                                           _as_list(getattr(module, "pytestmark", [])))
-        some = item.get_closest_marker("slow") is not None
-        weight[path] = min(weight.get(path, 2), 0 if whole else 1 if some else 2)
+        seconds, slow = weight.get(path, (-float(getattr(module, "SUITE_SECONDS", 0)), 0))
+        weight[path] = (seconds, slow - (item.get_closest_marker("slow") is not None))
     items.sort(key=lambda item: weight[str(item.path)])  # stable: keeps the order within each group
-
-
-def _as_list(marks):
-    return marks if isinstance(marks, list) else [marks]

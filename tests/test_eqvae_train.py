@@ -26,6 +26,7 @@ from eqvae_jax.typed_config import ConfigError
 
 flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow
+SUITE_SECONDS = 250  # rough wall time on 2 cores: conftest starts the longest modules first
 
 
 @pytest.fixture(scope="module")

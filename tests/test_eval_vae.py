@@ -30,6 +30,8 @@ from eqvae_jax.train.eval_vae.job import run
 from eqvae_jax.train.eval_vae.shards import ShardMismatchError, ShardPlan, ShardStore
 from eqvae_jax.typed_config import ConfigError
 
+SUITE_SECONDS = 90  # rough wall time on 2 cores: conftest starts the longest modules first
+
 
 def _tiny(compile_cache: str, **changes):
     return load_config("eval_vae", "tiny", compilation_cache_dir=compile_cache, **changes)

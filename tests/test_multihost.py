@@ -38,6 +38,7 @@ from eqvae_jax.train.eqvae import job as eqvae_job
 
 flags.FLAGS.mark_as_parsed()
 pytestmark = pytest.mark.slow
+SUITE_SECONDS = 320  # rough wall time on 2 cores: conftest starts the longest modules first
 
 PROCESSES, LOCAL_DEVICES = 2, 4
 RTOL, ATOL = 5e-4, 1e-6  # relative to each leaf's largest magnitude; absolute

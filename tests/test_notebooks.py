@@ -18,6 +18,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+SUITE_SECONDS = 85  # rough wall time on 2 cores: conftest starts the longest modules first
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUDGET_S = {"eqvae_quickstart": 180, "finetune_on_tpu": 300, "dit_sampling": 180}
