@@ -1,7 +1,11 @@
-"""Test setup: 8 fake CPU devices for sharding tests, fp32 matmuls, and PyTorch reference helpers on sys.path."""
+"""Test setup: 8 fake CPU devices for sharding tests, fp32 matmuls, PyTorch reference helpers on sys.path, and one
+persistent XLA compilation cache for the whole run."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,6 +17,25 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch_refs"))
+
+
+def shared_jax_cache() -> str:
+    """The directory every job of this test run uses as its persistent compilation cache (`$EQVAE_TEST_JAX_CACHE`).
+
+    JAX's cache key includes the cache directory's path string, so jobs that name different directories never
+    share a compiled program. With one path for all of them, a program compiled by one test module (or one xdist
+    worker, or a job the tests start in a subprocess) is loaded by the next instead of being compiled again. The
+    process that creates it (the xdist controller: its workers and their subprocesses inherit the variable)
+    removes it at exit; a directory set by the caller is kept, so it also carries over to the next run."""
+    path = os.environ.get("EQVAE_TEST_JAX_CACHE")
+    if not path:
+        path = tempfile.mkdtemp(prefix="eqvae-tests-jax-cache-")
+        os.environ["EQVAE_TEST_JAX_CACHE"] = path
+        atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+shared_jax_cache()
 
 
 def pytest_collection_modifyitems(config, items):

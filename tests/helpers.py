@@ -16,6 +16,11 @@ TOY_SHAPE = (8, 8, 4)  # latent shape of the toy cache
 TOY_IMAGE_SIZE = 64  # side of its crops (f8 latents)
 
 
+def jax_cache() -> str:
+    """The test run's one persistent compilation cache (tests/conftest.py `shared_jax_cache`)."""
+    return os.environ["EQVAE_TEST_JAX_CACHE"]
+
+
 def load_config(name: str, arg: str = "", **changes: Any):
     """configs/NAME.py's get_config(arg) (as `--config=configs/NAME.py:arg` would), with dotted-key changes."""
     spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(REPO, "configs", f"{name}.py"))

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 from absl import flags
-from helpers import tiny_dit_config, toy_images, write_toy_cache
+from helpers import jax_cache, tiny_dit_config, toy_images, write_toy_cache
 
 from eqvae_jax import eval_samples
 from eqvae_jax import sample as sample_cli
@@ -73,7 +73,7 @@ def _record_samples(monkeypatch) -> list[np.ndarray]:
 
 def test_gfid_during_training_equals_sample_then_evaluate(files, tmp_path_factory, monkeypatch):
     drawn = _record_samples(monkeypatch)
-    compile_cache = str(tmp_path_factory.getbasetemp() / "jax_cache")  # the session's, as in test_dit_train
+    compile_cache = jax_cache()  # the test run's one cache
     workdir = str(tmp_path_factory.mktemp("run"))
     summary = dit_job.run(_config(files, compile_cache, **{"log.every_updates": 1}), workdir)
     evals = summary["evals"]

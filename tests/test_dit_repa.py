@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import repa_reference as ref_repa
 from absl import flags
-from helpers import TOY_SHAPE, load_config, tiny_repa_config, toy_images, toy_patterns, write_toy_cache
+from helpers import TOY_SHAPE, jax_cache, load_config, tiny_repa_config, toy_images, toy_patterns, write_toy_cache
 from jax.sharding import PartitionSpec
 
 from eqvae_jax import sample as sample_cli
@@ -37,7 +37,7 @@ def toy_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return jax_cache()
 
 
 def _setup(config):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from helpers import TOY_SHAPE, leaves_equal, tiny_dit_config, toy_patterns, write_toy_cache
+from helpers import TOY_SHAPE, jax_cache, leaves_equal, tiny_dit_config, toy_patterns, write_toy_cache
 from jax.sharding import PartitionSpec
 
 from eqvae_jax.models import dit
@@ -35,7 +35,7 @@ def toy_cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> str:
     """One persistent XLA cache for the session: runs with identical programs compile once."""
-    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return jax_cache()
 
 
 def _create(config):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from helpers import REPO, leaves_equal, tiny_eqvae_config
+from helpers import REPO, jax_cache, leaves_equal, tiny_eqvae_config
 
 from eqvae_jax.losses import equivariance
 from eqvae_jax.train.eqvae import job as eqvae_job
@@ -31,7 +31,7 @@ SUITE_SECONDS = 250  # rough wall time on 2 cores: conftest starts the longest m
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    return jax_cache()
 
 
 def test_config_errors_are_reported_before_anything_is_built(cache_dir):

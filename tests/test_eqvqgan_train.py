@@ -12,7 +12,7 @@ import torch
 import vq_refs as refs
 from absl import flags
 from flax import nnx
-from helpers import load_config, tiny_eqvqgan_config
+from helpers import jax_cache, load_config, tiny_eqvqgan_config
 
 from eqvae_jax import main as main_module
 from eqvae_jax.convert import vq_vae as convert_vq_vae
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    return jax_cache()
 
 
 def test_config_checks_name_the_family_and_the_scale_grid(cache_dir):

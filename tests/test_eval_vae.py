@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import REPO, load_config
+from helpers import REPO, jax_cache, load_config
 from PIL import Image
 
 from eqvae_jax.data.demo import EVAL_PHOTOS, IMAGES_DIR
@@ -40,7 +40,7 @@ def _tiny(compile_cache: str, **changes):
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """An interrupted, then resumed, tiny evaluation: (config, workdir, compile cache, the two call summaries)."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    cache = jax_cache()
     workdir = tmp_path_factory.mktemp("eval_vae")
     config = _tiny(cache)
     first = run(config, str(workdir), stop_after_shards=1)

@@ -18,6 +18,7 @@ import pytest
 from absl import flags
 from helpers import (
     TOY_GRID,
+    jax_cache,
     load_config,
     tiny_maskgit_config,
     toy_token_grids,
@@ -65,7 +66,7 @@ def demo_tokens(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> str:
     """One persistent XLA cache for the session: runs with identical programs compile once."""
-    return str(tmp_path_factory.getbasetemp() / "jax_cache")
+    return jax_cache()
 
 
 def _config(toy_cache, compile_cache="", **changes):

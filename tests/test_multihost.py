@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from absl import flags
 from helpers import REPO as ROOT
-from helpers import tiny_dit_config, tiny_eqvae_config, write_toy_cache
+from helpers import jax_cache, tiny_dit_config, tiny_eqvae_config, write_toy_cache
 
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.dit import job as dit_job
@@ -153,7 +153,7 @@ def restore_final(directory: str, step: int, target):
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    return jax_cache()
 
 
 def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from absl import flags
 from helpers import TOY_SHAPE as SHAPE
-from helpers import tiny_dit_config, write_toy_cache
+from helpers import jax_cache, tiny_dit_config, write_toy_cache
 
 from eqvae_jax import sample as sample_cli
 from eqvae_jax.diffusion import ddpm_sampling, guidance
@@ -90,7 +90,7 @@ def test_to_uint8_is_custom_to_pil():
 
 def test_sampling_from_a_workdir_writes_adm_npz(toy_cache, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    compile_cache = str(tmp_path_factory.getbasetemp() / "jax_cache")  # the session's, as in test_dit_train
+    compile_cache = jax_cache()  # the test run's one cache
     config = tiny_dit_config(toy_cache, compile_cache, total_updates=2)
     dit_job.run(config, workdir)
     overrides = {"num_samples": 5, "sampler": "ddim", "num_steps": 4, "batch_size": 8, "seed": 3}
