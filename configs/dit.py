@@ -26,6 +26,9 @@ the tokens after block 8 through a 2048-wide projector, loss = velocity MSE + 0.
 without learned sigma (REPA's out_channels = in_channels), gradient clipping at global norm 1.0, AdamW 1e-4,
 batch 256, EMA 0.9999, 400K updates, bf16 matmuls for the SiT and the teacher (REPA: fp16 autocast). XL/2 at
 batch 256 needs --config.model.remat=True on v4-8, v5e-8 and v6e-8 (docs/repa.md has the TPU memory table).
+Sampling (grids, gFID monitoring, python -m eqvae_jax.sample) follows REPA's README evaluation command: SDE
+(Euler-Maruyama) 250 steps, cfg 1.8 applied only at noise levels tau <= 0.7 (REPA's time, 1 = noise;
+`sample.guidance_low/high`); the EQ-VAE paper's no-CFG REPA row (400K: 7.9 -> 7.5) is --config.sample.cfg_scale=1.
 """
 
 from eqvae_jax.train.dit.config import defaults
@@ -53,6 +56,8 @@ def apply_repa(c) -> None:
     c.repa.teacher = "weights/dinov2_vitb14"  # --enc-type dinov2-vit-b (python -m eqvae_jax.convert --kind dinov2)
     c.model.learn_sigma = False  # REPA's SiT predicts the velocity only
     c.optim.grad_clip = 1.0  # --max-grad-norm
+    c.sample.cfg_scale = 1.8  # REPA's README evaluation: generate.py --cfg-scale=1.8 --guidance-high=0.7 (mode sde)
+    c.sample.guidance_high = 0.7
 
 
 def apply_tiny(c) -> None:

@@ -7,7 +7,8 @@
 The protocol is the schema's defaults (eqvae_jax/train/eval_vae/config.py `EvalVAEConfig`), zelaki/eqvae's eval.py: the
 50,000 ImageNet validation images (TFDS imagenet2012 'validation', prepared with `python -m
 eqvae_jax.data.imagenet`; or `--config.data.source=folder --config.data.eval_folder=DIR`), torchvision Resize(256) +
-CenterCrop(256), a posterior sample decoded, rFID 50K vs 50K with the FID Inception, PSNR, SSIM, VGG LPIPS; plus the
+CenterCrop(256), a posterior sample decoded, rFID 50K vs 50K with the FID Inception (fed as ADM's evaluator does;
+--config.fid_preprocess=pytorch_fid feeds it as the reference's pytorch-fid), PSNR, SSIM, VGG LPIPS; plus the
 paper's equivariance error (rotations 90/180/270, scales 0.25/0.5/0.75) and the TwoNN intrinsic dimension of 10,000
 latents.
 

@@ -6,10 +6,12 @@
 The recipe is the schema's defaults (eqvae_jax/train/latents/config.py `ExtractConfig`): ImageNet (TFDS
 imagenet2012), ADM center crop to 256 and one horizontal flip drawn per image (fast-DiT's extract_features.py applies
 RandomHorizontalFlip once at extraction, so about half the stored latents are mirrored), float32 mean/std per
-image. Rerunning the same command finishes an interrupted extraction. `:images` also stores each uint8 crop as
-encoded (what SiT + REPA's DINOv2 teacher reads, as REPA's own data preparation keeps the center-cropped
-images; 196,608 B per image, 252 GB for ImageNet's 1.28M). `:tiny` encodes the demo photographs at 64 px with
-a random tiny VAE and stores the crops (CPU, seconds).
+image. Rerunning the same command finishes an interrupted extraction. `:images` is the cache SiT + REPA reads:
+it also stores each uint8 crop as encoded (the DINOv2 teacher's input, as REPA's own data preparation keeps the
+center-cropped images; 196,608 B per image, 252 GB for ImageNet's 1.28M) and, like REPA's preprocessing (edm2
+`dataset_tool.py --transform=center-crop-dhariwal`, read as is by REPA's `dataset.py`), never flips
+(`flip='none'`). `:tiny` encodes the demo photographs at 64 px with a random tiny VAE and stores the crops
+(CPU, seconds; one random flip per image like the default; `:images,tiny` is the unflipped REPA cache).
 """
 
 from eqvae_jax.train.latents.config import defaults
@@ -20,7 +22,9 @@ def get_config(arg: str = ""):
     a = parse_arg(arg, images=False, tiny=False)
     c = defaults()
     c.vae.weights = "weights/eq_vae"
-    c.store_images = a.images
+    if a.images:  # REPA's cache: the crops too, never mirrored (REPA's preprocessing has no flip)
+        c.store_images = True
+        c.flip = "none"
     if a.tiny:
         c.vae.init = "random"
         c.vae.preset = "tiny"

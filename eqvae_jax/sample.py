@@ -1,11 +1,13 @@
 """Class-conditional samples from a DiT/SiT or MaskGIT run, decoded by its autoencoder: PNG grid + ADM npz.
 
     python -m eqvae_jax.sample --workdir=DIR [--num_samples=50000] [--sampler=ddpm] [--num_steps=250]
-        [--cfg_scale=1.0] [--seed=0] [--update=N]
+        [--cfg_scale=1.0] [--guidance_low=0] [--guidance_high=1] [--seed=0] [--update=N]
     python -m eqvae_jax.sample --workdir=MASKGIT_DIR [--num_steps=8] [--cfg_scale=3] [--r_temp=4.5] [--sm_temp=1]
 
 The run's config (from its checkpoint; `--config` overrides) names its trainer. DiT/SiT: the EMA weights,
-`--sampler` and `--num_steps` of the diffusion, decoded by the latent cache's VAE. MaskGIT: the EMA weights when
+`--sampler` and `--num_steps` of the diffusion, decoded by the latent cache's VAE; with `--cfg_scale` != 1 the SiT
+samplers guide only inside [--guidance_low, --guidance_high] of REPA's time (1 = noise; REPA's README: cfg 1.8,
+high 0.7). MaskGIT: the EMA weights when
 the run keeps them (else the weights), T = `--num_steps` decoding steps (default the run's sample.steps, 8) with
 the arccos reveal schedule, Gumbel confidence noise r_temp * (1 - i / (T - 1)) and CFG w ramped linearly,
 decoded by the token cache's VQ model (`--vae` another VQ weights dir).
@@ -25,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from eqvae_jax.diffusion import sampling
+from eqvae_jax.diffusion import guidance, sampling
 from eqvae_jax.maskgit import sampling as maskgit_sampling
 from eqvae_jax.models.autoencoders import build_autoencoder
 from eqvae_jax.parallel.coordination import failures_shared
@@ -34,7 +36,7 @@ from eqvae_jax.parallel.mesh import make_mesh, replicated
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.console import setup_logging
 from eqvae_jax.train.dit import state as dit_state
-from eqvae_jax.train.dit.config import parse_config
+from eqvae_jax.train.dit.config import guidance_problems, parse_config
 from eqvae_jax.train.dit.job import cache_autoencoder
 from eqvae_jax.train.maskgit import job as maskgit_job
 from eqvae_jax.train.maskgit import state as maskgit_state
@@ -43,8 +45,8 @@ from eqvae_jax.train.run_dir import resolve
 from eqvae_jax.typed_config import ConfigError
 
 OVERRIDES = ("update", "num_samples", "batch_size", "sampler", "num_steps", "cfg_scale", "guide_channels", "seed",
-             "labels", "vae", "out", "name", "r_temp", "sm_temp")
-DIFFUSION_ONLY = ("sampler", "guide_channels")
+             "labels", "vae", "out", "name", "r_temp", "sm_temp", "guidance_low", "guidance_high")
+DIFFUSION_ONLY = ("sampler", "guide_channels", "guidance_low", "guidance_high")
 
 
 def define_flags() -> Any:
@@ -58,6 +60,8 @@ def define_flags() -> Any:
     flags.DEFINE_integer("num_steps", None, "Sampling steps (default the run's: DiT 250, MaskGIT 8).")
     flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (DiT: 1 = none; MaskGIT: w, 0 = none).")
     flags.DEFINE_integer("guide_channels", None, "Guided channels (0 = all; 3 = the reference quirk).")
+    flags.DEFINE_float("guidance_low", None, "SiT: guide only from this noise level tau (REPA's time, 1 = noise).")
+    flags.DEFINE_float("guidance_high", None, "SiT: guide only up to this noise level tau (REPA's README: 0.7).")
     flags.DEFINE_integer("seed", None, "Sampling seed.")
     flags.DEFINE_enum("labels", "random", ["random", "cycle"], "Class labels: uniform random or i % classes.")
     flags.DEFINE_string("vae", None, "Autoencoder weights dir for decoding (default: the one of the run's cache).")
@@ -110,12 +114,20 @@ def _restore_dit(ckpt: Checkpointer, update: int, raw: ConfigDict, host: dict[st
     model = dit_state.functional_model(cfg, c.seed, replicated(mesh))
     sampler, num_steps = _pick(overrides, "sampler", c.sampler), _pick(overrides, "num_steps", c.sample.num_steps)
     cfg_scale = _pick(overrides, "cfg_scale", c.sample.cfg_scale)
+    interval = (_pick(overrides, "guidance_low", c.sample.guidance_low),
+                _pick(overrides, "guidance_high", c.sample.guidance_high))
+    problems = guidance_problems(sampler, interval, "--")
+    if problems:
+        raise ConfigError(problems)
     vae = build_autoencoder(cache_autoencoder(host, overrides.get("vae") or c.sample.vae))
     decode = sampling.make_decoder(vae, host["scaling_factor"], host["shift_factor"])
     generate = sampling.make_generate(model, decode, mesh, sampler, num_steps, cfg_scale,
                                       _pick(overrides, "guide_channels", c.sample.guide_channels), c.sample.ode_method,
-                                      overrides.get("labels") or "random")
-    return generate, params, f"{sampler}{num_steps}-cfg{cfg_scale:g}", c.sample.seed
+                                      overrides.get("labels") or "random", guidance_interval=interval)
+    label = f"{sampler}{num_steps}-cfg{cfg_scale:g}"
+    if cfg_scale != 1.0 and interval != guidance.FULL_INTERVAL:
+        label += f"-interval{interval[0]:g}-{interval[1]:g}"
+    return generate, params, label, c.sample.seed
 
 
 def _restore_maskgit(ckpt: Checkpointer, update: int, raw: ConfigDict, host: dict[str, Any],

@@ -6,7 +6,8 @@ file left without its completion marker (killed while writing) is recomputed, an
 fresh uninterrupted run of the CLI in a subprocess. The per-image numbers are recomputed outside the pipeline from
 the stored crops: the crops are torchvision Resize + CenterCrop of the photos, the KL reconstruction decodes a
 posterior sample with the documented per-position noise, and PSNR, equivariance error, Inception features and
-TwoNN match. A workdir of another configuration, and bad configs, are clear errors."""
+TwoNN match. A workdir of another configuration, and bad configs, are clear errors; the rFID preprocessing option
+reaches the Inception, its fingerprint (so shards of the two never mix) and the report."""
 
 import json
 import os
@@ -23,10 +24,12 @@ from eqvae_jax.data.demo import EVAL_PHOTOS, IMAGES_DIR
 from eqvae_jax.data.transforms import resize_center_crop
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import inception, latents, reconstruction
+from eqvae_jax.eval.features import InceptionExtractor
 from eqvae_jax.models import kl_vae
 from eqvae_jax.models.autoencoders import build_autoencoder
+from eqvae_jax.train.eval_vae import report
 from eqvae_jax.train.eval_vae.config import parse_config
-from eqvae_jax.train.eval_vae.job import run
+from eqvae_jax.train.eval_vae.job import build_inception, run
 from eqvae_jax.train.eval_vae.shards import ShardMismatchError, ShardPlan, ShardStore
 from eqvae_jax.typed_config import ConfigError
 
@@ -69,7 +72,8 @@ def test_resume_restarts_from_the_last_shard_and_equals_a_fresh_cli_run(resumed,
     assert "equivariance/codes/rotation" in results["vq"] and "equivariance/codes/rotation" not in results["kl"]
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["kl"]["psnr"] == pytest.approx(results["kl"]["psnr"])
-    assert json.loads((workdir / "results" / "vq.json").read_text())["spec"]["kind"] == "vq_vae"
+    per_model = json.loads((workdir / "results" / "vq.json").read_text())
+    assert per_model["spec"]["kind"] == "vq_vae" and per_model["fid_preprocess"] == "adm"  # which rFID this is
     png = Image.open(workdir / "comparison.png")
     assert png.size[0] > 400 and png.size[1] > 400
     for name in ("kl", "vq"):
@@ -141,6 +145,22 @@ def test_workdir_of_another_configuration_is_an_error(resumed):
     _, workdir, cache, _, _ = resumed
     with pytest.raises(ShardMismatchError, match=r"seed: 0 -> 1.*new --workdir"):
         run(_tiny(cache, seed=1), str(workdir))
+
+
+def test_fid_preprocess_option_reaches_the_inception_and_the_report():
+    """`fid_preprocess='pytorch_fid'` (zelaki/eqvae's pytorch-fid rFID) builds the Inception with that input
+    preprocessing and the results table names it; an unknown value is a config error."""
+    c = parse_config(_tiny("", fid_preprocess="pytorch_fid"))
+    assert parse_config(_tiny("")).fid_preprocess == "adm"
+    net = build_inception(c.inception, c.fid_preprocess)
+    assert net.config.preprocess == "pytorch_fid"
+    # the shards record the extractor's fingerprint: a workdir of the other preprocessing is another configuration
+    assert InceptionExtractor(net).fingerprint != InceptionExtractor(build_inception(c.inception)).fingerprint
+    results = {"kl": {"rfid": 1.5, "psnr": 20.0}}
+    assert "rFID (pytorch_fid)" in report.format_table(results, c)
+    assert "rFID (adm)" in report.format_table(results, parse_config(_tiny("")))
+    with pytest.raises(ConfigError, match="fid_preprocess must be one of"):
+        parse_config(_tiny("", fid_preprocess="clean_fid"))
 
 
 def test_config_problems(tmp_path):

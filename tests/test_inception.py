@@ -1,5 +1,6 @@
 """FID Inception: parity with torch-fidelity's FeatureExtractorInceptionV3 (random weights and BatchNorm statistics,
-converted through the CLI), the TF1 resize, the sFID tap, conversion errors, build/save/load."""
+converted through the CLI), the TF1 resize, pytorch-fid's input preprocessing (the `preprocess` option) against
+torch, the sFID tap, conversion errors, build/save/load."""
 
 import os
 
@@ -124,6 +125,37 @@ def test_tf1_resize_matches_torch_fidelity(size):
     err = np.max(np.abs(got - want))
     print(f"TF1 resize {size} -> 299 max abs err {err:.2e} (values 0..255)")
     assert err <= 1e-4
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 384), (32, 40), (299, 299)])
+def test_pytorch_fid_preprocessing_matches_torch(size):
+    """pytorch-fid's InceptionV3.forward input (zelaki/eqvae's rFID): ToTensor (/255), F.interpolate(299,
+    bilinear, align_corners=False), 2 x - 1, on random images larger, smaller, non-square and equal to 299."""
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(3).integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    want = (2 * F.interpolate(t, size=(299, 299), mode="bilinear", align_corners=False) - 1).permute(0, 2, 3, 1)
+    got = np.asarray(jax.jit(lambda a: inception.preprocess_pytorch_fid(a, 299))(x))
+    err = np.max(np.abs(got - want.numpy()))
+    print(f"pytorch-fid preprocessing {size} -> 299 max abs err {err:.2e} (values -1..1)")
+    assert got.shape == (2, 299, 299, 3) and err <= 2e-6
+    adm = np.asarray(inception.preprocess_adm(x, 299))
+    if size != (299, 299):  # the two resizes differ (TF1: no half-pixel centres), not only the scaling
+        assert np.max(np.abs(adm - got)) > 0.05
+
+
+def test_network_input_follows_the_preprocess_option():
+    """The same weights with preprocess='pytorch_fid' see 2 x / 255 - 1: at the network's own size (no resize)
+    that is the 'adm' network fed x * 256 / 255, since (x' - 128) / 128 = 2 x / 255 - 1 for x' = 256 x / 255."""
+    adm = inception.build(inception.tiny(), seed=2)
+    pfid = inception.build(inception.tiny(preprocess="pytorch_fid"), seed=2)
+    x = np.random.default_rng(4).integers(0, 256, (2, 75, 75, 3)).astype(np.float32)  # one compile per network
+    got, want = pfid(x)["pool"], adm(x * (256 / 255))["pool"]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(adm(x)["pool"]) - np.asarray(got)).max() > 1e-4  # the option changes the features
+    with pytest.raises(ValueError, match="preprocess"):
+        inception.InceptionConfig(preprocess="clean_fid")
 
 
 def test_resize_indices_are_tf1_legacy():

@@ -1,7 +1,8 @@
 """Latent cache: records round-trip, extraction with a tiny random VAE on the demo photographs stores exactly
 the VAE's posterior (mean, std) of each image, mirrored by a seeded per-image coin ('random', the default) or in
-both orientations ('copy'), and the crop it encoded (mirrored in a flipped record); a restart skips finished
-chunks, and the training iterator reads the cache (resumably), with or without images."""
+both orientations ('copy'), and the crop it encoded (mirrored in a flipped record); REPA's `:images` cache never
+flips; a restart skips finished chunks, and the training iterator reads the cache (resumably), with or without
+images."""
 
 import os
 
@@ -118,6 +119,31 @@ def test_copy_stores_both_orientations(cache, tmp_path):
     copies = {(int(r["index"]), bool(r["flipped"])): r for r in records}
     for r in _records(random_dir):  # the 'random' record is the copy of the orientation its coin chose
         np.testing.assert_allclose(r["mean"], copies[int(r["index"]), bool(r["flipped"])]["mean"], atol=1e-6)
+
+
+def test_repa_images_variant_stores_unflipped_center_crops(cache, tmp_path):
+    """configs/extract_latents.py:images (REPA's cache) never mirrors: every record holds the plain ADM center crop
+    and the posterior of that crop, also for the images the default's coin mirrors."""
+    config, random_dir, _ = cache
+    repa = load_config("extract_latents", "images,tiny", **{"data.data_dir": config.data.data_dir, "mesh.data": 4,
+                                                            "batch_size_per_process": 4, "chunk_size": 4})
+    assert parse_config(repa).flip == "none" and load_config("extract_latents").flip == "random"  # DiT keeps it
+    stats = latent_extraction.run(repa, str(tmp_path))
+    assert stats["records"] == 7 and latent_cache.read_meta(str(tmp_path))["flip"] == "none"
+    records = {int(r["index"]): r for r in _records(str(tmp_path))}
+    mirrored = {int(r["index"]): r for r in _records(random_dir) if r["flipped"]}
+    assert sorted(records) == list(range(7)) and not any(bool(r["flipped"]) for r in records.values())
+    assert len(mirrored) == 4  # the default cache mirrors images 0, 2, 3, 6
+    images = open_source(repa.data, train=True)
+    for index, r in records.items():
+        crop = adm_center_crop(decode_image(images[index]["bytes"]), 64)
+        np.testing.assert_array_equal(r["image"], crop)
+        if index in mirrored:  # same VAE and crop, other orientation: the default stored the mirror image
+            np.testing.assert_array_equal(mirrored[index]["image"], crop[:, ::-1])
+            assert np.abs(r["mean"] - mirrored[index]["mean"]).max() > 1e-3
+    vae = build_autoencoder(parse_config(repa).vae)
+    x = (jnp.asarray(adm_center_crop(decode_image(images[0]["bytes"]), 64), jnp.float32)[None] - 127.5) / 127.5
+    np.testing.assert_allclose(records[0]["mean"], np.asarray(vae.encode(x).mean[0]), atol=1e-5)
 
 
 def test_restart_skips_finished_chunks(cache, tmp_path):

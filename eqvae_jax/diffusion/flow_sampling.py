@@ -9,6 +9,8 @@ Step counts follow SiT: `num_steps` is the number of time-grid points linspace(t
   then the last step without noise: 'Mean' x + drift(x, t1) * size, 'Euler' x + v(x, t1) * size,
   'Tweedie' x / t1 + (1 - t1)^2 / t1 * score, or None (return x). t0 = sample_eps for 'SBDM', else 0.
 Noise of step i comes from fold_in(key, i).
+A model_fn with a guidance interval (`guidance.IntervalGuidance`, REPA's samplers) is asked once per step, from
+the step's start time, whether to guide; every evaluation of that step (Heun's second one included) follows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from eqvae_jax.diffusion.guidance import for_step
 from eqvae_jax.diffusion.interpolant import (
     ModelFn,
     diffusion_coefficient,
@@ -33,12 +36,13 @@ def _tvec(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def euler_step(model_fn: ModelFn, x: jax.Array, t: jax.Array, dt: jax.Array) -> jax.Array:
     """x + dt v(x, t)."""
-    return x + dt * velocity(model_fn, x, _tvec(x, t))
+    return x + dt * velocity(for_step(model_fn, t), x, _tvec(x, t))
 
 
 def heun_step(model_fn: ModelFn, x: jax.Array, t: jax.Array, dt: jax.Array) -> jax.Array:
     """Explicit trapezoid (torchdiffeq 'heun2'): k1 = v(x, t), k2 = v(x + dt k1, t + dt);
-    returns x + dt (k1 + k2) / 2."""
+    returns x + dt (k1 + k2) / 2. Guidance (an interval) is decided from t for both evaluations, as REPA's Heun."""
+    model_fn = for_step(model_fn, t)
     k1 = velocity(model_fn, x, _tvec(x, t))
     k2 = velocity(model_fn, x + dt * k1, _tvec(x, t + dt))
     return x + 0.5 * dt * (k1 + k2)
@@ -77,7 +81,7 @@ def euler_maruyama_step(
 ) -> jax.Array:
     """x + drift(x, t) dt + sqrt(2 w(t)) sqrt(dt) w, with `w` standard normal noise."""
     tv = _tvec(x, t)
-    mean = x + sde_drift(model_fn, x, tv, form, norm) * dt
+    mean = x + sde_drift(for_step(model_fn, t), x, tv, form, norm) * dt
     return mean + jnp.sqrt(2 * diffusion_coefficient(tv, x, form, norm)) * jnp.sqrt(dt) * w
 
 
@@ -111,6 +115,7 @@ def sde_sample(
 
     x, _ = jax.lax.scan(body, x0, (jnp.arange(num_steps - 1), ts[:-1]))
     tv = _tvec(x, t1)
+    model_fn = for_step(model_fn, jnp.float32(t1))  # the last step starts at t1
     if last_step == "Mean":
         x = x + sde_drift(model_fn, x, tv, form, norm) * last_step_size
     elif last_step == "Euler":

@@ -33,6 +33,7 @@ from eqvae_jax.models.kl_vae import denormalize_latents
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows
 
 SAMPLERS = ("ddpm", "ddim", "ode", "sde")
+FLOW_SAMPLERS = ("ode", "sde")  # SiT's: the ones a guidance interval applies to
 
 
 def make_sampler(
@@ -42,15 +43,21 @@ def make_sampler(
     cfg_scale: float = 1.0,
     guide_channels: int = 0,
     ode_method: str = "heun",
+    guidance_interval: tuple[float, float] = guidance.FULL_INTERVAL,
 ) -> Callable[[dict, jax.Array, jax.Array], jax.Array]:
     """fn(params, labels (B,), keys (B,)) -> latents (B, h, w, c), one independent trajectory per sample.
 
     'ddpm'/'ddim' run DiT's respaced `num_steps`-step schedule (clip_denoised=False); 'ode'/'sde' integrate
     SiT's linear path with `num_steps` grid points. cfg_scale == 1 runs the conditional model alone
-    (the reference only guides for scale > 1).
+    (the reference only guides for scale > 1). `guidance_interval` (ode/sde only): guide only the steps whose
+    start lies in [low, high] of REPA's time (1 = noise, 0 = data; `guidance` module docstring).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+    if interval != guidance.FULL_INTERVAL and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"a guidance interval {interval} needs a flow sampler {FLOW_SAMPLERS} (REPA's time); "
+                         f"{sampler!r} guides every step")
     cfg = model.config
     shape = (1, cfg.input_size, cfg.input_size, cfg.in_channels)
     sched = create_schedule(str(num_steps)) if sampler in ("ddpm", "ddim") else None
@@ -63,7 +70,10 @@ def make_sampler(
         x = jax.random.normal(k_init, shape, jnp.float32)
         apply = lambda x, t, y: model.apply(params, x, t, y)
         y = label[None]
-        if cfg_scale != 1.0:
+        if cfg_scale != 1.0 and interval != guidance.FULL_INTERVAL:
+            fn = guidance.interval_cfg_model_fn(apply, y, cfg.num_classes, cfg_scale, cfg.in_channels, interval,
+                                                guide_channels or None)
+        elif cfg_scale != 1.0:
             fn = guidance.cfg_model_fn(apply, y, cfg.num_classes, cfg_scale, cfg.in_channels, guide_channels or None)
         else:
             fn = guidance.conditional_model_fn(apply, y)
@@ -109,13 +119,14 @@ def make_generate(
     guide_channels: int = 0,
     ode_method: str = "heun",
     class_labels: str = "random",
+    guidance_interval: tuple[float, float] = guidance.FULL_INTERVAL,
 ) -> Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """jit (params, seed, indices (B,) sharded) -> (uint8 images or latents, labels), sharded over the batch.
 
     `decode(latents)` maps diffusion latents to images in [-1, 1] (None returns the latents, float32).
     `class_labels`: 'random' (uniform, like the reference) or 'cycle' (index % num_classes, balanced).
     """
-    sample = make_sampler(model, sampler, num_steps, cfg_scale, guide_channels, ode_method)
+    sample = make_sampler(model, sampler, num_steps, cfg_scale, guide_channels, ode_method, guidance_interval)
     num_classes = model.config.num_classes
 
     def generate(params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -10,7 +10,11 @@
 This is the network behind the ADM evaluator's TF graph (`classify_image_graph_def.pb`) fed at `ExpandDims:0`:
 - the input (uint8 values as float32) is resized to 299x299 by TF1's `ResizeBilinear` (align_corners=False,
   no half-pixel centres: source coordinate = dst * in/out, corners of the 2x2 neighbourhood clamped at the
-  border, horizontal then vertical interpolation as `a + (b - a) * frac`), then scaled to (x - 128) / 128;
+  border, horizontal then vertical interpolation as `a + (b - a) * frac`), then scaled to (x - 128) / 128
+  (`preprocess='adm'`, the default: ADM's evaluator, torch-fidelity). `preprocess='pytorch_fid'` is
+  pytorch-fid's `InceptionV3.forward` instead (zelaki/eqvae's rFID): x / 255 (torchvision `ToTensor`),
+  `F.interpolate(size=299, mode='bilinear', align_corners=False)` (half-pixel centres, no antialias), 2 x - 1;
+  the same weights;
 - every conv is `BasicConv2d`: conv without bias, BatchNorm (eps 1e-3, running statistics), ReLU;
 - the 3x3 average pools inside Mixed_5b-d, 6b-e and 7b divide by the number of non-padded inputs
   (TF's average pool; PyTorch's count_include_pad=False); Mixed_7c's pool branch is a 3x3 *max* pool (a quirk
@@ -58,6 +62,7 @@ BN_EPS = 1e-3
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]
 PRECISIONS = ("highest", "high", "default")
+PREPROCESSES = ("adm", "pytorch_fid")  # input resize + scaling before the network (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +72,15 @@ class InceptionConfig:
     width_divisor: int = 1  # every channel count // this (1 = the FID network; >1 only for tests)
     image_size: int = 299  # the TF1 bilinear resize target
     precision: str = "highest"  # jax.lax.Precision of convs and the fc matmul
+    # 'adm': TF1 bilinear resize, (x - 128) / 128 (ADM's evaluator, torch-fidelity); 'pytorch_fid': x / 255,
+    # torch bilinear resize with half-pixel centres, 2 x - 1 (pytorch-fid, zelaki/eqvae's rFID). Same weights.
+    preprocess: str = "adm"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"InceptionConfig: precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.preprocess not in PREPROCESSES:
+            raise ValueError(f"InceptionConfig: preprocess must be one of {PREPROCESSES}, got {self.preprocess!r}.")
         if not 1 <= self.width_divisor <= 192 // SPATIAL_CHANNELS:
             raise ValueError(f"InceptionConfig: width_divisor must be in [1, {192 // SPATIAL_CHANNELS}] so that "
                              f"Mixed_6d.branch1x1 keeps >= {SPATIAL_CHANNELS} channels, got {self.width_divisor}.")
@@ -148,6 +158,24 @@ def resize_bilinear_tf1(x: jax.Array, size: int) -> jax.Array:
     row1 = jnp.take(bottom, xlo, axis=2)
     row1 = row1 + (jnp.take(bottom, xhi, axis=2) - row1) * dx
     return row0 + (row1 - row0) * jnp.asarray(dy)[None, :, None, None]
+
+
+def preprocess_adm(images: jax.Array, size: int) -> jax.Array:
+    """ADM's evaluator input: TF1 bilinear resize of the 0..255 values to size x size, then (x - 128) / 128."""
+    return (resize_bilinear_tf1(images.astype(jnp.float32), size) - 128.0) / 128.0
+
+
+def preprocess_pytorch_fid(images: jax.Array, size: int) -> jax.Array:
+    """pytorch-fid's input: x / 255, `F.interpolate(size=(size, size), mode='bilinear', align_corners=False)`
+    (half-pixel centres, no antialias, also when shrinking), then 2 x - 1."""
+    x = images.astype(jnp.float32) / 255.0
+    b, h, w, c = x.shape
+    if (h, w) != (size, size):
+        x = jax.image.resize(x, (b, size, size, c), method="linear", antialias=False)
+    return 2.0 * x - 1.0
+
+
+PREPROCESS = {"adm": preprocess_adm, "pytorch_fid": preprocess_pytorch_fid}
 
 
 def _pairs(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -389,8 +417,7 @@ class InceptionV3(nnx.Module):
             raise ValueError(f"Inception expects NHWC RGB images (B, H, W, 3), got shape {images.shape}.")
         if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
             raise ValueError(f"Inception expects uint8 images (or floats on the 0..255 scale), got {images.dtype}.")
-        x = resize_bilinear_tf1(images.astype(jnp.float32), self.config.image_size)
-        x = (x - 128.0) / 128.0
+        x = PREPROCESS[self.config.preprocess](images, self.config.image_size)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = max_pool(x, 2)
         x = max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 2)

@@ -26,6 +26,7 @@ import jax
 from ml_collections import ConfigDict
 
 from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig, read_meta
+from eqvae_jax.diffusion.guidance import FULL_INTERVAL
 from eqvae_jax.eval.adm_metrics import BadInputError, NpzImages, read_statistics
 from eqvae_jax.eval.inception import KIND as INCEPTION_KIND
 from eqvae_jax.eval.inception import InceptionConfig
@@ -111,6 +112,11 @@ class SampleConfig:
     num_steps: int = 250
     cfg_scale: float = 1.0  # the EQ-VAE README evaluates without guidance
     guide_channels: int = 0  # 0 = all latent channels; 3 reproduces the reference DiT/SiT quirk
+    # Guidance interval (SiT samplers 'ode'/'sde' only; REPA's --guidance-low/--guidance-high): with cfg_scale != 1,
+    # guide only the steps that start at a noise level tau in [low, high], in REPA's time (1 = noise, 0 = data;
+    # this SiT's t is 1 - tau); the other steps run the conditional model alone. (0, 1) = every step.
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
     ode_method: str = "heun"
     seed: int = 0
     vae: str = ""  # '' = the VAE recorded in the latent cache; else a weights dir to decode with
@@ -149,6 +155,11 @@ class DiTJobConfig(RunConfig):
     @property
     def sampler(self) -> str:
         return self.sample.sampler or ("ddpm" if self.objective == "ddpm" else "sde")
+
+    @property
+    def guidance_interval(self) -> tuple[float, float]:
+        """(sample.guidance_low, sample.guidance_high): REPA's guidance interval."""
+        return (self.sample.guidance_low, self.sample.guidance_high)
 
     def dit_config(self, latent_shape: tuple[int, int, int]) -> DiTConfig:
         """The backbone for latents of shape (h, w, c)."""
@@ -283,6 +294,17 @@ def _fid_problems(c: DiTJobConfig, num_devices: int, check_files: bool) -> list[
     return problems
 
 
+def guidance_problems(sampler: str, interval: tuple[float, float], prefix: str = "") -> list[str]:
+    """The guidance interval must be a sub-interval of [0, 1] and, unless it is all of it, meet a SiT sampler."""
+    low, high = interval
+    if not 0.0 <= low <= high <= 1.0:
+        return [f"{prefix}guidance_low/high = ({low}, {high}): need 0 <= low <= high <= 1 (REPA's time: 1 = noise)"]
+    if (low, high) != FULL_INTERVAL and sampler not in SAMPLERS["sit"]:
+        return [f"{prefix}guidance_low/high = ({low}, {high}): a guidance interval needs a SiT sampler "
+                f"{SAMPLERS['sit']} (REPA's samplers), not {sampler!r}"]
+    return []
+
+
 def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache: bool = True) -> DiTJobConfig:
     """The typed config, or a ConfigError listing every problem. `check_cache=False` skips the checks that read
     files (the latent cache, the REPA teacher's weights dir, the gFID Inception and reference), e.g. to sample
@@ -295,6 +317,7 @@ def parse_config(config: ConfigDict, num_devices: int | None = None, check_cache
     elif c.sampler not in SAMPLERS[c.objective]:
         problems.append(f"sample.sampler {c.sample.sampler!r} does not fit objective {c.objective!r} "
                         f"(use one of {SAMPLERS[c.objective]})")
+    problems += guidance_problems(c.sampler, c.guidance_interval, "sample.")
     if c.model.size not in SIZES or c.model.patch not in PATCHES:
         problems.append(f"model size/patch {c.model.size}/{c.model.patch} unknown (sizes {sorted(SIZES)}, "
                         f"patches {PATCHES})")

@@ -135,14 +135,15 @@ def _gfid_evaluator(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, decod
     s = config.sample
     batch = s.fid_batch_size or 32 * batch_divisor(mesh)
     generate = sampling.make_generate(model, decode, mesh, config.sampler, s.num_steps, s.cfg_scale,
-                                      s.guide_channels, s.ode_method, class_labels="random")
+                                      s.guide_channels, s.ode_method, class_labels="random",
+                                      guidance_interval=config.guidance_interval)
     extractor = InceptionExtractor(inception.load(s.inception), mesh, batch)
     if s.fid_num_samples < MIN_FID_IMAGES:
         log.warning("gFID from %d samples: fewer than %d give a biased FID (monitoring only)", s.fid_num_samples,
                     MIN_FID_IMAGES)
-    log.info("gFID-%d every %d updates and at the end: %s %d steps, cfg %g, seed %d, reference %s",
-             s.fid_num_samples, s.fid_every_updates, config.sampler, s.num_steps, s.cfg_scale, s.seed,
-             s.fid_reference)
+    log.info("gFID-%d every %d updates and at the end: %s %d steps, cfg %g in [%g, %g], seed %d, reference %s",
+             s.fid_num_samples, s.fid_every_updates, config.sampler, s.num_steps, s.cfg_scale,
+             *config.guidance_interval, s.seed, s.fid_reference)
     return GenerationEvaluator(generate, extractor, s.fid_reference, s.fid_num_samples, batch, s.seed)
 
 
@@ -150,4 +151,5 @@ def _grid_sampler(config: DiTJobConfig, model: FunctionalDiT, mesh: Any, decode:
     """A small decoded sample grid from the EMA params (fixed seed and labels, so grids are comparable)."""
     return sampling.grid_sampler(model, decode, mesh, config.sampler, config.sample.grid_steps,
                                  config.sample.grid_count, config.sample.seed, cfg_scale=config.sample.cfg_scale,
-                                 guide_channels=config.sample.guide_channels, ode_method=config.sample.ode_method)
+                                 guide_channels=config.sample.guide_channels, ode_method=config.sample.ode_method,
+                                 guidance_interval=config.guidance_interval)

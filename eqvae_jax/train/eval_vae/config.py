@@ -4,7 +4,9 @@ Defaults are the EQ-VAE reference's `eval.py` protocol: the 50,000 ImageNet vali
 `Resize(256)` + `CenterCrop(256)` (`resize_center_crop`), reconstructions decoded from a posterior *sample*
 (KL; a VQ model decodes its quantized codes), rFID of the 50K reconstructions against the 50K originals, PSNR,
 SSIM, LPIPS, plus the paper's latent analyses: the equivariance error per transform and family, and the
-intrinsic dimension (TwoNN) of the latents.
+intrinsic dimension (TwoNN) of the latents. One deliberate default: rFID's Inception input is ADM's evaluator
+preprocessing (`fid_preprocess='adm'`, as every other FID here); the reference's pytorch-fid preprocessing is
+`fid_preprocess='pytorch_fid'`.
 
 `models` maps a name (a directory name: letters, digits, '_', '-', '.') to an `AutoencoderSpec` section; several
 models are evaluated in one pass over the data and compared side by side. `parse_config` lists every problem at
@@ -24,6 +26,7 @@ from ml_collections import ConfigDict
 from eqvae_jax.data.config import DataConfig
 from eqvae_jax.eval.equivariance import EquivarianceEvalConfig
 from eqvae_jax.eval.inception import KIND as INCEPTION_KIND
+from eqvae_jax.eval.inception import PREPROCESSES
 from eqvae_jax.losses import resample
 from eqvae_jax.models import lpips, weights
 from eqvae_jax.models.autoencoders import AutoencoderSpec
@@ -56,6 +59,11 @@ class EvalVAEConfig:
     # bf16 pass; the reference ran PyTorch fp32 with TF32 convolutions on A100s, between 'high' and 'highest').
     precision: str = "highest"
     inception: str = ""  # FID Inception weights dir (python -m eqvae_jax.convert --kind inception); 'random': tests
+    # The Inception's input preprocessing for rFID (eval.inception PREPROCESSES): 'adm' = ADM's evaluator /
+    # torch-fidelity (TF1 bilinear resize to 299, (x - 128) / 128), comparable with gFID numbers; 'pytorch_fid' =
+    # pytorch-fid, what zelaki/eqvae's eval.py (the paper's Table 1) uses (x / 255, torch bilinear resize with
+    # half-pixel centres, 2 x - 1). Same weights; results/<model>.json and the table say which.
+    fid_preprocess: str = "adm"
     lpips: str = ""  # LPIPS weights dir (python -m eqvae_jax.convert --kind lpips); '' = no LPIPS; 'random': tests
     equivariance: EquivarianceEvalConfig = EquivarianceEvalConfig()  # the paper's rotations and scales
     # TwoNN intrinsic dimension of the latents (posterior mean; VQ: pre-quantization features), one flattened
@@ -173,6 +181,9 @@ def parse_config(config: ConfigDict | dict, num_devices: int | None = None, chec
         problems.append(f"id_images={c.id_images}: TwoNN needs at least 3 latents (0 skips it)")
     if c.precision not in PRECISIONS:
         problems.append(f"precision must be one of {PRECISIONS}, not {c.precision!r}")
+    if c.fid_preprocess not in PREPROCESSES:
+        problems.append(f"fid_preprocess must be one of {PREPROCESSES} (ADM's evaluator or pytorch-fid), not "
+                        f"{c.fid_preprocess!r}")
     if check_files:
         problems += _network_problems(c)
     if problems:

@@ -9,7 +9,9 @@ so the draw does not depend on the batch size or device count); a VQ model decod
 
   rFID   Inception pool features of the reconstructions against those of the originals, both quantised like the
          reference's PNGs (`clamp(127.5 x + 128, 0, 255)` truncated; exact for the originals), the Frechet
-         distance of ADM's evaluator (`adm_metrics`) with the reconstructions as the sample batch;
+         distance of ADM's evaluator (`adm_metrics`) with the reconstructions as the sample batch. The Inception's
+         input preprocessing is `fid_preprocess`: 'adm' (default; ADM's evaluator, TF1 resize) or 'pytorch_fid'
+         (the reference's pytorch-fid: torch bilinear resize with half-pixel centres, 2 x / 255 - 1);
   PSNR / SSIM / LPIPS   `eval.reconstruction` (PSNR on the quantised uint8 images; SSIM and LPIPS on the
          unclamped float images);
   equivariance error   `eval.equivariance` per transform and per family, on the posterior mean (KL) or the
@@ -154,11 +156,12 @@ def _data_fingerprint(c: EvalVAEConfig) -> dict[str, Any]:
             "min_side": d.min_side, "global_batch_size": c.global_batch_size}
 
 
-def build_inception(path: str) -> inception.InceptionV3:
+def build_inception(path: str, preprocess: str = "adm") -> inception.InceptionV3:
+    """The FID Inception (or the random tiny one) with the given input preprocessing ('adm' / 'pytorch_fid')."""
     if path == RANDOM:
         log.warning("eval_vae: a random tiny Inception (tests/demo only: its rFID means nothing)")
-        return inception.build(inception.tiny(), seed=0)
-    return inception.load(path)
+        return inception.build(inception.tiny(preprocess=preprocess), seed=0)
+    return inception.load(path, preprocess=preprocess)
 
 
 def build_lpips(path: str) -> lpips.LPIPS | None:
@@ -310,7 +313,7 @@ def run(config: ConfigDict | EvalVAEConfig, workdir: str, stop_after_shards: int
         raise EvalVAEError(f"no images to evaluate in {source!r}")
     plan = ShardPlan(total, c.effective_shard_size())
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp)
-    extractor = InceptionExtractor(build_inception(c.inception), mesh, c.global_batch_size)
+    extractor = InceptionExtractor(build_inception(c.inception, c.fid_preprocess), mesh, c.global_batch_size)
     lpips_net = build_lpips(c.lpips)
     lpips_state = jax.device_put(nnx.split(lpips_net)[1], replicated(mesh)) if lpips_net is not None else None
     base = {"data": _data_fingerprint(c), "inception": extractor.fingerprint[:16], "preview_images": c.preview_images}

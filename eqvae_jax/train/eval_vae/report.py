@@ -1,7 +1,8 @@
 """Outputs of the reconstruction evaluation (job.py): JSON, TensorBoard, a comparison PNG, a console table.
 
     WORKDIR/results.json              {model: {metric: value}} (null where undefined)
-    WORKDIR/results/<model>.json      one model: its spec and metrics
+    WORKDIR/results/<model>.json      one model: its spec, metrics and `fid_preprocess` (the Inception input
+                                      preprocessing its rFID used: 'adm' or 'pytorch_fid')
     WORKDIR/tensorboard/<model>/      scalars `eval_vae/<metric>` at step 0 (TensorBoard overlays the models as
                                       runs) and images: reconstructions, latent PCA
     WORKDIR/comparison.png            equivariance error per transform as grouped bars (one colour per model),
@@ -47,6 +48,7 @@ def metric_rows(results: Mapping[str, Mapping[str, float]], config: EvalVAEConfi
     rows = [*HEADLINE, *((f"  {t}", EQ + t) for t in transforms),
             ("codes kept: rotation", EQ + "codes/rotation"),
             *((f"  codes kept: {t}", EQ + "codes/" + t) for t in transforms), *TAIL]
+    rows = [(f"rFID ({config.fid_preprocess})" if key == "rfid" else label, key) for label, key in rows]
     return [(label, key) for label, key in rows if any(key in r for r in results.values())]
 
 
@@ -116,7 +118,7 @@ def write_all(workdir: str, config: EvalVAEConfig, results: Mapping[str, Mapping
     (root / "results").mkdir(parents=True, exist_ok=True)
     specs = config.specs()
     for name, scalars in results.items():
-        payload = {"model": name, "spec": dataclasses.asdict(specs[name]),
+        payload = {"model": name, "spec": dataclasses.asdict(specs[name]), "fid_preprocess": config.fid_preprocess,
                    "metrics": {k: _json_value(v) for k, v in scalars.items()}}
         (root / "results" / f"{name}.json").write_text(json.dumps(payload, indent=2))
     combined = {name: {k: _json_value(v) for k, v in s.items()} for name, s in results.items()}

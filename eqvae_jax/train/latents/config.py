@@ -2,7 +2,8 @@
 
 The job encodes a dataset once with an autoencoder into a cache (`eqvae_jax.data.latent_cache`); `--workdir` is
 the cache directory. The autoencoder's family decides what is stored: a KL autoencoder's posterior moments
-(`extract_latents`: ADM center crop and one random horizontal flip per image, the DiT/fast-DiT extraction) or a
+(`extract_latents`: ADM center crop and one random horizontal flip per image, the DiT/fast-DiT extraction; REPA's
+cache, configs/extract_latents.py:images, stores the crops too and never flips) or a
 VQ autoencoder's code indices (`extract_tokens`: MaskGIT's Resize + RandomCrop, `crops` crops per image in both
 orientations). Each process encodes its own chunks on its own devices, so the batch size is per process.
 """
@@ -35,8 +36,9 @@ class ExtractConfig:
     batch_size_per_process: int = 256  # images per encode call on this process (padded at the end of a chunk)
     chunk_size: int = 4096  # images per chunk file; the unit of resumption
     # Horizontal flips (data.latent_cache.FLIPS): 'random' = one record per image, mirrored for about half of them
-    # by a per-image coin seeded with flip_seed (the reference: RandomHorizontalFlip once at extraction); 'copy' =
-    # both orientations as two records; 'none' = as is.
+    # by a per-image coin seeded with flip_seed (the reference: fast-DiT's RandomHorizontalFlip once at
+    # extraction); 'copy' = both orientations as two records; 'none' = as is (REPA's preprocessing, edm2's
+    # center-crop-dhariwal, never flips: configs/extract_latents.py:images sets it).
     flip: str = "random"
     flip_seed: int = 0
     # Crops per image (token caches): a random transform (data.transform 'resize_random_crop', MaskGIT's) is drawn
