@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
     from eqvae_jax.parallel import aot
     from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
+    from eqvae_jax.train.checkpointing import CheckpointError
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.train.loop import ResumeError
     from eqvae_jax.typed_config import ConfigError
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not target:
         maybe_initialize(FLAGS.distributed)
-    handled = (ConfigError, ResumeError, KeyMismatchError)
+    handled = (ConfigError, ResumeError, KeyMismatchError, CheckpointError)
     try:
         with failures_shared(handled):  # a multi-process job: one process's error stops all, with that error
             if target:
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
                 importlib.import_module(JOBS[config.trainer]).run(config, FLAGS.workdir)
     except handled as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, CheckpointError) else 2)  # 2: the command's inputs; 1: its checkpoints
 
 
 if __name__ == "__main__":

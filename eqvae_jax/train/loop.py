@@ -4,9 +4,10 @@ A job builds its pieces into a `Job` (state, a micro-step function, a checkpoint
 host state, evaluation and logging hooks; what only some jobs have in `Extras`) and calls
 `run(job, config, services)`. The loop does everything else, the same way for every job:
 
-  resume   from the latest checkpoint in the workdir (state onto its current shardings, the data iterator,
-           the job's host state such as RNG), after checking that the saved config agrees on the keys the
-           job names in `resume_must_match`; then `extras.on_start` (e.g. start compiling ahead);
+  resume   from the newest checkpoint in the workdir that restores (state onto its current shardings, the data
+           iterator, the job's host state such as RNG; a damaged step is moved aside as `<step>.damaged`),
+           after checking that the saved config agrees on the keys the job names in `resume_must_match`;
+           only then WORKDIR/config.json is written; then `extras.on_start` (e.g. start compiling ahead);
   step     `extras.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
            (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA); scalar
@@ -36,7 +37,7 @@ from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.guard import NonFiniteCounter
 from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
 from eqvae_jax.train.profiling import Profiler
-from eqvae_jax.train.run_dir import RunServices
+from eqvae_jax.train.run_dir import RunServices, write_config
 from eqvae_jax.typed_config import dotted, to_json_dict
 
 log = logging.getLogger(__name__)
@@ -129,16 +130,16 @@ def _check_resume(saved: Mapping[str, Any] | None, config: Any, keys: tuple[str,
 
 
 def _restore(job: Job, config: Any, services: RunServices, counter: NonFiniteCounter) -> int:
-    latest = services.checkpointer.latest_step()
-    if latest is None:
+    """Resume from the newest checkpoint that restores (damaged ones are moved aside, train/checkpointing.py)."""
+    restored = services.checkpointer.restore_newest(
+        job.state, job.data, check=lambda saved: _check_resume(saved, config, job.resume_must_match))
+    if restored is None:
         return 0
-    _check_resume(services.checkpointer.read_json(latest, ("config",)).get("config"), config, job.resume_must_match)
-    restored = services.checkpointer.restore(latest, job.state, data_iterator=job.data)
     job.state = restored.state
     job.host.set_state(restored.host)
     counter.total = int(restored.host.get("nonfinite_total", 0))
-    log.info("%s: resumed at update %d from %s", job.name, latest, services.checkpointer.directory)
-    return latest
+    log.info("%s: resumed at update %d from %s", job.name, restored.step, services.checkpointer.directory)
+    return restored.step
 
 
 def _evaluate(job: Job, update: int, services: RunServices, summary: dict[str, Any]) -> None:
@@ -179,6 +180,7 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     total, k = config.total_updates, extras.micro_steps_per_update
     counter = NonFiniteCounter(config.max_consecutive_nonfinite)
     start = _restore(job, config, services, counter)
+    write_config(services.workdir, config)  # only now: a rejected resume leaves the workdir's config.json as it was
     summary: dict[str, Any] = {"start_update": start, "updates": start, "evals": {}, "outputs": {}, "state": job.state}
     if start >= total:
         log.info("%s: already trained to update %d in %s; nothing to do", job.name, start, services.workdir)
