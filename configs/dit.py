@@ -28,12 +28,15 @@ batch 256, EMA 0.9999, 400K updates, bf16 matmuls for the SiT and the teacher (R
 batch 256 needs --config.model.remat=True on v4-8, v5e-8 and v6e-8 (docs/repa.md has the TPU memory table).
 """
 
+from eqvae_jax.models.dit import PATCHES, SIZES
 from eqvae_jax.train.dit.config import defaults
 from eqvae_jax.typed_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, model="B/2", objective="ddpm", repa=False, tiny=False)
+    models = [f"{size}/{patch}" for size in SIZES for patch in PATCHES]
+    a = parse_arg(arg, choices={"model": models, "objective": ("ddpm", "sit")}, model="B/2", objective="ddpm",
+                  repa=False, tiny=False)
     size, patch = a.model.split("/")
     c = defaults()
     c.objective = a.objective

@@ -11,8 +11,10 @@ import importlib
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from eqvae_jax import cli
 
 # Before anything imports TensorFlow (clu's metric writers do): no TF C++ INFO lines; TF's oneDNN notice is
 # printed before its log level applies, and TF only writes TensorBoard summaries here.
@@ -56,11 +58,11 @@ def main(argv: list[str]) -> None:
     from eqvae_jax.typed_config import ConfigError
 
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]}")
     setup_logging(FLAGS.log_level)
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
-        raise app.UsageError(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
+        cli.fail(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
     target = aot.compile_only_target()
     if target and config.trainer not in PRECOMPILE:
         print(f"error: trainer {config.trainer!r} has no compile-only mode ({aot.ENV_TOPOLOGY}={target}); "
@@ -82,4 +84,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
