@@ -37,6 +37,25 @@ def fail(problems: Sequence[str] | str) -> NoReturn:
     sys.exit(USAGE_ERROR)
 
 
+def workdir_problem(path: str) -> str | None:
+    """Why a command cannot write its (local) workdir `path`, found by creating it and a probe file in it (None:
+    it can; URLs such as gs://... are not probed). Creates the directory as a side effect."""
+    if "://" in path:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--workdir={path} is a file, not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and os.path.abspath(e.filename) != os.path.abspath(path) else ""
+        return f"--workdir={path} is not writable: {e.strerror or e}{where}"
+    return None
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """`absl.app.run(main)` with mistakes in the flags and the config reported by `describe`, exit status 2."""
     app.run(main, flags_parser=parse_flags)

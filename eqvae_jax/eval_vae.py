@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
         cli.fail(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     setup_logging(f.log_level)
+    if problem := cli.workdir_problem(f.workdir):
+        cli.fail(problem)
     maybe_initialize(f.distributed)
     error = None
     with warnings.catch_warnings(record=True) as caught:

@@ -60,6 +60,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]}")
     setup_logging(FLAGS.log_level)
+    if problem := cli.workdir_problem(FLAGS.workdir):
+        cli.fail(problem)
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
         cli.fail(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")

@@ -1,7 +1,8 @@
 """A mistake in a command line or its config, in every absl CLI (main for the training and extraction jobs,
-eval_vae, sample, the data pipeline's CLI): exit status 2, `error:` with the problem (and "did you mean" where
-a close name exists), a few lines of stderr, no traceback. Each command ends before any model is built; they
-run side by side."""
+eval_vae, sample, the data pipeline's CLI), and a workdir that cannot be written (a file, under a file, a
+read-only place: /sys refuses even root): exit status 2, `error:` with the problem (and "did you mean" where a
+close name exists), a few lines of stderr, no traceback. Each command ends before any model is built; they run
+side by side."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 from helpers import REPO
 
-SUITE_SECONDS = 60  # 14 commands' start-up (imports), side by side on 2 cores
+SUITE_SECONDS = 85  # 17 commands' start-up (imports), side by side on 2 cores
 MAIN = [sys.executable, "-m", "eqvae_jax.main", "--workdir={tmp}/run"]
 TINY = "--config=configs/sdvae_ft.py:tiny"
 # (name, command, what stderr must say)
@@ -34,6 +35,12 @@ CASES = [
                       "--workdir={tmp}/eval", "--config.batch_szie=3"], "unknown config key 'batch_szie'"),
     ("data", [sys.executable, "-m", "eqvae_jax.data", TINY, "--config.data.image_size=0"],
      "data.image_size must be positive, got 0"),
+    ("workdir_file", [sys.executable, "-m", "eqvae_jax.main", TINY, "--workdir={tmp}/a_file"],
+     "a_file is a file, not a directory"),
+    ("workdir_unwritable", [sys.executable, "-m", "eqvae_jax.main", TINY, "--workdir=/sys/eqvae_jax_test"],
+     "--workdir=/sys/eqvae_jax_test is not writable: Operation not permitted"),
+    ("workdir_under_file", [sys.executable, "-m", "eqvae_jax.eval_vae", "--config=configs/eval_vae.py:tiny",
+                            "--workdir={tmp}/a_file/eval"], "a_file/eval is not writable: Not a directory"),
     ("sample", [sys.executable, "-m", "eqvae_jax.sample", "--workdir={tmp}/run", "--num_steps=0"],
      "flag --num_steps=0: 0 is not a positive integer"),
 ]
@@ -43,6 +50,7 @@ CASES = [
 def results(tmp_path_factory):
     """{name: (returncode, stderr)} of every case, run concurrently."""
     tmp = str(tmp_path_factory.mktemp("cli"))
+    open(f"{tmp}/a_file", "w").close()
     procs = {name: subprocess.Popen([a.format(tmp=tmp) for a in cmd], cwd=REPO, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True) for name, cmd, _ in CASES}
     return {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
