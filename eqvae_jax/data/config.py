@@ -24,7 +24,7 @@ class DataConfig:
     # searched recursively for jpg/jpeg/png/webp) or 'demo' (the photographs shipped in data/demo_images,
     # prepared into `data_dir` as a TFDS ArrayRecord dataset on first use).
     source: str = "tfds"
-    data_dir: str = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': data_cache/tfds)
+    data_dir: str = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': sources.cache_dir()/tfds)
     tfds_name: str = "imagenet2012"
     train_split: str = "train"
     eval_split: str = "validation"  # held-out split for evaluation ('tfds' and 'demo')

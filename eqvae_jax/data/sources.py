@@ -105,8 +105,15 @@ def default_data_dir(config: DataConfig) -> str:
     if config.data_dir:
         return os.path.expanduser(config.data_dir)
     if config.source == "demo":
-        return os.path.join("data_cache", "tfds")
+        return os.path.join(cache_dir(), "tfds")
     return ""
+
+
+def cache_dir() -> str:
+    """Where prepared data lives by default: $XDG_CACHE_HOME/eqvae_jax, else ~/.cache/eqvae_jax (never the
+    directory a command happens to run from)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "eqvae_jax")
 
 
 def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource | ShapesSource:
