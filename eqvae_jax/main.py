@@ -48,6 +48,7 @@ JOBS = {
 
 
 def main(argv: list[str]) -> None:
+    from eqvae_jax.data.sources import DatasetFormatError
     from eqvae_jax.models.weights import KeyMismatchError
     from eqvae_jax.parallel import aot
     from eqvae_jax.parallel.coordination import failures_shared
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not target:
         maybe_initialize(FLAGS.distributed)
-    handled = (ConfigError, ResumeError, KeyMismatchError, CheckpointError)
+    handled = (ConfigError, ResumeError, KeyMismatchError, CheckpointError, DatasetFormatError)
     try:
         with failures_shared(handled):  # a multi-process job: one process's error stops all, with that error
             if target:

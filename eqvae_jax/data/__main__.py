@@ -38,8 +38,10 @@ def main(argv: list[str]) -> None:
     problems = data.problems() + positive(("global_batch_size", _CONFIG.value.global_batch_size))
     if problems:
         cli.fail(problems)
-    # The pipeline only needs the batch axes of a mesh.
-    iterator = build_train_iterator(data, make_mesh(-1, 1), _CONFIG.value.global_batch_size)
+    try:  # the pipeline only needs the batch axes of a mesh
+        iterator = build_train_iterator(data, make_mesh(-1, 1), _CONFIG.value.global_batch_size)
+    except FileNotFoundError as e:  # a TFDS dataset not prepared, or prepared as TFRecord: what to run
+        cli.fail(str(e))
     try:
         start = time.perf_counter()
         first = next(iterator)
