@@ -10,7 +10,8 @@ host state, evaluation and logging hooks; what only some jobs have in `Extras`) 
            only then WORKDIR/config.json is written; then `extras.on_start` (e.g. start compiling ahead);
   step     `extras.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
-           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA); scalar
+           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA; the
+           first update of a call, which compiles, is left out of the line's rate and ETA); scalar
            metrics are averaged over the interval's micro-steps, array metrics summed and handed to
            `extras.interval_scalars` (e.g. code counts -> codebook usage);
   eval     at update 0 of a fresh run, every `job.eval_every` updates, at `extras.milestones`, and at the end;
@@ -109,7 +110,9 @@ class Job:
     evaluate: Callable[[Any, int, Any], dict[str, float]] | None = None  # (state, update, writer) -> scalars
     eval_every: int = 0  # updates between evaluations (0: start and end only)
     log_scalars: Callable[[dict[str, float]], dict[str, float]] | None = None  # extras per log line, given it
-    console_fields: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress line
+    # (label, metric) pairs on the progress line, or a function of the interval's scalars giving them (e.g. to
+    # leave out the columns of loss terms that are switched off)
+    console_fields: tuple[tuple[str, str], ...] | Callable[[Mapping[str, float]], tuple[tuple[str, str], ...]] = ()
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
     overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
     extras: Extras = Extras()
@@ -222,6 +225,9 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     try:
         for update in range(start + 1, total + 1):
             step(update)
+            if update == start + 1:  # it compiled the programs: left out of the console's rate and ETA
+                compiled_s = time.perf_counter() - last_time
+                eta_time, eta_update = time.perf_counter(), update
             if stop_after is not None and update - start >= stop_after:
                 services.stop.request()
             stop = services.stop.should_stop(update)
@@ -237,8 +243,13 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
                     scalars.update(job.log_scalars(scalars))
                 services.writer.write_scalars(update, scalars)
                 summary["last_metrics"] = scalars
-                log.info(console.progress_line(update, total, scalars, job.console_fields, rate,
-                                               (total - update) / rate))
+                fields = job.console_fields(scalars) if callable(job.console_fields) else job.console_fields
+                run_rate = (update - eta_update) / max(now - eta_time, 1e-9) if update > eta_update else None
+                eta_time, eta_update = now, update
+                log.info(console.progress_line(update, total, scalars, fields, run_rate,
+                                               (total - update) / run_rate if run_rate else None,
+                                               None if run_rate else f"compiling: first update took "
+                                                                     f"{console.duration(compiled_s)}"))
             evaluate = update in extras.milestones or (job.eval_every and update % job.eval_every == 0)
             if evaluate and update != total:
                 _evaluate(job, update, services, summary)
