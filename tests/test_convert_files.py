@@ -1,7 +1,8 @@
-"""The converter's files: every `--to` export of a KL autoencoder converts back with no extra flags (a
-non-default norm_num_groups, which the weight shapes do not show, included), exports get the permissions of a
-plain file (0644 under umask 022), and an empty, truncated or corrupt weights file is one `error:` line naming
-it (exit status 1), not a library traceback."""
+"""The converter's files: every `--to` export of a KL autoencoder (diffusers, ldm) and of a discriminator
+(taming) converts back with no extra flags (a non-default norm_num_groups, which the weight shapes do not show,
+and a non-default discriminator size included), exports get the permissions of a plain file (0644 under umask
+022), and an empty, truncated or corrupt weights file is one `error:` line naming it (exit status 1), not a
+library traceback."""
 
 import dataclasses
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from eqvae_jax.convert import __main__ as cli
-from eqvae_jax.models import kl_vae, weights
+from eqvae_jax.models import discriminator, kl_vae, weights
 
 CFG = kl_vae.tiny(norm_num_groups=8, base_channels=16)  # 8 groups: not the LDM default 32 the shapes would give
 
@@ -61,3 +62,13 @@ def test_damaged_weights_files_are_one_line_naming_the_file(flax_dir, tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {path}: "), (name, err)
         assert not os.path.exists(tmp_path / f"o_{name}")
+
+
+def test_discriminator_taming_export_converts_back(tmp_path):
+    flax, out, back = str(tmp_path / "d"), str(tmp_path / "d.safetensors"), str(tmp_path / "back")
+    discriminator.save(discriminator.build(discriminator.DiscriminatorConfig(ndf=16, n_layers=2), seed=1), flax)
+    assert cli.main(["--kind", "discriminator", "--to", "taming", "--src", flax, "--dst", out]) == 0
+    assert cli.main(["--kind", "discriminator", "--src", out, "--dst", back]) == 0
+    assert weights.read_config(back)[1] == weights.read_config(flax)[1]
+    a, b = weights.load_weights(flax)[2], weights.load_weights(back)[2]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
