@@ -31,12 +31,15 @@ Sampling (grids, gFID monitoring, python -m eqvae_jax.sample) follows REPA's REA
 `sample.guidance_low/high`); the EQ-VAE paper's no-CFG REPA row (400K: 7.9 -> 7.5) is --config.sample.cfg_scale=1.
 """
 
+from eqvae_jax.models.dit import PATCHES, SIZES
 from eqvae_jax.train.dit.config import defaults
 from eqvae_jax.typed_config import parse_arg
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, model="B/2", objective="ddpm", repa=False, tiny=False)
+    models = [f"{size}/{patch}" for size in SIZES for patch in PATCHES]
+    a = parse_arg(arg, choices={"model": models, "objective": ("ddpm", "sit")}, model="B/2", objective="ddpm",
+                  repa=False, tiny=False)
     size, patch = a.model.split("/")
     c = defaults()
     c.objective = a.objective

@@ -26,9 +26,7 @@ WEIGHTS = {"sd": "weights/sd_vae", "sdxl": "weights/sdxl_vae", "sd3": "weights/s
 
 
 def get_config(arg: str = ""):
-    a = parse_arg(arg, vae="sd", ema=False, tiny=False)
-    if a.vae not in WEIGHTS:
-        raise ValueError(f"vae must be one of {sorted(WEIGHTS)}, not {a.vae!r}")
+    a = parse_arg(arg, choices={"vae": WEIGHTS}, vae="sd", ema=False, tiny=False)
     c = defaults()
     c.model.weights = WEIGHTS[a.vae]  # the pretrained VAE, converted (diffusers or LDM layout)
     c.lpips.weights = "weights/lpips"  # VGG LPIPS (python -m eqvae_jax.convert --kind lpips)

@@ -22,8 +22,10 @@ import os
 import sys
 import warnings
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from eqvae_jax import cli
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (TensorBoard writers)
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -53,9 +55,11 @@ def main(argv: list[str]) -> None:
     from eqvae_jax.typed_config import ConfigError
 
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     setup_logging(f.log_level)
+    if problem := cli.workdir_problem(f.workdir):
+        cli.fail(problem)
     maybe_initialize(f.distributed)
     error = None
     with warnings.catch_warnings(record=True) as caught:
@@ -78,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from etils import epath
 from ml_collections import ConfigDict
 
+from eqvae_jax import cli
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.console import setup_logging
 from eqvae_jax.train.eqvae.config import parse_config
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

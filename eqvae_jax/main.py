@@ -11,8 +11,10 @@ import importlib
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from eqvae_jax import cli
 
 # Before anything imports TensorFlow (clu's metric writers do): no TF C++ INFO lines; TF's oneDNN notice is
 # printed before its log level applies, and TF only writes TensorBoard summaries here.
@@ -46,20 +48,24 @@ JOBS = {
 
 
 def main(argv: list[str]) -> None:
+    from eqvae_jax.data.sources import DatasetFormatError
     from eqvae_jax.models.weights import KeyMismatchError
     from eqvae_jax.parallel import aot
     from eqvae_jax.parallel.coordination import failures_shared
     from eqvae_jax.parallel.distributed import maybe_initialize
+    from eqvae_jax.train.checkpointing import CheckpointError
     from eqvae_jax.train.console import setup_logging
     from eqvae_jax.train.loop import ResumeError
     from eqvae_jax.typed_config import ConfigError
 
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]}")
     setup_logging(FLAGS.log_level)
+    if problem := cli.workdir_problem(FLAGS.workdir):
+        cli.fail(problem)
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
-        raise app.UsageError(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
+        cli.fail(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
     target = aot.compile_only_target()
     if target and config.trainer not in PRECOMPILE:
         print(f"error: trainer {config.trainer!r} has no compile-only mode ({aot.ENV_TOPOLOGY}={target}); "
@@ -67,7 +73,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not target:
         maybe_initialize(FLAGS.distributed)
-    handled = (ConfigError, ResumeError, KeyMismatchError)
+    handled = (ConfigError, ResumeError, KeyMismatchError, CheckpointError, DatasetFormatError)
     try:
         with failures_shared(handled):  # a multi-process job: one process's error stops all, with that error
             if target:
@@ -76,9 +82,9 @@ def main(argv: list[str]) -> None:
                 importlib.import_module(JOBS[config.trainer]).run(config, FLAGS.workdir)
     except handled as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, CheckpointError) else 2)  # 2: the command's inputs; 1: its checkpoints
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

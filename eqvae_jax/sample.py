@@ -24,9 +24,10 @@ import sys
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from eqvae_jax import cli
 from eqvae_jax.diffusion import guidance, sampling
 from eqvae_jax.maskgit import sampling as maskgit_sampling
 from eqvae_jax.models.autoencoders import build_autoencoder
@@ -54,10 +55,10 @@ def define_flags() -> Any:
     config_flags.DEFINE_config_file("config", None, "Job config file instead of the run's own config.")
     flags.DEFINE_string("workdir", None, "A DiT/SiT or MaskGIT training workdir (checkpoints + config.json).")
     flags.DEFINE_integer("update", None, "Checkpoint (optimizer update) to sample from (default: the latest).")
-    flags.DEFINE_integer("num_samples", 64, "How many images.")
-    flags.DEFINE_integer("batch_size", 0, "Global samples per call (default: 8 per device).")
+    flags.DEFINE_integer("num_samples", 64, "How many images.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 0, "Global samples per call (default: 8 per device).", lower_bound=0)
     flags.DEFINE_string("sampler", None, "ddpm | ddim (DiT), ode | sde (SiT); default config.sample.sampler.")
-    flags.DEFINE_integer("num_steps", None, "Sampling steps (default the run's: DiT 250, MaskGIT 8).")
+    flags.DEFINE_integer("num_steps", None, "Sampling steps (default the run's: DiT 250, MaskGIT 8).", lower_bound=1)
     flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (DiT: 1 = none; MaskGIT: w, 0 = none).")
     flags.DEFINE_integer("guide_channels", None, "Guided channels (0 = all; 3 = the reference quirk).")
     flags.DEFINE_float("guidance_low", None, "SiT: guide only from this noise level tau (REPA's time, 1 = noise).")
@@ -160,7 +161,7 @@ def _restore_maskgit(ckpt: Checkpointer, update: int, raw: ConfigDict, host: dic
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     f = flags.FLAGS
     maybe_initialize(f.distributed)
@@ -176,4 +177,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

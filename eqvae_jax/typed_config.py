@@ -29,8 +29,8 @@ T = TypeVar("T")
 class ConfigError(ValueError):
     """The job config is wrong; raised before any model is built or compiled, listing every problem."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)  # a str: one problem
         super().__init__("invalid config:\n  " + "\n  ".join(self.problems))
 
 
@@ -167,6 +167,11 @@ def from_section(cls: type[T], section: Mapping[str, Any] | Any) -> T:
     return out
 
 
+def positive(*named: tuple[str, float]) -> list[str]:
+    """'NAME must be positive, got V' for each (dotted name, value) that is zero or negative."""
+    return [f"{name} must be positive, got {value}" for name, value in named if value <= 0]
+
+
 def to_json_dict(config: ConfigDict | Any) -> dict:
     """The config (ConfigDict or dataclass) as plain JSON data, for checkpoints and config.json."""
     if dataclasses.is_dataclass(config):
@@ -191,18 +196,22 @@ def dotted(data: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def parse_arg(arg: str, **defaults: Any) -> types.SimpleNamespace:
+def parse_arg(arg: str, /, choices: Mapping[str, Any] | None = None, **defaults: Any) -> types.SimpleNamespace:
     """A config file's variant string, e.g. 'model=XL/2,objective=sit,tiny', against typed defaults.
 
-    `key=value` sets a known key (parsed as its default's type); a bare `key` sets a bool default to True.
-    Unknown keys are a ConfigError naming the known ones.
+    `key=value` sets a known key (parsed as its default's type); a bare `key` sets a bool default to True;
+    `choices` ({key: allowed values}) restricts a key's values. Unknown keys and values are one ConfigError
+    naming the known ones (with "did you mean" for a close one).
     """
+    choices = choices or {}
     values = dict(defaults)
     problems = []
     for item in filter(None, (p.strip() for p in arg.split(","))):
         key, sep, raw = item.partition("=")
         if key not in defaults:
-            problems.append(f"unknown config variant {key!r} (known: {', '.join(sorted(defaults))})")
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"unknown config variant {key!r} ({hint}known: {', '.join(sorted(defaults))})")
             continue
         kind = type(defaults[key])
         if not sep:
@@ -216,6 +225,12 @@ def parse_arg(arg: str, **defaults: Any) -> types.SimpleNamespace:
                 values[key] = kind(raw)
             except ValueError:
                 problems.append(f"config variant {key}={raw!r} is not a {kind.__name__}")
+                continue
+        if key in choices and values[key] not in choices[key]:
+            known = sorted(map(str, choices[key]))
+            close = difflib.get_close_matches(str(values[key]), known, n=1)
+            hint = f"did you mean {key}={close[0]}? " if close else ""
+            problems.append(f"unknown value of config variant {key}: {raw!r} ({hint}known: {', '.join(known)})")
     if problems:
         raise ConfigError(problems)
     return types.SimpleNamespace(**values)

@@ -14,9 +14,9 @@ from absl import flags
 from PIL import Image
 
 from eqvae_jax.data import config as data_config
-from eqvae_jax.data import demo
+from eqvae_jax.data import demo, tfds_convert
 from eqvae_jax.data.iterator import build_eval_iterator, build_train_iterator
-from eqvae_jax.data.sources import TfdsSource
+from eqvae_jax.data.sources import DatasetFormatError, TfdsSource, default_data_dir
 
 flags.FLAGS.mark_as_parsed()
 
@@ -162,3 +162,35 @@ def test_demo_set_is_prepared_on_first_use_and_holds_out_eval_photos(tmp_path):
     labels = np.asarray(evaluation[0]["label"])[np.asarray(evaluation[0]["mask"])]
     assert sorted(labels.tolist()) == sorted(eval_labels)
     assert len(TfdsSource(demo.NAME, "train", str(tmp_path))) == len(names) - len(demo.EVAL_PHOTOS)
+
+
+def test_demo_preparation_is_quiet_and_lives_under_the_cache_dir(tmp_path, monkeypatch, capfd, caplog):
+    """No TFDS 'Downloading and preparing' lines nor its 'no dataset_info.json' warning; the default data dir is
+    $XDG_CACHE_HOME/eqvae_jax/tfds, not the working directory; no empty downloads/ tree is left."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = data_config.as_data_config({"source": "demo"})
+    data_dir = default_data_dir(config)
+    assert data_dir == str(tmp_path / "cache" / "eqvae_jax" / "tfds")
+    demo.prepare(data_dir)
+    out, err = capfd.readouterr()
+    for text in (out, err, caplog.text):
+        assert "Downloading and preparing" not in text and "dataset_info.json" not in text, text
+    assert os.listdir(data_dir) == [demo.NAME]
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def test_tfrecord_dataset_names_the_conversion_which_makes_it_readable(tmp_path):
+    """TFDS's default format has no random access: the error names the command; after it, the same records."""
+    data_dir = str(tmp_path / "tfds")
+    demo.EqvaeDemo(data_dir=data_dir, file_format="tfrecord").download_and_prepare()
+    version_dir = os.path.join(data_dir, demo.NAME, "1.0.0")
+    with pytest.raises(DatasetFormatError, match=f"prepared as tfrecord.*\n  python -m eqvae_jax.data.tfds_convert "
+                                                 f"{version_dir}$"):
+        TfdsSource(demo.NAME, "train", data_dir)
+    tfds_convert.main([version_dir])
+    converted = TfdsSource(demo.NAME, "train", data_dir)
+    reference = TfdsSource(demo.NAME, "train", demo.prepare(str(tmp_path / "array_record")).rsplit("/", 2)[0])
+    assert len(converted) == len(reference) == len(demo.photo_names()) - len(demo.EVAL_PHOTOS)
+    for i in range(len(reference)):
+        assert converted[i] == reference[i]

@@ -11,6 +11,7 @@ reaches the Inception, its fingerprint (so shards of the two never mix) and the 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,22 @@ def test_resume_restarts_from_the_last_shard_and_equals_a_fresh_cli_run(resumed,
         assert cli[name].keys() == saved[name].keys()
         for key, value in cli[name].items():
             assert value == pytest.approx(saved[name][key], rel=1e-5, abs=1e-6), (name, key)
+
+
+def test_progress_bar_counts_skipped_images(resumed, tmp_path, capsys):
+    """Two photographs and three unreadable files: the bar ends at 5/5 and says 3 were skipped."""
+    cache = resumed[2]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted(IMAGES_DIR.glob("*.jpg"))[:2]:
+        shutil.copy(path, folder / path.name)
+    for k in range(3):
+        (folder / f"bad{k}.jpg").write_bytes(b"not an image")
+    capsys.readouterr()
+    out = run(_tiny(cache, **{"data.eval_folder": str(folder)}), str(tmp_path / "w"))
+    err = capsys.readouterr().err
+    assert all(r["images"] == 2 for r in out["results"].values())
+    assert "5/5" in err and "skipped=3" in err, err[-2000:]
 
 
 def test_per_image_numbers_recomputed_outside_the_pipeline(resumed):

@@ -109,9 +109,9 @@ def run_config(name: str, arg: str, log: list[Assignment], keys: set[str]) -> Co
     defaults, parse_arg = module.defaults, getattr(module, "parse_arg", None)
     module.defaults = lambda *a, **k: Recorder(defaults(*a, **k), "", log)
     if parse_arg is not None:
-        def declared(arg: str, **known: Any):
+        def declared(arg: str, choices: Any = None, **known: Any):
             keys.update(known)
-            return parse_arg(arg, **known)
+            return parse_arg(arg, choices, **known)
         module.parse_arg = declared
     config = module.get_config(arg) if arg else module.get_config()
     return config._section if isinstance(config, Recorder) else config

@@ -37,9 +37,24 @@ def atomic_path(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         yield tmp
         if not os.path.exists(tmp):
             raise RuntimeError(f"nothing was written for {dst}")
+        _normal_permissions(tmp)
         _publish(tmp, dst, overwrite, os.path.join(scratch, "old"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _normal_permissions(path: str) -> None:
+    """What a plain open()/mkdir gives under the umask (e.g. 0644 / 0755), for every file and directory under
+    `path`: some writers (safetensors) create 0600 files, which other users of a shared disk could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [path])]:
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    if os.path.isdir(path):
+        os.chmod(path, 0o777 & ~mask)
 
 
 def _publish(tmp: str, dst: str, overwrite: bool, old: str) -> None:

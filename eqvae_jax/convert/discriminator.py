@@ -5,7 +5,8 @@ where the discriminator sits at `loss.discriminator.main.{i}.*` among the autoen
 reported and skipped). `num_batches_tracked` buffers are dropped (with a fixed momentum they never affect a
 forward pass). `--to taming`: SRC is a weights directory; DST a safetensors file with bare `main.{i}.*` keys
 that `NLayerDiscriminator.load_state_dict(strict=True)` accepts (`num_batches_tracked` written as 0).
-`--extra input_nc=/ndf=/n_layers=` set the architecture (default 3/64/3), `stats_groups=` the stored BN mode.
+`--extra input_nc=/ndf=/n_layers=` override the architecture (read from the conv shapes), `stats_groups=` the
+stored BN mode.
 
 Torch index of each layer (taming's `main` is one nn.Sequential): conv0 = main.0; for layer n = 1..n_layers
 conv = main.{3n-1}, BatchNorm = main.{3n}; the last conv = main.{3 n_layers + 2}.
@@ -86,6 +87,18 @@ def discriminator_from_ldm_state_dict(
     return model
 
 
+def infer_architecture(sd: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """input_nc, ndf and n_layers from the conv weight shapes of a bare or LDM-checkpoint state dict ({} when
+    it has no first conv): an export with a non-default architecture converts back without --extra."""
+    prefix = LDM_PREFIX if any(k.startswith(LDM_PREFIX) for k in sd) else ""
+    first = sd.get(f"{prefix}main.0.weight")
+    if first is None or np.ndim(first) != 4:
+        return {}
+    convs = [k for k, v in sd.items()
+             if k.startswith(f"{prefix}main.") and k.endswith(".weight") and np.ndim(v) == 4]
+    return {"input_nc": int(first.shape[1]), "ndf": int(first.shape[0]), "n_layers": len(convs) - 2}
+
+
 def torch_state_dict(flat: Mapping[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
     """Flat Flax variables -> a bare taming `NLayerDiscriminator` state dict (numpy)."""
     out = key_map(n_layers).to_torch(flat)
@@ -97,14 +110,16 @@ def torch_state_dict(flat: Mapping[str, np.ndarray], n_layers: int) -> dict[str,
 def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **options: str) -> str:
     """Convert between a taming/LDM PyTorch file and a Flax weights directory; returns a one-line summary."""
     check_target(disc_model.KIND, to, TARGETS)
-    config = _config(options)
     check_destination(dst, overwrite)
     if to == "flax":
-        flat, skipped = flax_variables(read_state_dict(src), config, what=src)
+        sd = read_state_dict(src)
+        config = _config({**infer_architecture(sd), **options})
+        flat, skipped = flax_variables(sd, config, what=src)
         with atomic_path(dst, overwrite) as tmp:
             save_weights(tmp, disc_model.KIND, config, flat)
         note = f" (skipped {len(skipped)} keys: {describe_skipped(skipped, grouped=False, limit=5)})" if skipped else ""
         return f"discriminator: wrote {len(flat)} arrays to {dst}{note}"
+    _config(options)  # checks the options
     model = disc_model.load(src)
     sd = torch_state_dict(flat_variables(model), model.n_layers)
     with atomic_path(dst, overwrite) as tmp:

@@ -38,12 +38,14 @@ from eqvae_jax.convert.torch_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     read_state_dict,
+    safetensors_metadata,
     write_safetensors,
 )
 from eqvae_jax.models import kl_vae, weights
 from eqvae_jax.models.kl_vae import KLVAEConfig
 
 TARGETS = ("flax", "diffusers", "ldm")
+CONFIG_METADATA = "eqvae_jax.kl_vae_config"  # safetensors header entry of a --to ldm export: the KLVAEConfig JSON
 OPTIONS = {"preset": str, **dataclass_parsers(KLVAEConfig)}  # LDM sources: a preset and/or any config field
 LDM_PREFIX = "first_stage_model."
 SKIPPED_PREFIX = "loss."
@@ -214,7 +216,12 @@ def read_ldm(src: str, **options: Any) -> LDMRead:
         raw = {k[len(LDM_PREFIX):]: v for k, v in raw.items() if k.startswith(LDM_PREFIX)}
     skipped = sorted(k for k in raw if k.startswith(SKIPPED_PREFIX))
     state_dict = {k: v for k, v in raw.items() if not k.startswith(SKIPPED_PREFIX)}
-    cfg = ldm_config(state_dict, what=src, **options)
+    saved = safetensors_metadata(src).get(CONFIG_METADATA)
+    if saved is not None and "preset" not in options:  # our own --to ldm export: its exact architecture
+        cfg = dataclasses.replace(KLVAEConfig.from_dict(json.loads(saved)),
+                                  **typed_options(kl_vae.KIND, options, OPTIONS))
+    else:
+        cfg = ldm_config(state_dict, what=src, **options)
     return LDMRead(cfg, keys.torch_to_flax(state_dict, cfg, "ldm", what=src), skipped, ignored)
 
 
@@ -241,8 +248,8 @@ def write_ldm(dst: str, cfg: KLVAEConfig, flat: Mapping[str, np.ndarray], overwr
     if not dst.endswith(SAFETENSORS_SUFFIXES):
         raise ValueError(f"--to ldm writes a safetensors file; DST must end with .safetensors, got {dst!r}.")
     state_dict = keys.flax_to_torch(flat, cfg, "ldm")
-    with atomic_path(dst, overwrite) as tmp:
-        write_safetensors(tmp, state_dict)
+    with atomic_path(dst, overwrite) as tmp:  # with the config: norm_num_groups is not in the weight shapes
+        write_safetensors(tmp, state_dict, {CONFIG_METADATA: json.dumps(dataclasses.asdict(cfg))})
 
 
 def _read_flax(src: str) -> tuple[KLVAEConfig, dict[str, np.ndarray]]:

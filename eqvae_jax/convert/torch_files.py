@@ -44,10 +44,15 @@ def read_state_dict(path: str | os.PathLike, entry: str | None = None) -> dict[s
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights file at {path}.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty")
     if path.endswith(SAFETENSORS_SUFFIXES):
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean an unreadable file
+            raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
     if path.endswith(PICKLE_SUFFIXES):
         return _read_torch_pickle(path, entry)
     raise ValueError(
@@ -62,7 +67,10 @@ def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndar
         raise ImportError(
             f"Reading {path} needs torch (pip install -r requirements-dev.txt); safetensors files do not."
         ) from e
-    obj = _torch_load(path)
+    try:
+        obj = _torch_load(path)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a bad pickle, ...: all mean an unreadable file
+        raise ValueError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -263,10 +271,32 @@ def write_torch_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.
         _write_record(zf, "archive/version", b"3\n", align=False)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file; `metadata` goes into its header (string values, read by `safetensors_metadata`)."""
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path),
+              metadata=dict(metadata) if metadata else None)
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file ({} when none, or for any other file)."""
+    path = os.fspath(path)
+    if not path.endswith(SAFETENSORS_SUFFIXES):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,

@@ -11,13 +11,16 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from eqvae_jax import cli
+from eqvae_jax.data.config import as_data_config
 from eqvae_jax.data.iterator import build_train_iterator
 from eqvae_jax.images import from_unit_range, square_grid
 from eqvae_jax.parallel.mesh import make_mesh
+from eqvae_jax.typed_config import ConfigError, positive
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "job config file with a `data` field", lock_config=True
@@ -28,9 +31,17 @@ _GRID = flags.DEFINE_string("grid", "data_first_batch.png", "where to write the 
 
 def main(argv: list[str]) -> None:
     del argv
-    data = _CONFIG.value.data
-    # The pipeline only needs the batch axes of a mesh.
-    iterator = build_train_iterator(data, make_mesh(-1, 1), _CONFIG.value.global_batch_size)
+    try:
+        data = as_data_config(_CONFIG.value.data)
+    except ConfigError as e:
+        cli.fail(e.problems)
+    problems = data.problems() + positive(("global_batch_size", _CONFIG.value.global_batch_size))
+    if problems:
+        cli.fail(problems)
+    try:  # the pipeline only needs the batch axes of a mesh
+        iterator = build_train_iterator(data, make_mesh(-1, 1), _CONFIG.value.global_batch_size)
+    except FileNotFoundError as e:  # a TFDS dataset not prepared, or prepared as TFRecord: what to run
+        cli.fail(str(e))
     try:
         start = time.perf_counter()
         first = next(iterator)
@@ -59,4 +70,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -24,7 +24,7 @@ class DataConfig:
     # searched recursively for jpg/jpeg/png/webp) or 'demo' (the photographs shipped in data/demo_images,
     # prepared into `data_dir` as a TFDS ArrayRecord dataset on first use).
     source: str = "tfds"
-    data_dir: str = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': data_cache/tfds)
+    data_dir: str = ""  # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets ('demo': sources.cache_dir()/tfds)
     tfds_name: str = "imagenet2012"
     train_split: str = "train"
     eval_split: str = "validation"  # held-out split for evaluation ('tfds' and 'demo')
@@ -76,7 +76,7 @@ class DataConfig:
                 out.append(f"data.{name} must be one of {TRANSFORMS}, not {getattr(self, name)!r}")
         if self.output_dtype not in ("uint8", "float32"):
             out.append(f"data.output_dtype must be 'uint8' or 'float32', not {self.output_dtype!r}")
-        for name in ("shapes_train_size", "shapes_eval_size"):
+        for name in ("image_size", "shapes_train_size", "shapes_eval_size"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.shapes_size < 0 or 0 < self.shapes_size < 8:

@@ -59,6 +59,10 @@ class FolderSource:
         return f"FolderSource({self.root!r}, {len(self)} files)"
 
 
+class DatasetFormatError(FileNotFoundError):
+    """A TFDS dataset is prepared, but in a format without random access (TFRecord, TFDS's default)."""
+
+
 class TfdsSource:
     """One split of a TFDS dataset prepared in ArrayRecord format, images left encoded (no TensorFlow)."""
 
@@ -73,6 +77,19 @@ class TfdsSource:
                 f"(data_dir={data_dir or '$TFDS_DATA_DIR/~/tensorflow_datasets'}); "
                 "see `python -m eqvae_jax.data.imagenet --help` for ImageNet"
             )
+        proto = builder.info.as_proto
+        formats = {proto.file_format or "tfrecord", *proto.alternative_file_formats}
+        random_access = {f.value for f in tfds.core.file_adapters.FileFormat.with_random_access()}
+        if not formats & random_access:
+            have = ", ".join(sorted(formats))
+            raise DatasetFormatError(
+                f"TFDS dataset {name!r} at {builder.data_dir!r} is prepared as {have}, which Grain cannot read "
+                "(it needs random access: ArrayRecord). Convert it in place, without downloading again:\n"
+                f"  python -m eqvae_jax.data.tfds_convert {builder.data_dir}"
+            )
+        if not {f.value for f in builder.info.available_file_formats()} & random_access:
+            # converted by tfds_convert: the registered builder ignores dataset_info.json's alternative formats
+            builder = tfds.builder_from_directory(builder.data_dir)
         if split not in builder.info.splits:
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} at {builder.data_dir!r} has no split {split!r} "
@@ -105,8 +122,15 @@ def default_data_dir(config: DataConfig) -> str:
     if config.data_dir:
         return os.path.expanduser(config.data_dir)
     if config.source == "demo":
-        return os.path.join("data_cache", "tfds")
+        return os.path.join(cache_dir(), "tfds")
     return ""
+
+
+def cache_dir() -> str:
+    """Where prepared data lives by default: $XDG_CACHE_HOME/eqvae_jax, else ~/.cache/eqvae_jax (never the
+    directory a command happens to run from)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "eqvae_jax")
 
 
 def open_source(config: DataConfig, train: bool) -> FolderSource | TfdsSource | ShapesSource:

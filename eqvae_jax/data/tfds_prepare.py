@@ -9,8 +9,11 @@ dataset in place, is raised.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -24,15 +27,47 @@ def download_and_prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], *
 
     `make_builder` is called again after a lost race: a builder reads its dataset info at construction.
     """
-    builder = make_builder()
-    if builder.is_prepared():
-        return builder
-    try:
-        builder.download_and_prepare(**kwargs)
-    except OSError as e:
-        again = make_builder()
-        if not again.is_prepared():
-            raise
-        log.info("%s: another process finished preparing it first (%s); using that copy", again.data_dir, e)
-        return again
+    with _quiet_tfds():
+        builder = make_builder()
+        if builder.is_prepared():
+            return builder
+        try:
+            builder.download_and_prepare(**kwargs)
+        except OSError as e:
+            again = make_builder()
+            if not again.is_prepared():
+                raise
+            log.info("%s: another process finished preparing it first (%s); using that copy", again.data_dir, e)
+            return again
+    _remove_empty_tree(os.path.join(os.fspath(builder.data_dir).split(f"/{builder.name}/")[0], "downloads"))
+    log.info("data: prepared %s in %s", builder.name, builder.data_dir)
     return builder
+
+
+class _NoDatasetInfoWarning(logging.Filter):
+    """TFDS warns 'Variant folder ... has no dataset_info.json' about the folder it is about to fill."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's own progress on stdout ('Downloading and preparing dataset Unknown size ...', 'Dataset ...
+    downloaded and prepared to ...') and its warning about the folder it is preparing are left out; our one
+    line says what was prepared where."""
+    absl_logger, no_info = logging.getLogger("absl"), _NoDatasetInfoWarning()
+    absl_logger.addFilter(no_info)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logger.removeFilter(no_info)
+
+
+def _remove_empty_tree(path: str) -> None:
+    """Remove `path` if it holds nothing but empty directories (TFDS leaves `downloads/extracted` behind)."""
+    if not os.path.isdir(path) or any(files for _, _, files in os.walk(path)):
+        return
+    for root, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+        os.rmdir(root)

@@ -8,21 +8,38 @@ One composite item per step:
   config  JSON of the run's config, for humans and for checking a resume uses a compatible config.
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save leaves
 the previous checkpoint as the latest. Saving is asynchronous; `close()` waits for it.
+
+A step damaged later (a truncated or deleted file, a lost manifest or iterator state) is found by
+`restore_newest`: a structural check of the step's files (the same shared files on every process, so every
+process reaches the same verdict) and then the restore itself (the processes agree on its outcome); a step that
+fails either is skipped for the next older one, and once an older step restores each skipped one is moved
+aside to `<step>.damaged` (never deleted) with one warning. If no step restores nothing is moved (a failure
+of every step points at the run's setup, not at damage) and CheckpointError lists each step and its cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 log = logging.getLogger(__name__)
+DAMAGED = ".damaged"  # suffix of a step directory moved aside because it does not restore
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the run's directory restores (the message lists each step and why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +129,86 @@ class Checkpointer:
         path = epath.Path(self.directory) / str(step)
         return {p.name for p in path.iterdir() if p.is_dir()} if path.is_dir() else set()
 
+    def problem(self, step: int, with_data: bool) -> str | None:
+        """What is structurally wrong with `step`'s files (None: nothing found), read the same way on every
+        process: the composite metadata, the state's metadata and OCDBT manifests, the JSON items, and (with
+        `with_data`) every process's iterator state."""
+        root = epath.Path(self.directory) / str(step)
+        try:
+            items = set(json.loads((root / "_CHECKPOINT_METADATA").read_text()).get("item_handlers") or {})
+        except (OSError, ValueError) as e:
+            return f"_CHECKPOINT_METADATA unreadable ({_short(e)})"
+        needed = {"state", "host"} | ({"data"} if with_data else set())
+        if needed - items:
+            return f"no {', '.join(sorted(needed - items))} item"
+        state = root / "state"
+        missing = [n for n in ("_METADATA", "manifest.ocdbt") if not (state / n).is_file()]
+        missing += [f"{d.name}/manifest.ocdbt" for d in state.glob("ocdbt.process_*") if
+                    not (d / "manifest.ocdbt").is_file()]
+        if missing:
+            return f"state/{', state/'.join(missing)} missing"
+        json_files = [f"{n}/metadata" for n in ("host", "config") if n in items]
+        if with_data:
+            n = jax.process_count()
+            json_files += [f"data/process_{i}-of-{n}.json" for i in range(n)]
+        for name in json_files:
+            try:
+                json.loads((root / name).read_text())
+            except FileNotFoundError:
+                return f"{name} missing"
+            except (OSError, ValueError) as e:
+                return f"{name} unreadable ({_short(e)})"
+        return None
+
+    def set_aside(self, step: int) -> str:
+        """Move `step` to `<step>.damaged` (`.damaged.K` if taken; process 0 renames, all wait); its new path."""
+        base = epath.Path(self.directory)
+        target, k = base / f"{step}{DAMAGED}", 1
+        while target.exists():
+            target, k = base / f"{step}{DAMAGED}.{k}", k + 1
+        if jax.process_index() == 0:
+            (base / str(step)).rename(target)
+        _sync(f"checkpoint_set_aside_{step}")
+        self._manager.reload()
+        return os.fspath(target)
+
+    def restore_newest(self, target_state: Any, data_iterator: Any = None,
+                       check: Callable[[Mapping[str, Any] | None], None] | None = None) -> Restored | None:
+        """Restore the newest step that restores (None: no checkpoint), moving damaged ones aside.
+
+        `check(saved_config)` runs before a step's arrays are read (e.g. the resume check); what it raises
+        propagates. Raises CheckpointError when steps exist but none restores.
+        """
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            cause = self.problem(step, data_iterator is not None)
+            if cause is None:
+                try:
+                    saved = self.read_json(step, ("config",)).get("config")
+                except Exception as e:  # noqa: BLE001 - any failure to read a step means it is damaged
+                    cause = f"config unreadable ({_short(e)})"
+                else:
+                    if check is not None:
+                        check(saved)
+                    restored = None
+                    try:
+                        with _quiet_failed_reads():
+                            restored = self.restore(step, target_state, data_iterator)
+                    except Exception as e:  # noqa: BLE001
+                        cause = _short(e)
+                    cause = _agree(cause)
+                    if cause is None:
+                        for bad, why in failures:  # only now: an older step restores, so these are damaged
+                            moved = self.set_aside(bad)
+                            log.warning("checkpoint: step %d does not restore (%s); moved it to %s, resuming "
+                                        "from step %d", bad, why, moved, step)
+                        return restored
+            failures.append((step, cause))
+        if failures:  # nothing moved: a failure of every step is more likely this run's setup than damage
+            raise CheckpointError(f"no checkpoint in {self.directory} restores (nothing was moved):\n  "
+                                  + "\n  ".join(f"step {s}: {why}" for s, why in failures))
+        return None
+
     def read_json(self, step: int, names: tuple[str, ...] = ("host", "config")) -> dict[str, Any]:
         """The JSON items (host state, config) of a checkpoint that has them, without restoring any arrays."""
         saved = self._item_names(step)
@@ -124,3 +221,59 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _short(error: BaseException, limit: int = 240) -> str:
+    """The root cause of `error` on one line (Orbax wraps a TensorStore error in pages of array specs)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _agree(cause: str | None) -> str | None:
+    """This process's restore failure, or another's: every process of a job calls this once per attempted step
+    (each reads only its own shards), so all keep or all reject the step together."""
+    if jax.process_count() == 1:
+        return cause
+    from jax.experimental import multihost_utils
+
+    ok = np.asarray(multihost_utils.process_allgather(np.array(int(cause is None), np.int32))).reshape(-1)
+    failed = [i for i, v in enumerate(ok) if not v]
+    return cause or (f"process(es) {failed} could not read it" if failed else None)
+
+
+class _quiet_failed_reads:
+    """After a failed Orbax restore its abandoned reads finish on a closed event loop: each prints 'RuntimeError:
+    Event loop is closed' or 'Exception ignored in: <coroutine ...>' (pages of TensorStore specs) through
+    sys.unraisablehook, hundreds of tracebacks for one damaged file, some before the failure reaches us. So from
+    the first restore on, exactly those are dropped (the closed-loop error, the exceptions and never-awaited
+    warnings of Orbax coroutines); every other unraisable error still prints."""
+
+    def __enter__(self) -> None:
+        if getattr(sys.unraisablehook, "_eqvae", False):
+            return
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            code = getattr(unraisable.object, "cr_code", None)
+            if (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in
+                    str(unraisable.exc_value)) or (code is not None and "orbax" in code.co_filename):
+                return
+            previous(unraisable)
+
+        hook._eqvae = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning, r"orbax\.")
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        if error is not None:
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
+        return False

@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 from eqvae_jax.parallel.mesh import mesh_shape
+from eqvae_jax.typed_config import positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +70,17 @@ class RunConfig:
 
 def run_problems(config: RunConfig, num_devices: int, slices: int = 1) -> list[str]:
     """What is wrong with the shared fields for `num_devices` devices (empty list when nothing)."""
-    problems = []
+    problems = positive(("global_batch_size", config.global_batch_size), ("total_updates", config.total_updates),
+                        ("log.every_updates", config.log.every_updates),
+                        ("checkpoint.every_updates", config.checkpoint.every_updates),
+                        ("max_consecutive_nonfinite", config.max_consecutive_nonfinite))
     try:
         data, fsdp = mesh_shape(num_devices, config.mesh.data, config.mesh.fsdp, slices)
-        if config.global_batch_size % (data * fsdp):
+        if config.global_batch_size > 0 and config.global_batch_size % (data * fsdp):
             problems.append(f"global_batch_size={config.global_batch_size} is not divisible by the "
                             f"{data * fsdp} batch shards (mesh data={data} x fsdp={fsdp})")
     except ValueError as e:
         problems.append(str(e))
-    if config.total_updates < 1:
-        problems.append("total_updates must be >= 1")
-    for name, value in (("log.every_updates", config.log.every_updates),
-                        ("checkpoint.every_updates", config.checkpoint.every_updates),
-                        ("max_consecutive_nonfinite", config.max_consecutive_nonfinite)):
-        if value < 1:
-            problems.append(f"{name} must be >= 1")
     if config.profile.num_updates < 0:
         problems.append("profile.num_updates must be >= 0 (0 = off)")
     if config.profile.first_update < 1:

@@ -57,8 +57,9 @@ def number(x: float) -> str:
 
 
 def progress_line(update: int, total: int, scalars: Mapping[str, float], fields: Sequence[tuple[str, str]],
-                  rate: float | None, eta_s: float | None) -> str:
-    """'update 120/300 (40%) | g 1.234e3 d 0.98 | 2.10 upd/s | ETA 1m25s' for the (label, key) `fields`."""
+                  rate: float | None, eta_s: float | None, note: str | None = None) -> str:
+    """'update 120/300 (40%) | g 1.234e3 d 0.98 | 2.10 upd/s | ETA 1m25s' for the (label, key) `fields`;
+    `note` (e.g. 'compiling: ...' when the interval held only the compiling first update) ends the line."""
     parts = [f"update {update}/{total} ({100.0 * update / total:.0f}%)"]
     shown = [f"{label} {number(scalars[key])}" for label, key in fields if key in scalars]
     if shown:
@@ -67,6 +68,8 @@ def progress_line(update: int, total: int, scalars: Mapping[str, float], fields:
         parts.append(f"{rate:.3g} upd/s")
     if eta_s is not None and update < total:
         parts.append(f"ETA {duration(eta_s)}")
+    if note:
+        parts.append(note)
     return " | ".join(parts)
 
 

@@ -4,12 +4,14 @@ A job builds its pieces into a `Job` (state, a micro-step function, a checkpoint
 host state, evaluation and logging hooks; what only some jobs have in `Extras`) and calls
 `run(job, config, services)`. The loop does everything else, the same way for every job:
 
-  resume   from the latest checkpoint in the workdir (state onto its current shardings, the data iterator,
-           the job's host state such as RNG), after checking that the saved config agrees on the keys the
-           job names in `resume_must_match`; then `extras.on_start` (e.g. start compiling ahead);
+  resume   from the newest checkpoint in the workdir that restores (state onto its current shardings, the data
+           iterator, the job's host state such as RNG; a damaged step is moved aside as `<step>.damaged`),
+           after checking that the saved config agrees on the keys the job names in `resume_must_match`;
+           only then WORKDIR/config.json is written; then `extras.on_start` (e.g. start compiling ahead);
   step     `extras.micro_steps_per_update` micro-steps per optimizer update; progress counts updates;
   log      every `log.every_updates`: fetch the buffered metrics once, apply the non-finite policy
-           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA); scalar
+           (train/guard.py), write TensorBoard scalars and one console line (metrics, steps/s, ETA; the
+           first update of a call, which compiles, is left out of the line's rate and ETA); scalar
            metrics are averaged over the interval's micro-steps, array metrics summed and handed to
            `extras.interval_scalars` (e.g. code counts -> codebook usage);
   eval     at update 0 of a fresh run, every `job.eval_every` updates, at `extras.milestones`, and at the end;
@@ -36,7 +38,7 @@ from eqvae_jax.train.config import RunConfig
 from eqvae_jax.train.guard import NonFiniteCounter
 from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
 from eqvae_jax.train.profiling import Profiler
-from eqvae_jax.train.run_dir import RunServices
+from eqvae_jax.train.run_dir import RunServices, write_config
 from eqvae_jax.typed_config import dotted, to_json_dict
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,9 @@ class Job:
     evaluate: Callable[[Any, int, Any], dict[str, float]] | None = None  # (state, update, writer) -> scalars
     eval_every: int = 0  # updates between evaluations (0: start and end only)
     log_scalars: Callable[[dict[str, float]], dict[str, float]] | None = None  # extras per log line, given it
-    console_fields: tuple[tuple[str, str], ...] = ()  # (label, metric) pairs on the progress line
+    # (label, metric) pairs on the progress line, or a function of the interval's scalars giving them (e.g. to
+    # leave out the columns of loss terms that are switched off)
+    console_fields: tuple[tuple[str, str], ...] | Callable[[Mapping[str, float]], tuple[tuple[str, str], ...]] = ()
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
     overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
     extras: Extras = Extras()
@@ -129,16 +133,16 @@ def _check_resume(saved: Mapping[str, Any] | None, config: Any, keys: tuple[str,
 
 
 def _restore(job: Job, config: Any, services: RunServices, counter: NonFiniteCounter) -> int:
-    latest = services.checkpointer.latest_step()
-    if latest is None:
+    """Resume from the newest checkpoint that restores (damaged ones are moved aside, train/checkpointing.py)."""
+    restored = services.checkpointer.restore_newest(
+        job.state, job.data, check=lambda saved: _check_resume(saved, config, job.resume_must_match))
+    if restored is None:
         return 0
-    _check_resume(services.checkpointer.read_json(latest, ("config",)).get("config"), config, job.resume_must_match)
-    restored = services.checkpointer.restore(latest, job.state, data_iterator=job.data)
     job.state = restored.state
     job.host.set_state(restored.host)
     counter.total = int(restored.host.get("nonfinite_total", 0))
-    log.info("%s: resumed at update %d from %s", job.name, latest, services.checkpointer.directory)
-    return latest
+    log.info("%s: resumed at update %d from %s", job.name, restored.step, services.checkpointer.directory)
+    return restored.step
 
 
 def _evaluate(job: Job, update: int, services: RunServices, summary: dict[str, Any]) -> None:
@@ -179,6 +183,7 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     total, k = config.total_updates, extras.micro_steps_per_update
     counter = NonFiniteCounter(config.max_consecutive_nonfinite)
     start = _restore(job, config, services, counter)
+    write_config(services.workdir, config)  # only now: a rejected resume leaves the workdir's config.json as it was
     summary: dict[str, Any] = {"start_update": start, "updates": start, "evals": {}, "outputs": {}, "state": job.state}
     if start >= total:
         log.info("%s: already trained to update %d in %s; nothing to do", job.name, start, services.workdir)
@@ -220,6 +225,9 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
     try:
         for update in range(start + 1, total + 1):
             step(update)
+            if update == start + 1:  # it compiled the programs: left out of the console's rate and ETA
+                compiled_s = time.perf_counter() - last_time
+                eta_time, eta_update = time.perf_counter(), update
             if stop_after is not None and update - start >= stop_after:
                 services.stop.request()
             stop = services.stop.should_stop(update)
@@ -235,8 +243,13 @@ def run(job: Job, config: RunConfig, services: RunServices, stop_after: int | No
                     scalars.update(job.log_scalars(scalars))
                 services.writer.write_scalars(update, scalars)
                 summary["last_metrics"] = scalars
-                log.info(console.progress_line(update, total, scalars, job.console_fields, rate,
-                                               (total - update) / rate))
+                fields = job.console_fields(scalars) if callable(job.console_fields) else job.console_fields
+                run_rate = (update - eta_update) / max(now - eta_time, 1e-9) if update > eta_update else None
+                eta_time, eta_update = now, update
+                log.info(console.progress_line(update, total, scalars, fields, run_rate,
+                                               (total - update) / run_rate if run_rate else None,
+                                               None if run_rate else f"compiling: first update took "
+                                                                     f"{console.duration(compiled_s)}"))
             evaluate = update in extras.milestones or (job.eval_every and update % job.eval_every == 0)
             if evaluate and update != total:
                 _evaluate(job, update, services, summary)

@@ -64,11 +64,11 @@ def write_config(workdir: str, config: Any) -> None:
 
 
 def open_run(config: RunConfig, workdir: str) -> RunServices:
-    """Create the workdir layout and the services of a run (call after the config was parsed)."""
+    """Create the workdir layout and the services of a run (call after the config was parsed). config.json is
+    written by the loop once the resume check passed (train/loop.py), so a rejected resume changes nothing."""
     workdir = resolve(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
-    write_config(workdir, config)
     c = config.checkpoint
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),

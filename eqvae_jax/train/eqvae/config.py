@@ -236,7 +236,7 @@ def semantic_problems(c: FinetuneConfig, num_devices: int) -> list[str]:
     if c.eval.every_updates < 1 or c.eval.batches < 0 or c.eval.images < 0:
         problems.append("need eval.every_updates >= 1, eval.batches >= 0 and eval.images >= 0")
     if c.optim.accumulate < 1:
-        problems.append("optim.accumulate must be >= 1")
+        problems.append(f"optim.accumulate must be positive, got {c.optim.accumulate}")
     if not 0 <= c.pretrain_updates <= c.total_updates:
         problems.append("need 0 <= pretrain_updates <= total_updates")
     if not model_problems:

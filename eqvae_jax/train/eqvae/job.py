@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -167,6 +168,14 @@ class FinetuneRun:
                 self.built.spec.vae_graph, evaluated_params(self.config, state), f"{self.services.workdir}/export")
         return self.outputs
 
+    def console_fields(self, scalars: Mapping[str, float]) -> tuple[tuple[str, str], ...]:
+        """The family's progress-line columns less the switched-off terms: LPIPS at weight 0, the adaptive GAN
+        weight and the discriminator loss while the GAN is off (before loss.disc_start: disc_factor 0)."""
+        off = {"g/lpips"} if self.config.loss.perceptual_weight == 0 else set()
+        if scalars.get("g/disc_factor", 1.0) == 0:
+            off |= {"g/d_weight", "d/disc_loss"}
+        return tuple(f for f in self.family.console_fields if f[1] not in off)
+
     def job(self) -> loop.Job:
         config, built, family = self.config, self.built, self.family
         pretrain = config.pretrain_updates
@@ -180,7 +189,7 @@ class FinetuneRun:
             evaluate=self.evaluate,
             eval_every=config.eval.every_updates,
             log_scalars=self.log_scalars,
-            console_fields=family.console_fields,
+            console_fields=self.console_fields,
             summary_metrics=family.summary_metrics,
             overview={"autoencoder": built.state.vae, "discriminator": built.state.disc,
                       "LPIPS (frozen)": built.lpips_state or {},

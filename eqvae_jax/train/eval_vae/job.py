@@ -255,7 +255,12 @@ def _compute_shard(c: EvalVAEConfig, shard: int, plan: ShardPlan, source: Any, m
                     col.add(k, v[keep["latents"]])
                 else:
                     col.add(k, v[mask])
-        bar.update(int(mask.sum()))
+        in_range = position < stop  # the last batch is padded past the shard's end
+        skipped = int((in_range & ~mask).sum())  # unreadable or too small: counted, so the bar reaches 100%
+        bar.update(int(in_range.sum()))
+        if skipped:
+            bar.skipped_images = getattr(bar, "skipped_images", 0) + skipped
+            bar.set_postfix(skipped=bar.skipped_images, refresh=False)
 
     iterator = shard_iterator(c, source, (start, stop), mesh)
     pending = None

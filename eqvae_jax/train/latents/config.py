@@ -20,7 +20,7 @@ from eqvae_jax.data.transforms import RANDOM_TRANSFORMS
 from eqvae_jax.models import vq_vae
 from eqvae_jax.models.autoencoders import AutoencoderSpec
 from eqvae_jax.train.config import MeshConfig
-from eqvae_jax.typed_config import ConfigError, default_config, parse_collect
+from eqvae_jax.typed_config import ConfigError, default_config, parse_collect, positive
 
 SPLITS = ("train", "eval")
 CONTENT = {"extract_latents": "moments", "extract_tokens": "tokens"}  # trainer -> what the cache holds
@@ -66,9 +66,9 @@ def parse_config(config: ConfigDict) -> ExtractConfig:
     problems += c.vae.problems("vae") + c.data.problems()
     if c.split not in SPLITS:
         problems.append(f"split must be one of {SPLITS}, not {c.split!r}")
-    if c.batch_size_per_process < 1 or c.chunk_size < 1:
-        problems.append("batch_size_per_process and chunk_size must be >= 1")
-    elif c.chunk_size % c.batch_size_per_process:
+    sizes = positive(("batch_size_per_process", c.batch_size_per_process), ("chunk_size", c.chunk_size))
+    problems += sizes
+    if not sizes and c.chunk_size % c.batch_size_per_process:
         problems.append(f"chunk_size={c.chunk_size} must be a multiple of batch_size_per_process="
                         f"{c.batch_size_per_process}")
     if c.trainer not in CONTENT:
@@ -77,7 +77,7 @@ def parse_config(config: ConfigDict) -> ExtractConfig:
         want = "a VQ autoencoder (vae.kind='vq_vae')" if c.content == "tokens" else "a KL one (vae.kind='kl_vae')"
         problems.append(f"trainer {c.trainer!r} stores {c.content} and needs {want}, not vae.kind={c.vae.kind!r}")
     if c.crops < 1:
-        problems.append("crops must be >= 1")
+        problems.append(f"crops must be positive, got {c.crops}")
     elif c.crops > 1:
         if c.content != "tokens":
             problems.append(f"crops={c.crops}: several crops per image are for token caches (MaskGIT's random crops); "

@@ -1,0 +1,66 @@
+"""A mistake in a command line or its config, in every absl CLI (main for the training and extraction jobs,
+eval_vae, sample, the data pipeline's CLI), and a workdir that cannot be written (a file, under a file, a
+read-only place: /sys refuses even root): exit status 2, `error:` with the problem (and "did you mean" where a
+close name exists), a few lines of stderr, no traceback. Each command ends before any model is built; they run
+side by side."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+SUITE_SECONDS = 85  # 17 commands' start-up (imports), side by side on 2 cores
+MAIN = [sys.executable, "-m", "eqvae_jax.main", "--workdir={tmp}/run"]
+TINY = "--config=configs/sdvae_ft.py:tiny"
+# (name, command, what stderr must say)
+CASES = [
+    ("variant", [*MAIN, "--config=configs/sdvae_ft.py:tinny"],
+     "unknown config variant 'tinny' (did you mean 'tiny'?"),
+    ("variant_value", [*MAIN, "--config=configs/sdvae_ft.py:vae=sdxxl"],
+     "unknown value of config variant vae: 'sdxxl' (did you mean vae=sdxl?"),
+    ("key", [*MAIN, TINY, "--config.global_batch_szie=4"],
+     "unknown config key 'global_batch_szie' (did you mean 'global_batch_size'?)"),
+    ("nested_key", [*MAIN, TINY, "--config.optim.lr=1"], "unknown config key 'optim.lr'"),
+    ("type", [*MAIN, TINY, "--config.global_batch_size=abc"], "--config.global_batch_size=abc"),
+    ("zero", [*MAIN, TINY, "--config.global_batch_size=0"], "global_batch_size must be positive, got 0"),
+    ("negative", [*MAIN, TINY, "--config.total_updates=-3"], "total_updates must be positive, got -3"),
+    ("no_file", [*MAIN, "--config=configs/nonexist.py"], "cannot load the config file: [Errno 2]"),
+    ("flag", [*MAIN, TINY, "--workdirr=x"], "unknown flag --workdirr (did you mean --workdir?)"),
+    ("extract", [*MAIN, "--config=configs/extract_latents.py:tiny", "--config.chunk_size=-1"],
+     "chunk_size must be positive, got -1"),
+    ("eval_vae_variant", [sys.executable, "-m", "eqvae_jax.eval_vae", "--config=configs/eval_vae.py:tinny",
+                          "--workdir={tmp}/eval"], "unknown config variant 'tinny' (did you mean 'tiny'?"),
+    ("eval_vae_key", [sys.executable, "-m", "eqvae_jax.eval_vae", "--config=configs/eval_vae.py:tiny",
+                      "--workdir={tmp}/eval", "--config.batch_szie=3"], "unknown config key 'batch_szie'"),
+    ("data", [sys.executable, "-m", "eqvae_jax.data", TINY, "--config.data.image_size=0"],
+     "data.image_size must be positive, got 0"),
+    ("workdir_file", [sys.executable, "-m", "eqvae_jax.main", TINY, "--workdir={tmp}/a_file"],
+     "a_file is a file, not a directory"),
+    ("workdir_unwritable", [sys.executable, "-m", "eqvae_jax.main", TINY, "--workdir=/sys/eqvae_jax_test"],
+     "--workdir=/sys/eqvae_jax_test is not writable: Operation not permitted"),
+    ("workdir_under_file", [sys.executable, "-m", "eqvae_jax.eval_vae", "--config=configs/eval_vae.py:tiny",
+                            "--workdir={tmp}/a_file/eval"], "a_file/eval is not writable: Not a directory"),
+    ("sample", [sys.executable, "-m", "eqvae_jax.sample", "--workdir={tmp}/run", "--num_steps=0"],
+     "flag --num_steps=0: 0 is not a positive integer"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """{name: (returncode, stderr)} of every case, run concurrently."""
+    tmp = str(tmp_path_factory.mktemp("cli"))
+    open(f"{tmp}/a_file", "w").close()
+    procs = {name: subprocess.Popen([a.format(tmp=tmp) for a in cmd], cwd=REPO, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True) for name, cmd, _ in CASES}
+    return {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name,expected", [(name, expected) for name, _, expected in CASES])
+def test_mistake_is_one_short_message_with_exit_status_2(results, name, expected):
+    code, stderr = results[name]
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 4 and lines[0].startswith("error:"), stderr[-3000:]
+    assert expected in stderr, stderr
