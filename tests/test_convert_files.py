@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from eqvae_jax.convert import __main__ as cli
-from eqvae_jax.models import discriminator, kl_vae, weights
+from eqvae_jax.models import dinov2, discriminator, dit, kl_vae, maskgit, vq_vae, weights
 
 CFG = kl_vae.tiny(norm_num_groups=8, base_channels=16)  # 8 groups: not the LDM default 32 the shapes would give
 
@@ -69,6 +69,34 @@ def test_discriminator_taming_export_converts_back(tmp_path):
     discriminator.save(discriminator.build(discriminator.DiscriminatorConfig(ndf=16, n_layers=2), seed=1), flax)
     assert cli.main(["--kind", "discriminator", "--to", "taming", "--src", flax, "--dst", out]) == 0
     assert cli.main(["--kind", "discriminator", "--src", out, "--dst", back]) == 0
+    assert weights.read_config(back)[1] == weights.read_config(flax)[1]
+    a, b = weights.load_weights(flax)[2], weights.load_weights(back)[2]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# Exports of the other kinds, at reference head counts (the one thing their PyTorch layouts do not show and the
+# converters infer from the width: DiT-S 384 -> 6, DINOv2 ViT-S 384 -> 6, MaskGIT 16) but otherwise tiny.
+EXPORTS = {
+    "vq_vae": ("taming", "out.ckpt", lambda: vq_vae.tiny(channel_mult=(1,), attn_resolutions=())),
+    "dit": ("dit", "out.pt", lambda: dit.DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=384,
+                                                   depth=1, num_heads=6, num_classes=3)),
+    "maskgit": ("valeoai", "out.pth", lambda: maskgit.tiny(depth=1, hidden_dim=64, heads=16, mlp_dim=64,
+                                                           grid_size=2, codebook_size=8, num_classes=3)),
+    "dinov2_hub": ("hub", "out.pth", lambda: dinov2.DINOv2Config(hidden_size=384, depth=1, num_heads=6,
+                                                                 pos_grid=2)),
+    "dinov2_hf": ("hf", "out", lambda: dinov2.DINOv2Config(hidden_size=384, depth=1, num_heads=6, pos_grid=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORTS))
+def test_other_exports_convert_back_without_flags(case, tmp_path):
+    kind = case.split("_hub")[0].split("_hf")[0]
+    module = {"vq_vae": vq_vae, "dit": dit, "maskgit": maskgit, "dinov2": dinov2}[kind]
+    target, name, config = EXPORTS[case]
+    flax, out, back = str(tmp_path / "flax"), str(tmp_path / name), str(tmp_path / "back")
+    module.save(module.build(config(), seed=2), flax)
+    assert cli.main(["--kind", kind, "--to", target, "--src", flax, "--dst", out]) == 0
+    assert cli.main(["--kind", kind, "--src", out, "--dst", back]) == 0
     assert weights.read_config(back)[1] == weights.read_config(flax)[1]
     a, b = weights.load_weights(flax)[2], weights.load_weights(back)[2]
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

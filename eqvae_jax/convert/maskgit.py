@@ -8,7 +8,9 @@ Sources: the v1 trainer's checkpoint {'iter', 'global_epoch', 'model_state_dict'
 (.pth/.pt/.safetensors); a 'module.' (DDP) prefix is stripped. Width, depth, MLP size and the token grid
 are read from the shapes. The split of the embedding rows into codes and classes is not (rows = codes + 1
 + classes + 1): `num_classes` (default 1000) or `codebook_size` decides. The head count is not in the
-weights either: `num_heads` defaults to 16, what every v1 preset (base / big / huge) uses.
+weights either: `num_heads` defaults to 16, what every v1 preset (base / big / huge) uses. Our own `--to valeoai`
+exports store the config beside the weights (a top-level checkpoint entry or a safetensors header entry, which
+v1's loader ignores), so they convert back without options.
 
 `--to valeoai` writes a .pth/.pt in the v1 checkpoint layout ({'iter': 0, 'global_epoch': 0,
 'model_state_dict': ...}, what v1's `--resume` reads; no optimizer state) or a plain .safetensors state dict.
@@ -21,6 +23,7 @@ are a different architecture and are not converted here.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -34,6 +37,7 @@ from eqvae_jax.convert.torch_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     read_state_dict,
+    stored_note,
     strip_wrapper_prefixes,
     write_state_dict,
 )
@@ -52,6 +56,7 @@ OPTIONS = {
     "compute_dtype": str,
 }
 DEFAULT_ENTRY = "model_state_dict"
+CONFIG_NOTE = "eqvae_jax_maskgit_config"  # our --to valeoai exports: the MaskGITConfig JSON beside the weights
 DEFAULT_HEADS = 16
 
 _NORMS = [
@@ -157,6 +162,13 @@ def _describe(cfg: MaskGITConfig) -> str:
 def read_source(src: str, **options: Any) -> tuple[dict[str, np.ndarray], MaskGITConfig]:
     """(v1-layout state dict, config) from a v1 checkpoint or plain state-dict file."""
     sd = strip_wrapper_prefixes(read_state_dict(src, entry=options.get("entry", DEFAULT_ENTRY)))
+    saved = stored_note(src, CONFIG_NOTE)
+    if saved is not None:  # our own --to valeoai export: classes, codebook and heads are not in the shapes
+        stored = MaskGITConfig.from_dict(json.loads(saved))
+        defaults: dict[str, Any] = {"num_heads": stored.heads, "dropout": stored.dropout}
+        if "num_classes" not in options and "codebook_size" not in options:
+            defaults.update(num_classes=stored.num_classes, codebook_size=stored.codebook_size)
+        options = {**defaults, **options}
     return sd, infer_config(sd, src, **options)
 
 
@@ -179,5 +191,6 @@ def convert(src: str, dst: str, to: str = "flax", overwrite: bool = False, **opt
         raise ValueError(f"{src}: class_token_first=True has no valeoai v1 layout (v1 appends the class token)")
     sd = flax_to_valeoai(flat, cfg)
     with atomic_path(dst, overwrite) as tmp:
-        write_state_dict(tmp, sd, like=dst, wrap=DEFAULT_ENTRY, extra={"iter": 0, "global_epoch": 0})
+        write_state_dict(tmp, sd, like=dst, wrap=DEFAULT_ENTRY, extra={"iter": 0, "global_epoch": 0},
+                         notes={CONFIG_NOTE: json.dumps(cfg.to_dict())})
     return f"{_describe(cfg)}: {src} -> {dst} (valeoai v1 MaskTransformer state dict)"

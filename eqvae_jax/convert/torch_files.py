@@ -69,6 +69,8 @@ def _read_torch_pickle(path: str, entry: str | None = None) -> dict[str, np.ndar
         ) from e
     try:
         obj = _torch_load(path)
+    except RefusedPickleError:
+        raise  # one line already, naming every global it refused to import
     except Exception as e:  # noqa: BLE001 - a truncated zip, a bad pickle, ...: all mean an unreadable file
         raise ValueError(f"{path}: not a readable torch checkpoint ({_one_line(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -128,6 +130,16 @@ def _stand_in(name: str, container: type | None) -> type:
 _REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
 
 
+def _unpickler_reason(message: str) -> str:
+    """The part of torch's weights-only error that names what was refused (after its generic preamble)."""
+    found = re.search(r"WeightsUnpickler error:(.*)|(Trying to load unsupported GLOBAL .*)", message, re.S)
+    return (found[1] or found[2]) if found else message
+
+
+class RefusedPickleError(ValueError):
+    """A checkpoint whose pickle needs globals that weights-only loading does not import (pickled code)."""
+
+
 def _torch_load(path: str) -> Any:
     """torch.load(weights_only=True), retried with inert stand-ins for refused globals (module docstring).
 
@@ -162,8 +174,9 @@ def _torch_load(path: str) -> Any:
             filled = [n for n, c in stand_ins.items() if issubclass(c, StandIn) and f"{c.__name__}'" in message]
             container = dict if "SETITEM" in message else list if "lists" in message else None
             if not filled or container is None:
-                raise ValueError(f"{path}: the weights-only unpickler refused it"
-                                 f"{f' even with stand-ins for {sorted(stand_ins)}' if stand_ins else ''}: {e}") from e
+                raise RefusedPickleError(f"{path}: the weights-only unpickler refused it"
+                                         f"{f' even with stand-ins for {sorted(stand_ins)}' if stand_ins else ''}: "
+                                         f"{_one_line(_unpickler_reason(message))}") from None
             stand_ins[filled[0]] = container
             continue
         if stand_ins:
@@ -294,6 +307,47 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
 
 
+class _Inert:
+    """Whatever a checkpoint's pickle names (tensors, storages, classes) while `stored_note` reads it: nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    """The container structure of a torch.save pickle without its tensors and without importing anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return dict if (module, name) == ("collections", "OrderedDict") else _Inert
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def stored_note(path: str | os.PathLike, key: str) -> str | None:
+    """A string that `write_state_dict(notes=...)` stored beside the weights (None for any other file): the
+    safetensors header entry, or the top-level entry of a torch.save zip checkpoint, read without its tensors."""
+    path = os.fspath(path)
+    if path.endswith(SAFETENSORS_SUFFIXES):
+        return safetensors_metadata(path).get(key)
+    if not (path.endswith(PICKLE_SUFFIXES) and os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            obj = _SkeletonUnpickler(io.BytesIO(zf.read(name))).load() if name else None
+    except Exception:  # noqa: BLE001 - unreadable: the weights reader names the problem
+        return None
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _one_line(error: BaseException, limit: int = 200) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -301,15 +355,17 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *,
                      like: str | os.PathLike | None = None, wrap: str | None = None,
-                     extra: Mapping[str, Any] | None = None) -> None:
+                     extra: Mapping[str, Any] | None = None, notes: Mapping[str, str] | None = None) -> None:
     """A state dict in the file type named by the suffix of `like` (default `path`; an atomic write passes its
     destination), without torch: `.safetensors` (the bare state dict) or a torch.save-format `.pt`/`.pth`/`.ckpt`/
-    `.bin` (`write_torch_checkpoint` with `wrap` and `extra`)."""
+    `.bin` (`write_torch_checkpoint` with `wrap` and `extra`). `notes`: strings stored beside the weights (the
+    safetensors header, or top-level entries of the checkpoint next to `wrap`), read back by `stored_note`; the
+    reference loaders never look at them."""
     name = os.fspath(path if like is None else like)
     if name.endswith(SAFETENSORS_SUFFIXES):
-        write_safetensors(path, state_dict)
+        write_safetensors(path, state_dict, notes)
     elif name.endswith(PICKLE_SUFFIXES):
-        write_torch_checkpoint(path, state_dict, wrap=wrap, extra=extra)
+        write_torch_checkpoint(path, state_dict, wrap=wrap, extra={**(extra or {}), **(notes or {})})
     else:
         raise ValueError(f"{name}: a state dict file ends in one of {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}")
 

@@ -49,6 +49,7 @@ from eqvae_jax.convert.torch_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
     read_state_dict,
+    stored_note,
     write_safetensors,
     write_torch_checkpoint,
 )
@@ -61,6 +62,7 @@ PREFIX = "first_stage_model."
 SKIPPED_PREFIX = "loss."
 CODEBOOK_KEY = "quantize.embedding.weight"
 YAML_NAME = "model.yaml"
+CONFIG_NOTE = "eqvae_jax_vq_vae_config"  # --to taming file exports: the VQVAEConfig JSON beside the weights
 CKPT_NAME = "last.ckpt"
 TAMING_TARGET = "taming.models.vqgan.VQModel"
 TAMING_DEFAULT_RESOLUTION = 256
@@ -260,6 +262,8 @@ def read_taming(src: str, **options: Any) -> TamingRead:
         if not os.path.isfile(yaml_path):
             raise FileNotFoundError(f"--extra yaml={yaml_path}: no such file.")
         cfg, source = config_from_taming_yaml(yaml_path), yaml_path
+    elif (saved := stored_note(src, CONFIG_NOTE)) is not None:  # our own --to taming file export
+        cfg, source = VQVAEConfig.from_dict(json.loads(saved)), "the config stored in the file"
     else:
         cfg = infer_config(sd, src, options.get("resolution", TAMING_DEFAULT_RESOLUTION))
         source = "the weight shapes"
@@ -301,11 +305,12 @@ def write_taming(dst: str, cfg: VQVAEConfig, flat: Mapping[str, np.ndarray], ove
     state_dict = flax_to_torch(flat, cfg)
     config = config_to_taming_yaml(cfg)  # validates before anything is written
     with atomic_path(dst, overwrite) as tmp:
+        note = {CONFIG_NOTE: json.dumps(cfg.to_dict())}  # the resolution is not in the shapes; taming ignores it
         if dst.endswith(SAFETENSORS_SUFFIXES):
-            write_safetensors(tmp, state_dict)
+            write_safetensors(tmp, state_dict, note)
             return "safetensors state dict"
         if dst.endswith(PICKLE_SUFFIXES):
-            write_torch_checkpoint(tmp, state_dict)
+            write_torch_checkpoint(tmp, state_dict, extra=note)
             return "{'state_dict': ...} checkpoint"
         os.makedirs(tmp)
         write_torch_checkpoint(os.path.join(tmp, CKPT_NAME), state_dict)
