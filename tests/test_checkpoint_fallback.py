@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from helpers import REPO, tiny_dit_config, write_toy_cache
+from helpers import REPO, jax_cache, tiny_dit_config, write_toy_cache
 
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.dit import job as dit_job
@@ -30,7 +30,7 @@ flags.FLAGS.mark_as_parsed()
 def toy(tmp_path_factory):
     """(toy cache, compile cache, a finished 4-update run with checkpoints 2 and 4, its final state)."""
     root = tmp_path_factory.mktemp("fallback")
-    cache, compile_cache = str(root / "cache"), str(root / "jax_cache")
+    cache, compile_cache = str(root / "cache"), jax_cache()
     write_toy_cache(cache)
     run = str(root / "straight")
     state = dit_job.run(tiny_dit_config(cache, compile_cache), run)["state"]

@@ -4,8 +4,9 @@ The tiny EQ-VAE and DiT jobs run through `python -m eqvae_jax.main` in two proce
 through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (eqvae_jax.parallel.distributed). Each
 run: per-process data shards, a multi-host checkpoint, SIGTERM to process 1 only (both processes stop at the
 same step through JAX's preemption sync and save), a fresh 2-process start that resumes to the end (the
-EQ-VAE one with held-out eval, image summaries and the diffusers export on process 0), and the final train
-state compared with the same job run by one process on 8 devices.
+EQ-VAE one with held-out eval, image summaries and the diffusers export on process 0; the DiT one after the
+stop step's array file written by process 1 was damaged, so both processes must agree to fall back to the
+previous step), and the final train state compared with the same job run by one process on 8 devices.
 
 Tolerance: the two runs see the same global batches and random draws, but the cross-device reductions of a
 multi-process CPU job run through gloo instead of the in-process CPU collectives, and float32 sums taken in
@@ -18,6 +19,7 @@ unchanged), so what Adam does with them is normalised rounding noise, +-lr per s
 summation order and without effect on any output.
 """
 
+import glob
 import os
 import signal
 import socket
@@ -72,9 +74,9 @@ class Job:
     def tails(self) -> str:
         return "\n".join(f"--- process {i} ---\n{self.log(i)[-3000:]}" for i in range(PROCESSES))
 
-    def wait_for(self, i: int, text: str, timeout: float = 900) -> None:
+    def wait_for(self, i: int, text: str, timeout: float = 900, count: int = 1) -> None:
         deadline = time.time() + timeout
-        while text not in self.log(i):
+        while self.log(i).count(text) < count:
             if any(p.poll() is not None for p in self.procs) or time.time() > deadline:
                 self.kill()
                 pytest.fail(f"process {i} never logged {text!r}\n{self.tails()}")
@@ -197,20 +199,32 @@ def test_dit_two_processes_sigterm_resume_equals_one_process(compile_cache, tmp_
     total = 40
     args = ["--config=configs/dit.py:tiny", f"--workdir={workdir}", f"--config.latents.cache_dir={cache}",
             f"--config.compilation_cache_dir={compile_cache}", f"--config.total_updates={total}",
-            "--config.checkpoint.every_updates=1000", "--config.log.every_updates=2"]
+            "--config.checkpoint.every_updates=4", "--config.log.every_updates=2"]
     first = Job(args, str(tmp_path), "first")
-    first.wait_for(1, "| loss ")  # the first progress line: updates are running
+    first.wait_for(1, "| loss ", count=3)  # the third progress line (update 6): step 4 is saved
     first.procs[1].send_signal(signal.SIGTERM)
     first.finish()
     stop = stopped_step(first, "dit: stopped at update")
-    assert 0 < stop < total
+    assert 6 <= stop < total
+
+    # The stop step's arrays written by process 1 are damaged: process 1 cannot read them, process 0 may not need
+    # to. Both must fall back to the same older step (and move the damaged one aside once).
+    checkpoints = os.path.join(workdir, "checkpoints")
+    shards = glob.glob(os.path.join(checkpoints, str(stop), "state", "ocdbt.process_1", "d", "*"))
+    assert shards, os.listdir(os.path.join(checkpoints, str(stop), "state"))
+    with open(max(shards, key=os.path.getsize), "r+b") as f:
+        f.truncate(100)
+    older = max(s for s in map(int, filter(str.isdigit, os.listdir(checkpoints))) if s < stop)
 
     second = Job(args, str(tmp_path), "second")
     second.finish()
-    assert f"resumed at update {stop}" in second.log(0) and f"resumed at update {stop}" in second.log(1)
+    for i in range(PROCESSES):
+        assert f"resumed at update {older}" in second.log(i), second.tails()
+    assert f"step {stop} does not restore" in second.log(0)
+    assert os.path.isdir(os.path.join(checkpoints, f"{stop}.damaged")), os.listdir(checkpoints)
 
     config = tiny_dit_config(cache, compile_cache, total_updates=total,
-                             **{"checkpoint.every_updates": 1000, "log.every_updates": 2})
+                             **{"checkpoint.every_updates": 4, "log.every_updates": 2})
     single = dit_job.run(config, str(tmp_path / "single"))["state"]
     multi = restore_final(os.path.join(workdir, "checkpoints"), total, single)
     assert_states_close(multi.state, single)

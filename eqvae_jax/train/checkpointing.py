@@ -80,6 +80,7 @@ class Checkpointer:
             enable_async_checkpointing=options.async_save,
             create=True,
         )
+        self._multiprocessing = manager_options.multiprocessing_options
         self._manager = ocp.CheckpointManager(self.directory, options=manager_options)
 
     def latest_step(self) -> int | None:
@@ -121,9 +122,24 @@ class Checkpointer:
             if "data" not in saved_items:
                 raise ValueError(f"checkpoint step {step} in {self.directory} has no data iterator state")
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception:
+            self._join_restore_barrier()
+            raise
         log.info("checkpoint: restored step %d from %s", step, self.directory)
         return Restored(step, restored["state"], dict(restored["host"]), restored.get("config"))
+
+    def _join_restore_barrier(self) -> None:
+        """After this process's restore failed: the barrier Orbax's `Checkpointer.restore` ends with (its only
+        collective), which the other processes are waiting at when they read their shards fine. Without it the
+        processes' next collectives pair up wrongly and the job aborts instead of falling back together."""
+        if jax.process_count() == 1:
+            return
+        options = self._multiprocessing
+        ocp.multihost.sync_global_processes(
+            ocp.multihost.unique_barrier_key("Checkpointer:restore", prefix=options.barrier_sync_key_prefix),
+            processes=options.active_processes)
 
     def _item_names(self, step: int) -> set[str]:
         path = epath.Path(self.directory) / str(step)
@@ -166,6 +182,7 @@ class Checkpointer:
         target, k = base / f"{step}{DAMAGED}", 1
         while target.exists():
             target, k = base / f"{step}{DAMAGED}.{k}", k + 1
+        _sync(f"checkpoint_set_aside_{step}_named")  # every process has chosen the name before it is taken
         if jax.process_index() == 0:
             (base / str(step)).rename(target)
         _sync(f"checkpoint_set_aside_{step}")
