@@ -22,7 +22,7 @@ from eqvae_jax.replicate.runner import MARKER, RECORD, read_record
 from eqvae_jax.typed_config import ConfigError
 
 pytestmark = pytest.mark.slow
-SUITE_SECONDS = 240  # rough wall time on 2 cores: conftest starts the longest modules first
+SUITE_SECONDS = 200  # rough wall time on 2 cores: conftest starts the longest modules first
 
 
 def run_quiet(config, workdir: str) -> str:
