@@ -55,7 +55,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("eqvae_jax.diffusion", "eqvae_jax.maskgit", "eqvae_jax.convert"),
     ("eqvae_jax.train",),
     ("eqvae_jax.main", "eqvae_jax.eval_vae", "eqvae_jax.eval_samples", "eqvae_jax.evaluate", "eqvae_jax.sample",
-     "eqvae_jax.export", "eqvae_jax.notebook"),
+     "eqvae_jax.export", "eqvae_jax.notebook", "eqvae_jax.replicate"),
 )
 CLI_LAYER = len(LAYERS) - 1
 

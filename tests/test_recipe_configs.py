@@ -21,6 +21,7 @@ from helpers import REPO
 from ml_collections import ConfigDict, config_dict
 
 from eqvae_jax import typed_config
+from eqvae_jax.replicate.config import ReplicateConfig
 from eqvae_jax.train.dit.config import DiTJobConfig
 from eqvae_jax.train.eqvae.config import SCHEMAS as EQ_SCHEMAS
 from eqvae_jax.train.eval_vae.config import EvalVAEConfig
@@ -35,6 +36,7 @@ VARIANTS = {
     "extract_latents": ["", "images", "tiny"],
     "extract_tokens": ["", "crops=8", "tiny", "tiny,crops=3"],
     "maskgit": ["", "batch=256", "model=big", "chang", "tiny"],
+    "replicate": ["", "smoke", "tpu"],
     "sdvae_ft": ["", "vae=sdxl", "vae=sd3", "ema", "tiny", "vae=sd3,tiny"],
     "vqgan_ft": ["", "tiny", "demo"],
 }
@@ -43,6 +45,8 @@ VARIANTS = {
 def schema(name: str, config: ConfigDict) -> type:
     if name == "eval_vae":
         return EvalVAEConfig
+    if name == "replicate":
+        return ReplicateConfig
     trainers = {**EQ_SCHEMAS, "extract_latents": ExtractConfig, "extract_tokens": ExtractConfig,
                 "dit": DiTJobConfig, "maskgit": MaskGITJobConfig}
     return trainers[config.trainer]

@@ -20,6 +20,7 @@ input file is re-extracted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from eqvae_jax.eval.adm_metrics import Activations, EvaluationWarning, NpzImages
 from eqvae_jax.eval.inception import InceptionV3
+from eqvae_jax.models.shapes_classifier import ShapesClassifier
 from eqvae_jax.models.weights import flat_variables
 from eqvae_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
 
@@ -63,9 +65,10 @@ def local_rows(sharding: NamedSharding, batch: int) -> np.ndarray:
 
 
 class InceptionExtractor:
-    """Sharded Inception features (module docstring). `batch_size` is global (default 32 per device)."""
+    """Sharded Inception features (module docstring). `batch_size` is global (default 32 per device). `net` may
+    also be the shapes classifier (the same `features()` outputs; shapes-domain metrics)."""
 
-    def __init__(self, net: InceptionV3, mesh: Mesh | None = None, batch_size: int | None = None):
+    def __init__(self, net: InceptionV3 | ShapesClassifier, mesh: Mesh | None = None, batch_size: int | None = None):
         self.mesh = mesh if mesh is not None else make_mesh(-1, 1)
         divisor = batch_divisor(self.mesh)
         self.batch_size = int(batch_size or PER_DEVICE_BATCH * divisor)
@@ -85,7 +88,8 @@ class InceptionExtractor:
     def fingerprint(self) -> str:
         """sha256 of the network's config and weights (cache key)."""
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            config = self.config.to_dict() if hasattr(self.config, "to_dict") else dataclasses.asdict(self.config)
+            h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
             for key, value in sorted(flat_variables(self._net).items()):
                 h.update(key.encode())
                 h.update(np.ascontiguousarray(value, np.float32).tobytes())

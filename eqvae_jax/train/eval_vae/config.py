@@ -16,6 +16,7 @@ equivariance transforms cannot use, and missing Inception / LPIPS dirs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -30,6 +31,7 @@ from eqvae_jax.eval.inception import PREPROCESSES
 from eqvae_jax.losses import resample
 from eqvae_jax.models import lpips, weights
 from eqvae_jax.models.autoencoders import AutoencoderSpec
+from eqvae_jax.models.shapes_classifier import KIND as SHAPES_KIND
 from eqvae_jax.parallel.mesh import mesh_shape, slice_count
 from eqvae_jax.train.config import MeshConfig
 from eqvae_jax.typed_config import ConfigError, default_config, parse_collect
@@ -58,11 +60,14 @@ class EvalVAEConfig:
     # Matmul/conv precision of the autoencoders and LPIPS ('highest' = float32 also on TPU, whose default is one
     # bf16 pass; the reference ran PyTorch fp32 with TF32 convolutions on A100s, between 'high' and 'highest').
     precision: str = "highest"
-    inception: str = ""  # FID Inception weights dir (python -m eqvae_jax.convert --kind inception); 'random': tests
+    # FID Inception weights dir (python -m eqvae_jax.convert --kind inception), or a shapes classifier's dir
+    # (eval/shapes_metric.py: shapes-rFID, for data.source='shapes'); 'random': tests
+    inception: str = ""
     # The Inception's input preprocessing for rFID (eval.inception PREPROCESSES): 'adm' = ADM's evaluator /
     # torch-fidelity (TF1 bilinear resize to 299, (x - 128) / 128), comparable with gFID numbers; 'pytorch_fid' =
     # pytorch-fid, what zelaki/eqvae's eval.py (the paper's Table 1) uses (x / 255, torch bilinear resize with
-    # half-pixel centres, 2 x - 1). Same weights; results/<model>.json and the table say which.
+    # half-pixel centres, 2 x - 1). Same weights; results/<model>.json and the table say which. A shapes
+    # classifier takes its own input (any preprocessing other than 'adm' is refused for it).
     fid_preprocess: str = "adm"
     lpips: str = ""  # LPIPS weights dir (python -m eqvae_jax.convert --kind lpips); '' = no LPIPS; 'random': tests
     equivariance: EquivarianceEvalConfig = EquivarianceEvalConfig()  # the paper's rotations and scales
@@ -114,7 +119,11 @@ def _network_problems(c: EvalVAEConfig) -> list[str]:
         problems.append("inception is empty: give the FID Inception weights dir (python -m eqvae_jax.convert "
                         "--kind inception --src pt_inception-2015-12-05-6726825d.pth --dst weights/inception)")
     elif c.inception != RANDOM:
-        problems += [p for p in [_weights_problem("inception", c.inception, INCEPTION_KIND,
+        # the FID Inception, or a shapes classifier (eval/shapes_metric.py) for shapes-rFID on data.source='shapes'
+        kind = INCEPTION_KIND
+        with contextlib.suppress(FileNotFoundError, ValueError):  # reported below
+            kind = SHAPES_KIND if weights.read_config(c.inception)[0] == SHAPES_KIND else INCEPTION_KIND
+        problems += [p for p in [_weights_problem("inception", c.inception, kind,
                                                   "python -m eqvae_jax.convert --kind inception")] if p]
     if c.lpips not in ("", RANDOM):
         problems += [p for p in [_weights_problem("lpips", c.lpips, lpips.KIND,

@@ -52,7 +52,7 @@ from eqvae_jax.data.sources import open_source
 from eqvae_jax.eval import adm_metrics, inception, latents, reconstruction
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval.features import InceptionExtractor
-from eqvae_jax.models import kl_vae, lpips
+from eqvae_jax.models import kl_vae, lpips, shapes_classifier, weights
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows, make_mesh, replicated
 from eqvae_jax.train.eval_vae import report
@@ -156,11 +156,17 @@ def _data_fingerprint(c: EvalVAEConfig) -> dict[str, Any]:
             "min_side": d.min_side, "global_batch_size": c.global_batch_size}
 
 
-def build_inception(path: str, preprocess: str = "adm") -> inception.InceptionV3:
-    """The FID Inception (or the random tiny one) with the given input preprocessing ('adm' / 'pytorch_fid')."""
+def build_inception(path: str, preprocess: str = "adm") -> inception.InceptionV3 | shapes_classifier.ShapesClassifier:
+    """The rFID feature network: the FID Inception with the given input preprocessing ('adm' / 'pytorch_fid'),
+    or a shapes classifier (shapes-rFID, eval/shapes_metric.py; it takes its own input)."""
     if path == RANDOM:
         log.warning("eval_vae: a random tiny Inception (tests/demo only: its rFID means nothing)")
         return inception.build(inception.tiny(preprocess=preprocess), seed=0)
+    if weights.read_config(path)[0] == shapes_classifier.KIND:
+        if preprocess != "adm":
+            raise ValueError(f"fid_preprocess={preprocess!r} is for the FID Inception; {path} is a shapes classifier")
+        log.info("eval_vae: rFID in the features of the shapes classifier %s (comparable within shapes only)", path)
+        return shapes_classifier.load(path)
     return inception.load(path, preprocess=preprocess)
 
 
