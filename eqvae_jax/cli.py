@@ -4,11 +4,13 @@ absl parses the flags, and with them ml_collections' `--config=FILE:VARIANT` and
 before a command's `main` runs, and reports a mistake there badly: a typo'd override key as a 60-line chained
 traceback with exit status 1, a config file's ConfigError one character per line. `run(main)` parses the flags
 itself and reports each such mistake as `error: ...` (with "did you mean" where a close name exists) and exit
-status 2, as the commands do for the config problems their own checks find (`fail`).
+status 2, as the commands do for the config problems their own checks find (`fail`). The argparse commands
+(convert, eval_samples) use `ArgumentParser`, which reports its mistakes the same way.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
@@ -116,3 +118,38 @@ def _text(error: BaseException) -> str:
 def _last_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the commands' error style: `error: ...` with "did you mean" for an unknown option or an
+    invalid choice, exit status 2, no usage dump (`--help` still prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self._with_hint(message))
+
+    def _with_hint(self, message: str) -> str:
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for action in self._actions for o in action.option_strings]
+            named = []
+            for arg in unknown.group(1).split():
+                close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1) if arg.startswith("-") else []
+                named.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            return f"unknown argument{'s' if len(named) > 1 else ''}: {', '.join(named)}"
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            close = difflib.get_close_matches(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1)
+            if close:
+                return f"{message} (did you mean '{close[0]}'?)"
+        return message
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count where 0 means "the default": "must be >= 0" for a negative one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: the default), got {value}")
+    return value

@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TF/XLA C++ chatter
 
 import numpy as np  # noqa: E402
 
+from eqvae_jax import cli  # noqa: E402
 from eqvae_jax.eval import adm_metrics as adm  # noqa: E402
 
 METRICS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -38,13 +39,13 @@ METRICS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eqvae_jax.eval_samples", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m eqvae_jax.eval_samples", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", help="generated batch (ADM .npz, arr_0 uint8 NHWC)")
     p.add_argument("--ref", required=True, help="reference batch (ADM .npz; mu/sigma/mu_s/sigma_s used if present)")
     p.add_argument("--inception", required=True, help="Inception weights dir (python -m eqvae_jax.convert)")
     p.add_argument("--out", help="write the five numbers as JSON here")
-    p.add_argument("--batch_size", type=int, default=0, help="global batch (default 32 per device)")
+    p.add_argument("--batch_size", type=cli.non_negative_int, default=0, help="global batch (default 32 per device)")
     p.add_argument("--cache_dir", help="feature cache directory (default: beside each input)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write feature caches")
     p.add_argument("--write_ref", help="write R's images + the statistics of their features to this .npz")

@@ -61,8 +61,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]}")
     setup_logging(FLAGS.log_level)
-    if problem := cli.workdir_problem(FLAGS.workdir):
-        cli.fail(problem)
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:
         cli.fail(f"config.trainer must be one of {sorted(JOBS)}, got {config.get('trainer')!r}")
@@ -71,6 +69,8 @@ def main(argv: list[str]) -> None:
         print(f"error: trainer {config.trainer!r} has no compile-only mode ({aot.ENV_TOPOLOGY}={target}); "
               f"jobs with one: {sorted(PRECOMPILE)}", file=sys.stderr)
         sys.exit(2)
+    if problem := cli.workdir_problem(FLAGS.workdir):  # creates the workdir: only for a command that will run
+        cli.fail(problem)
     if not target:
         maybe_initialize(FLAGS.distributed)
     handled = (ConfigError, ResumeError, KeyMismatchError, CheckpointError, DatasetFormatError)

@@ -1,8 +1,8 @@
 """A mistake in a command line or its config, in every absl CLI (main for the training and extraction jobs,
-eval_vae, sample, the data pipeline's CLI), and a workdir that cannot be written (a file, under a file, a
-read-only place: /sys refuses even root): exit status 2, `error:` with the problem (and "did you mean" where a
-close name exists), a few lines of stderr, no traceback. Each command ends before any model is built; they run
-side by side."""
+eval_vae, sample, the data pipeline's CLI) and argparse CLI (convert, eval_samples), and a workdir that cannot be
+written (a file, under a file, a read-only place: /sys refuses even root): exit status 2, `error:` with the
+problem (and "did you mean" where a close name exists), a few lines of stderr, no traceback. Each command ends
+before any model is built; they run side by side."""
 
 import subprocess
 import sys
@@ -43,6 +43,17 @@ CASES = [
                             "--workdir={tmp}/a_file/eval"], "a_file/eval is not writable: Not a directory"),
     ("sample", [sys.executable, "-m", "eqvae_jax.sample", "--workdir={tmp}/run", "--num_steps=0"],
      "flag --num_steps=0: 0 is not a positive integer"),
+    # the argparse commands
+    ("eval_samples_flag", [sys.executable, "-m", "eqvae_jax.eval_samples", "--ref={tmp}/r.npz",
+                           "--inception={tmp}/i", "--referance={tmp}/x"],
+     "/x (did you mean --ref?)"),
+    ("eval_samples_negative", [sys.executable, "-m", "eqvae_jax.eval_samples", "--ref={tmp}/r.npz",
+                               "--inception={tmp}/i", "--batch_size=-8"],
+     "argument --batch_size: must be >= 0 (0: the default), got -8"),
+    ("convert_kind", [sys.executable, "-m", "eqvae_jax.convert", "--kind=kl_vea", "--src={tmp}/a_file",
+                      "--dst={tmp}/out"], "invalid choice: 'kl_vea' (choose from"),
+    ("convert_kind_hint", [sys.executable, "-m", "eqvae_jax.convert", "--kind=kl_vea", "--src={tmp}/a_file",
+                           "--dst={tmp}/out"], "(did you mean 'kl_vae'?)"),
 ]
 
 

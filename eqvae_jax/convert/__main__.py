@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from eqvae_jax import cli
+
 KINDS = {
     "kl_vae": "eqvae_jax.convert.kl_vae",
     "vq_vae": "eqvae_jax.convert.vq_vae",
@@ -24,7 +26,7 @@ KINDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eqvae_jax.convert", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m eqvae_jax.convert", description=__doc__)
     p.add_argument("--kind", required=True, choices=sorted(KINDS))
     p.add_argument("--src", required=True, help="source weights (file or directory)")
     p.add_argument("--dst", required=True, help="output path; written atomically")
