@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import os
 import re
 import sys
@@ -26,6 +27,9 @@ from eqvae_jax.typed_config import ConfigError
 # which TF prints before its log level applies, on the stderr of every command.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# TF imports keras and keras matplotlib, which logs "generated new fontManager" at INFO through absl's handler on a
+# machine without its font cache, before a command sets the library log levels.
+logging.getLogger("matplotlib").setLevel(logging.WARNING)
 USAGE_ERROR = 2  # exit status of a mistake in the command line or its config
 
 

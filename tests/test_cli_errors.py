@@ -4,6 +4,7 @@ written (a file, under a file, a read-only place: /sys refuses even root): exit 
 problem (and "did you mean" where a close name exists), a few lines of stderr, no traceback. Each command ends
 before any model is built; they run side by side."""
 
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,14 @@ def test_mistake_is_one_short_message_with_exit_status_2(results, name, expected
     lines = stderr.strip().splitlines()
     assert 1 <= len(lines) <= 4 and lines[0].startswith("error:"), stderr[-3000:]
     assert expected in stderr, stderr
+
+
+def test_a_fresh_machine_prints_no_library_lines_before_the_message(tmp_path):
+    """Without matplotlib's font cache (a fresh machine: TensorFlow imports keras, keras matplotlib), the command
+    still prints only its own message: no 'generated new fontManager' INFO line through absl's handler."""
+    env = dict(os.environ, MPLCONFIGDIR=str(tmp_path / "mpl"))
+    done = subprocess.run([*MAIN[:-1], f"--workdir={tmp_path}/run", TINY, "--config.total_updates=0"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.startswith("error:") and "total_updates must be positive" in done.stderr, done.stderr
+    assert os.listdir(tmp_path / "mpl")  # the cache was built in this run

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import jax
 import numpy as np
@@ -166,9 +167,12 @@ def test_demo_set_is_prepared_on_first_use_and_holds_out_eval_photos(tmp_path):
 
 def test_demo_preparation_is_quiet_and_lives_under_the_cache_dir(tmp_path, monkeypatch, capfd, caplog):
     """No TFDS 'Downloading and preparing' lines nor its 'no dataset_info.json' warning; the default data dir is
-    $XDG_CACHE_HOME/eqvae_jax/tfds, not the working directory; no empty downloads/ tree is left."""
+    $XDG_CACHE_HOME/eqvae_jax/tfds, not the working directory; no empty downloads/ tree and no temporary directory
+    is left."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # what the command's $TMPDIR would be
     config = data_config.as_data_config({"source": "demo"})
     data_dir = default_data_dir(config)
     assert data_dir == str(tmp_path / "cache" / "eqvae_jax" / "tfds")
@@ -177,7 +181,9 @@ def test_demo_preparation_is_quiet_and_lives_under_the_cache_dir(tmp_path, monke
     for text in (out, err, caplog.text):
         assert "Downloading and preparing" not in text and "dataset_info.json" not in text, text
     assert os.listdir(data_dir) == [demo.NAME]
-    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    assert sorted(os.listdir(tmp_path)) == ["cache", "tmp"]
+    assert os.listdir(tmp_path / "tmp") == []  # TFDS's first-build temp dir is not left behind
+    assert tempfile.gettempdir() == str(tmp_path / "tmp")
 
 
 def test_tfrecord_dataset_names_the_conversion_which_makes_it_readable(tmp_path):

@@ -13,6 +13,8 @@ import contextlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,13 +57,19 @@ class _NoDatasetInfoWarning(logging.Filter):
 def _quiet_tfds() -> Iterator[None]:
     """TFDS's own progress on stdout ('Downloading and preparing dataset Unknown size ...', 'Dataset ...
     downloaded and prepared to ...') and its warning about the folder it is preparing are left out; our one
-    line says what was prepared where."""
+    line says what was prepared where. Temporary files go to a private directory removed afterwards: a builder
+    of a dataset not prepared yet leaves an empty `tmpXXXXtfds` directory behind in $TMPDIR
+    (`DatasetInfo.initialize_from_bucket`, TFDS 4.9.10)."""
     absl_logger, no_info = logging.getLogger("absl"), _NoDatasetInfoWarning()
     absl_logger.addFilter(no_info)
+    previous, private = tempfile.tempdir, tempfile.mkdtemp(prefix="eqvae_jax_tfds_")
+    tempfile.tempdir = private
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(private, ignore_errors=True)
         absl_logger.removeFilter(no_info)
 
 

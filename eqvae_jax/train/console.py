@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-LIBRARY_LOGGERS = ("absl", "orbax", "grain", "jax", "tensorflow", "etils", "clu", "tensorboard", "urllib3")
+LIBRARY_LOGGERS = ("absl", "orbax", "grain", "jax", "tensorflow", "etils", "clu", "tensorboard", "urllib3",
+                   "matplotlib")  # TF imports keras, keras matplotlib: its font cache line on a fresh machine
 _FORMAT = "%(asctime)s %(message)s"
 
 
