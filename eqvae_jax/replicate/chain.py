@@ -7,7 +7,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from eqvae_jax.replicate import jobs, stages
+from eqvae_jax.replicate import jobs, stages, vq_jobs
 from eqvae_jax.replicate.config import ReplicateConfig, own_problems
 from eqvae_jax.replicate.runner import run_stages
 from eqvae_jax.typed_config import ConfigError, parse_collect
@@ -18,10 +18,13 @@ def check(config: ConfigDict | ReplicateConfig, root: str) -> ReplicateConfig:
     derived job config (named by stage)."""
     c, problems = (config, []) if isinstance(config, ReplicateConfig) else parse_collect(ReplicateConfig, config)
     problems += own_problems(c)
-    try:
-        jobs.check_all(c, root)
-    except ConfigError as e:
-        problems += e.problems
+    if c.kl:
+        try:
+            jobs.check_all(c, root)
+        except ConfigError as e:
+            problems += e.problems
+    if c.vq:
+        problems += vq_jobs.problems(c, root, jobs.paths(root)["cache"])
     if problems:
         raise ConfigError(problems)
     return c

@@ -95,3 +95,15 @@ def titled_panels(panels: Mapping[str, np.ndarray], gap: int = 12, title_height:
         draw.text((x + 2, 3), name, fill=(0, 0, 0), font=ImageFont.load_default())
         x += p.shape[1] + gap
     return np.asarray(canvas)
+
+
+def stacked(images: Sequence[np.ndarray], gap: int = 12) -> np.ndarray:
+    """uint8 images one above the other, left-aligned on white."""
+    w = max(p.shape[1] for p in images)
+    h = sum(p.shape[0] for p in images) + gap * (len(images) - 1)
+    canvas = np.full((h, w, 3), 255, np.uint8)
+    y = 0
+    for p in images:
+        canvas[y:y + p.shape[0], :p.shape[1]] = p
+        y += p.shape[0] + gap
+    return canvas

@@ -1,6 +1,7 @@
 """The chain's report in its root directory: report.md (tables), metrics.json (every number), curves.png
-(sample-FID vs updates, mean line and min-max band over seeds per arm), samples.png (class-conditional samples of
-both arms at the same update), latents.png (latent PCA pictures and decoded rotated / scaled latents).
+(sample-FID vs updates, mean line and min-max band over seeds per arm: a DiT panel and a MaskGIT panel),
+samples.png (class-conditional samples of both arms at the same update, DiT and MaskGIT), latents.png (KL latent
+PCA pictures and decoded rotated / scaled latents). A family the config leaves out has no section or panel.
 
 "exceeds the spread" at a checkpoint means the arms' min-max ranges over seeds do not overlap.
 """
@@ -17,14 +18,11 @@ from PIL import Image
 from eqvae_jax.replicate import figures
 from eqvae_jax.replicate.config import ARMS, ReplicateConfig
 from eqvae_jax.replicate.jobs import NUM_CLASSES
+from eqvae_jax.replicate.report_md import markdown
 from eqvae_jax.replicate.runner import read_marker, read_record
 
 FILES = ("report.md", "metrics.json", "curves.png", "samples.png", "latents.png")
 SAMPLE_KEYS = ("fid", "precision", "recall", "class_accuracy", "inception_score")
-AE_ROWS = (("equivariance error, rotation (mean of 90/180/270)", "equivariance/rotation"),
-           ("equivariance error, scale (mean of 0.25/0.5/0.75)", "equivariance/scale"),
-           ("TwoNN intrinsic dimension", "intrinsic_dimension"), ("high-frequency energy", "hf_energy"),
-           ("PSNR (dB)", "psnr"), ("SSIM", "ssim"), ("shapes-rFID", "rfid"))
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -32,88 +30,82 @@ def spread(values: list[float]) -> dict[str, float]:
             "seeds": len(values)}
 
 
-def collect(c: ReplicateConfig, root: str) -> dict[str, Any]:
-    """Every number of the chain from the stage markers (metrics.json)."""
-    ev = read_marker(root, "eval")["results"]
-    autoencoder = {arm: {**ev["eval_vae"][arm], **ev["latents"][arm]} for arm in ARMS}
-    runs = {arm: {str(s): read_marker(root, f"dit_{arm}_seed{s}")["results"]["curve"] for s in c.dit.seeds}
-            for arm in ARMS}
+def summarise(runs: dict[str, dict[str, dict[str, Any]]], seeds: tuple[int, ...]) -> dict[str, Any]:
+    """{update: {arm: {metric: spread over seeds}, FID difference, whether it exceeds the spread}} of the curves
+    {arm: {seed: {update: metrics}}}."""
     updates = sorted({int(u) for arm in ARMS for curve in runs[arm].values() for u in curve})
     summary: dict[str, Any] = {}
     for u in updates:
-        row = {arm: {k: spread([runs[arm][str(s)][str(u)][k] for s in c.dit.seeds]) for k in SAMPLE_KEYS}
+        row = {arm: {k: spread([runs[arm][str(s)][str(u)][k] for s in seeds]) for k in SAMPLE_KEYS}
                for arm in ARMS}
         eq, ctl = row["eq"]["fid"], row["control"]["fid"]
         row["fid_difference_control_minus_eq"] = ctl["mean"] - eq["mean"]
         row["fid_difference_exceeds_spread"] = bool(eq["max"] < ctl["min"] or ctl["max"] < eq["min"])
         summary[str(u)] = row
+    return summary
+
+
+def collect(c: ReplicateConfig, root: str) -> dict[str, Any]:
+    """Every number of the chain from the stage markers (metrics.json)."""
     record = read_record(root)
-    return {"classifier": read_marker(root, "classifier")["results"], "autoencoder": autoencoder,
-            "dit_runs": runs, "dit_summary": summary,
-            "stage_seconds": {k: v["seconds"] for k, v in record.items()},
-            "total_seconds": float(sum(v["seconds"] for v in record.values()))}
+    m: dict[str, Any] = {"classifier": read_marker(root, "classifier")["results"],
+                         "families": [f for f, on in (("kl", c.kl), ("vq", c.vq)) if on]}
+    if c.kl:
+        ev = read_marker(root, "eval")["results"]
+        m["autoencoder"] = {arm: {**ev["eval_vae"][arm], **ev["latents"][arm]} for arm in ARMS}
+        m["dit_runs"] = {arm: {str(s): read_marker(root, f"dit_{arm}_seed{s}")["results"]["curve"]
+                               for s in c.dit.seeds} for arm in ARMS}
+        m["dit_summary"] = summarise(m["dit_runs"], c.dit.seeds)
+    if c.vq:
+        ev = read_marker(root, "vq_eval")["results"]
+        m["vq_autoencoder"] = {arm: {**ev["eval_vae"][arm], **ev["codes"][arm]} for arm in ARMS}
+        m["maskgit_runs"] = {arm: {str(s): read_marker(root, f"maskgit_{arm}_seed{s}")["results"]["curve"]
+                                   for s in c.maskgit.seeds} for arm in ARMS}
+        m["maskgit_summary"] = summarise(m["maskgit_runs"], c.maskgit.seeds)
+    m["stage_seconds"] = {k: v["seconds"] for k, v in record.items()}
+    m["total_seconds"] = float(sum(v["seconds"] for v in record.values()))
+    return m
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def markdown(c: ReplicateConfig, m: dict[str, Any]) -> str:
-    lines = ["# EQ-VAE replication on `shapes`", "",
-             f"Image size {c.image_size}, seeds {list(c.dit.seeds)} for the DiT stage, EQ branch probability "
-             f"{c.autoencoder.p_equivariance} (control 0). Numbers compare runs within the shapes domain only.", "",
-             f"Shapes classifier held-out accuracy: {m['classifier']['held_out_accuracy']:.4f}", "",
-             "## Autoencoders (held-out shapes)", "", "| metric | EQ | control |", "|---|---|---|"]
-    ae = m["autoencoder"]
-    for label, key in AE_ROWS:
-        lines.append(f"| {label} | {_fmt(ae['eq'].get(key))} | {_fmt(ae['control'].get(key))} |")
-    transforms = sorted(k for k in ae["eq"] if k.startswith("equivariance/") and k.split("/")[1][:3] in ("rot", "sca")
-                        and k.split("/")[1] not in ("rotation", "scale"))
-    for key in transforms:
-        lines.append(f"| equivariance error {key.split('/')[1]} | {_fmt(ae['eq'][key])} | "
-                     f"{_fmt(ae['control'][key])} |")
-    lines += ["", "## Class-conditional DiT: sample metrics (mean [min, max] over seeds)", "",
-              "| update | shapes-FID EQ | shapes-FID control | control - EQ | exceeds spread | precision EQ / control "
-              "| recall EQ / control | class accuracy EQ / control |", "|---|---|---|---|---|---|---|---|"]
-    def cell(row: dict[str, Any], arm: str, key: str) -> str:
-        s = row[arm][key]
-        return f"{s['mean']:.4g} [{s['min']:.4g}, {s['max']:.4g}]"
-
-    for u, row in m["dit_summary"].items():
-
-        pair = {k: f"{row['eq'][k]['mean']:.3f} / {row['control'][k]['mean']:.3f}"
-                for k in ("precision", "recall", "class_accuracy")}
-        lines.append(f"| {u} | {cell(row, 'eq', 'fid')} | {cell(row, 'control', 'fid')} | "
-                     f"{row['fid_difference_control_minus_eq']:.4g} | "
-                     f"{'yes' if row['fid_difference_exceeds_spread'] else 'no'} | {pair['precision']} | "
-                     f"{pair['recall']} | {pair['class_accuracy']} |")
-    lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in m["stage_seconds"].items()]
-    lines += [f"| total (before the report) | {m['total_seconds']:.1f} |", "",
-              "![sample-FID vs updates](curves.png)", "", "![samples](samples.png)", "", "![latents](latents.png)", ""]
-    return "\n".join(lines)
+def curve_panel(summary: dict[str, Any], seeds: int, model: str) -> np.ndarray:
+    updates = [int(u) for u in summary]
+    series = {}
+    for arm in ARMS:
+        s = [summary[str(u)][arm]["fid"] for u in updates]
+        series[arm] = (updates, [x["mean"] for x in s], [x["min"] for x in s], [x["max"] for x in s])
+    return figures.band_chart(series, f"{model}: shapes sample-FID (mean, min-max over {seeds} seeds)",
+                              f"{model} updates", "shapes-FID")
 
 
 def curves(c: ReplicateConfig, m: dict[str, Any]) -> np.ndarray:
-    updates = [int(u) for u in m["dit_summary"]]
-    series = {}
+    """The DiT panel and the MaskGIT panel side by side (one of them when one family ran)."""
+    panels = {}
+    if c.kl:
+        panels["DiT / SiT on the KL latents"] = curve_panel(m["dit_summary"], len(c.dit.seeds), "DiT")
+    if c.vq:
+        panels["MaskGIT on the VQ tokens"] = curve_panel(m["maskgit_summary"], len(c.maskgit.seeds), "MaskGIT")
+    return figures.titled_panels(panels)
+
+
+def sample_panels(root: str, prefix: str, update: int, seed: int, model: str) -> np.ndarray:
+    """Both arms' kept samples of one run's checkpoint side by side (one column per class)."""
+    panels = {}
     for arm in ARMS:
-        s = [m["dit_summary"][str(u)][arm]["fid"] for u in updates]
-        series[arm] = (updates, [x["mean"] for x in s], [x["min"] for x in s], [x["max"] for x in s])
-    return figures.band_chart(series, f"shapes sample-FID (mean, min-max over {len(c.dit.seeds)} seeds)",
-                              "DiT updates", "shapes-FID")
+        with np.load(os.path.join(root, f"{prefix}_{arm}_seed{seed}", "sample_metrics", f"{update}.npz")) as z:
+            grid = class_grid(z["images"], z["labels"])
+        panels[f"{model} {arm}, update {update}, seed {seed}"] = np.asarray(
+            Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST))
+    return figures.titled_panels(panels)
 
 
 def samples(c: ReplicateConfig, root: str) -> np.ndarray:
-    """Both arms' kept samples of the first seed at the last update (one column per class)."""
-    u, seed = c.dit.updates, c.dit.seeds[0]
-    panels = {}
-    for arm in ARMS:
-        with np.load(os.path.join(root, f"dit_{arm}_seed{seed}", "sample_metrics", f"{u}.npz")) as z:
-            grid = class_grid(z["images"], z["labels"])
-        panels[f"{arm}, update {u}, seed {seed}"] = np.asarray(
-            Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST))
-    return figures.titled_panels(panels)
+    """Both arms' kept samples of the first seed at the last update: a DiT row and a MaskGIT row."""
+    rows = []
+    if c.kl:
+        rows.append(sample_panels(root, "dit", c.dit.updates, c.dit.seeds[0], "DiT"))
+    if c.vq:
+        rows.append(sample_panels(root, "maskgit", c.maskgit.updates, c.maskgit.seeds[0], "MaskGIT"))
+    return figures.stacked(rows)
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: int = NUM_CLASSES) -> np.ndarray:
@@ -134,6 +126,11 @@ def latents_picture(root: str) -> np.ndarray:
     return figures.labelled_rows(rows)
 
 
+def files(c: ReplicateConfig) -> tuple[str, ...]:
+    """The report's files for this config (latents.png shows KL latents: only with the KL family)."""
+    return FILES if c.kl else tuple(f for f in FILES if f != "latents.png")
+
+
 def write(c: ReplicateConfig, root: str) -> dict[str, Any]:
     """Write every report file; returns their paths."""
     m = collect(c, root)
@@ -143,5 +140,6 @@ def write(c: ReplicateConfig, root: str) -> dict[str, Any]:
         f.write(markdown(c, m))
     Image.fromarray(curves(c, m)).save(os.path.join(root, "curves.png"))
     Image.fromarray(samples(c, root)).save(os.path.join(root, "samples.png"))
-    Image.fromarray(latents_picture(root)).save(os.path.join(root, "latents.png"))
-    return {name: os.path.join(root, name) for name in FILES}
+    if c.kl:
+        Image.fromarray(latents_picture(root)).save(os.path.join(root, "latents.png"))
+    return {name: os.path.join(root, name) for name in files(c)}

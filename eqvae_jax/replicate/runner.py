@@ -2,8 +2,11 @@
 overall ETA on the console.
 
 A stage is done when `DIR/<stage>/DONE.json` exists (written after the stage's job returned, with its wall time
-and results). A stage interrupted midway has no marker: the next run calls it again and its job resumes from
-its own checkpoints (EQ-VAE / DiT checkpoints, eval_vae shards, extraction chunks). `DIR/stages.json` records
+and results) and, for a stage that summarises others (the report: `Stage.inputs`), when its marker records exactly
+the stages it reads now, each with the wall time of its marker then: a run that gains stages (the VQ family added
+to a finished KL run) or redoes one writes its report again. A stage interrupted midway has no marker: the next
+run calls it again and its job resumes from its own checkpoints (EQ-VAE / DiT / MaskGIT checkpoints, eval_vae
+shards, extraction chunks, per-checkpoint sample scores). `DIR/stages.json` records
 every stage's wall time (the report reads it). The ETA adds up the estimates of the stages still to run: a
 stage's work units times its kind's seconds per unit, measured on this run's finished stages of that kind when
 there are any, else the default rate (measured on 2 CPU cores, docs/replication.md).
@@ -28,6 +31,7 @@ class Stage:
     kind: str  # stages of a kind share a cost rate (seconds per unit)
     units: float  # work: updates, images, samples (what the kind's rate is per)
     run: Callable[[], Mapping[str, Any]]  # does the work; returns the results stored in the marker
+    inputs: tuple[str, ...] = ()  # the stages whose results it reads, when it must be redone as they change
 
 
 def marker_path(root: str, name: str) -> str:
@@ -40,6 +44,23 @@ def read_marker(root: str, name: str) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def inputs_stamp(root: str, stage: Stage) -> dict[str, float | None]:
+    """{input stage: the wall time in its marker (None without one)}: what a summarising stage covered."""
+    stamp = {}
+    for name in stage.inputs:
+        marker = read_marker(root, name)
+        stamp[name] = None if marker is None else marker.get("seconds")
+    return stamp
+
+
+def is_done(root: str, stage: Stage) -> bool:
+    """Its marker exists and, for a stage with `inputs`, it covered exactly those stages' current markers."""
+    marker = read_marker(root, stage.name)
+    if marker is None:
+        return False
+    return not stage.inputs or marker.get("inputs") == inputs_stamp(root, stage)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -81,11 +102,11 @@ def run_stages(stages: Sequence[Stage], root: str, default_rates: Mapping[str, f
     n = len(stages)
     began = time.perf_counter()
     for k, stage in enumerate(stages, 1):
-        if read_marker(root, stage.name) is not None:
+        if is_done(root, stage):
             echo(f"stage {k}/{n}: {stage.name} (done, skipped)")
             continue
         rate = rates(record, default_rates)
-        todo = [s for s in stages[k - 1:] if read_marker(root, s.name) is None]
+        todo = [s for s in stages[k - 1:] if not is_done(root, s)]
         eta = sum(s.units * rate.get(s.kind, 0.0) for s in todo)
         this = stage.units * rate.get(stage.kind, 0.0)
         echo(f"stage {k}/{n}: {stage.name} (estimate {format_seconds(this)}; all remaining stages "
@@ -96,7 +117,10 @@ def run_stages(stages: Sequence[Stage], root: str, default_rates: Mapping[str, f
         record = read_record(root)
         record[stage.name] = {"kind": stage.kind, "units": stage.units, "seconds": seconds}
         _write_json(os.path.join(root, RECORD), record)
-        _write_json(marker_path(root, stage.name), {"seconds": seconds, "results": results})
+        marker = {"seconds": seconds, "results": results}
+        if stage.inputs:
+            marker["inputs"] = inputs_stamp(root, stage)
+        _write_json(marker_path(root, stage.name), marker)
         echo(f"stage {k}/{n}: {stage.name} done in {format_seconds(seconds)}")
     echo(f"all {n} stages done ({format_seconds(time.perf_counter() - began)} in this call)")
     return record

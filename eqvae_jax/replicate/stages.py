@@ -1,5 +1,6 @@
 """The chain's stages (docs/replication.md), each a call of an existing job's `run(config, workdir)` with a
-config derived in jobs.py, in its own directory under the run's root:
+config derived in jobs.py, in its own directory under the run's root. Stages of a family run only when the config
+enables it (`kl`, `vq`); the classifier and the report serve both.
 
   classifier         the shapes classifier (fixed seed), its held-out accuracy
   pretrain           a KL autoencoder from random init, plain reconstruction
@@ -9,12 +10,13 @@ config derived in jobs.py, in its own directory under the run's root:
                      spectrum and pictures (latent_analysis.py)
   latents_eq/control the latent caches (the extraction job, shapes train split with labels)
   dit_<arm>_seed<s>  a class-conditional DiT/SiT per arm and seed, sample metrics at every kept checkpoint
+  vq_...             the VQ family's stages (vq_stages.py): VQ pretrain, EQ / control fine-tunes, eval, token
+                     caches, a MaskGIT per arm and seed
   report             report.md, metrics.json, curves.png, samples.png, latents.png
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -22,9 +24,10 @@ import numpy as np
 
 from eqvae_jax.eval.shapes_metric import ClassifierTraining, reference_images, train_classifier
 from eqvae_jax.models import shapes_classifier
-from eqvae_jax.replicate import dit_samples, jobs, latent_analysis, report
+from eqvae_jax.replicate import dit_samples, jobs, latent_analysis, report, vq_stages
 from eqvae_jax.replicate.config import ARMS, ReplicateConfig
 from eqvae_jax.replicate.runner import Stage, read_marker
+from eqvae_jax.replicate.scoring import score_checkpoints
 from eqvae_jax.train.dit import job as dit_job
 from eqvae_jax.train.eqvae import job as eqvae_job
 from eqvae_jax.train.eval_vae import job as eval_job
@@ -33,7 +36,8 @@ from eqvae_jax.train.latents import job as latents_job
 # Seconds per unit on 2 shared CPU cores (docs/replication.md: a shortened default run, compiles included, so
 # pessimistic), for the first ETA; replaced by this run's own rates as stages finish. Units: classifier steps,
 # autoencoder updates, evaluated images (both arms), extracted images, DiT updates + sampling work.
-DEFAULT_RATES = {"classifier": 0.6, "autoencoder": 1.3, "eval": 0.25, "extract": 0.007, "dit": 0.12, "report": 1.0}
+DEFAULT_RATES = {"classifier": 0.6, "autoencoder": 1.3, "eval": 0.25, "extract": 0.007, "dit": 0.12, "report": 1.0,
+                 "vq_autoencoder": 1.3, "vq_eval": 0.25, "tokens": 0.007, "maskgit": 0.12}
 
 
 def classifier_stage(c: ReplicateConfig, root: str) -> dict[str, Any]:
@@ -75,35 +79,16 @@ def dit_stage(c: ReplicateConfig, root: str, arm: str, seed: int) -> dict[str, A
     dit_job.run(jobs.dit(c, root, arm, seed, scale), workdir)
     classifier = shapes_classifier.load(jobs.paths(root)["classifier"])
     reference = reference_images(c.image_size, c.dit.num_samples, seed=c.shapes_seed)
-    scores_dir = os.path.join(workdir, "sample_metrics")
-    os.makedirs(scores_dir, exist_ok=True)
     sampler = dit_samples.CheckpointSampler(workdir, c.dit.num_samples)
-    curve = {}
-    try:
-        for update in range(c.dit.eval_every, c.dit.updates + 1, c.dit.eval_every):
-            path = os.path.join(scores_dir, f"{update}.json")
-            if not os.path.isfile(path):
-                metrics, images, labels = dit_samples.evaluate_checkpoint(sampler, update, classifier, reference)
-                np.savez(os.path.join(scores_dir, f"{update}.npz"), images=images, labels=labels)
-                with open(path, "w") as f:
-                    json.dump(metrics, f)
-                print(f"dit {arm} seed {seed}: update {update}: shapes-FID {metrics['fid']:.3f}, precision "
-                      f"{metrics['precision']:.3f}, recall {metrics['recall']:.3f}, class accuracy "
-                      f"{metrics['class_accuracy']:.3f}")
-            with open(path) as f:
-                curve[str(update)] = json.load(f)
-    finally:
-        sampler.close()
+    updates = range(c.dit.eval_every, c.dit.updates + 1, c.dit.eval_every)
+    curve = score_checkpoints(sampler, workdir, updates, classifier, reference, f"dit {arm} seed {seed}")
     return {"scaling_factor": scale, "curve": curve}
 
 
-def build(c: ReplicateConfig, root: str) -> list[Stage]:
-    """The stage list of this config, in order."""
+def kl_stages(c: ReplicateConfig, root: str) -> list[Stage]:
+    """The KL family's stages, in order (after the classifier, which both families share)."""
     a, d = c.autoencoder, c.dit
-    stages = [
-        Stage("classifier", "classifier", c.classifier.steps, lambda: classifier_stage(c, root)),
-        Stage("pretrain", "autoencoder", a.pretrain_updates, lambda: autoencoder_stage(c, root, "pretrain")),
-    ]
+    stages = [Stage("pretrain", "autoencoder", a.pretrain_updates, lambda: autoencoder_stage(c, root, "pretrain"))]
     stages += [Stage(f"finetune_{arm}", "autoencoder", a.finetune_updates,
                      lambda arm=arm: autoencoder_stage(c, root, arm)) for arm in ARMS]
     stages.append(Stage("eval", "eval", 2 * c.eval.num_images, lambda: eval_stage(c, root)))
@@ -113,5 +98,16 @@ def build(c: ReplicateConfig, root: str) -> list[Stage]:
     stages += [Stage(f"dit_{arm}_seed{seed}", "dit", d.updates + checkpoints * d.num_samples * d.sampling_steps / 50,
                      lambda arm=arm, seed=seed: dit_stage(c, root, arm, seed))
                for seed in d.seeds for arm in ARMS]
-    stages.append(Stage("report", "report", 1, lambda: report.write(c, root)))
+    return stages
+
+
+def build(c: ReplicateConfig, root: str) -> list[Stage]:
+    """The stage list of this config, in order: the classifier, the KL family's stages, the VQ family's, the
+    report (redone whenever the stages before it change: `Stage.inputs`)."""
+    stages = [Stage("classifier", "classifier", c.classifier.steps, lambda: classifier_stage(c, root))]
+    if c.kl:
+        stages += kl_stages(c, root)
+    if c.vq:
+        stages += vq_stages.build(c, root)
+    stages.append(Stage("report", "report", 1, lambda: report.write(c, root), inputs=tuple(s.name for s in stages)))
     return stages
