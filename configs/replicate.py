@@ -6,16 +6,18 @@
 The default is the schema's defaults (eqvae_jax/replicate/config.py `ReplicateConfig`), both families. KL (sized
 for about 90 minutes on 2 CPU cores): 32 px images, an f4 KL autoencoder (32/64/64 channels, 4 latent channels)
 pretrained 600 updates then fine-tuned 300 (EQ: p = 0.5, scales 8/16 and 12/16; control: p = 0), a 4-block
-96-wide SiT per arm and seed (3 seeds) for 2000 updates with sample metrics every 500. VQ (sized for at most
-about 40 minutes more, docs/replication.md): an f4 VQGAN (32/64/64 channels, 128 codes of 16 channels, 8x8
-tokens) pretrained then fine-tuned the same way, a 4-layer 128-wide MaskGIT per arm and seed (3 seeds).
+96-wide SiT per arm and seed (3 seeds) for 2000 updates with sample metrics every 500. VQ (extrapolated to
+about 35 minutes more on quiet cores, docs/replication.md): an f8 VQGAN (32/64/64/64 channels, 128 codes of 16
+channels, 4x4 tokens: the SiT's 16 positions) pretrained and fine-tuned as the KL autoencoder, a 4-layer 96-wide
+MaskGIT per arm and seed (3 seeds) for 2000 updates, sized like the SiT.
 
 Variants (`:a,b`):
   kl      the KL family only (classifier, KL autoencoders, latent caches, DiT/SiT, report)
   vq      the VQ family only (classifier, VQ autoencoders, token caches, MaskGIT, report)
   smoke   the whole chain in about 3 minutes on 2 CPU cores with minimal sizes (a test: its numbers mean nothing)
-  tpu     sized for about an hour on a v5e-8 / v5p-8: 64 px, wider f4 autoencoders (16x16 latents and tokens),
-          longer fine-tunes, an 8-block 256-wide SiT and an 8-layer 256-wide MaskGIT for 20K updates each
+  tpu     sized for about an hour on a v5e-8 / v5p-8: 64 px, a wider f4 KL autoencoder (16x16 latents) and f8
+          VQGAN (8x8 tokens), longer fine-tunes, an 8-block 256-wide SiT and an 8-layer 256-wide MaskGIT for 20K
+          updates each
 """
 
 from eqvae_jax.replicate.config import defaults
@@ -51,7 +53,7 @@ def apply_smoke(c) -> None:
     d.updates, d.batch_size, d.eval_every = 4, 16, 2
     d.num_samples, d.sampling_steps = 32, 2
     v = c.vq_autoencoder
-    v.channel_mult, v.attn_resolutions, v.embed_dim, v.n_embed = [1, 1, 1], [], 4, 16
+    v.channel_mult, v.attn_resolutions, v.embed_dim, v.n_embed = [1, 1, 1, 1], [], 4, 16
     v.disc_channels, v.batch_size = 8, 8
     v.pretrain_updates, v.finetune_updates, v.checkpoint_every = 3, 3, 3
     v.scale_numerators = [8]
@@ -79,7 +81,7 @@ def apply_tpu(c) -> None:
     d.learning_rate = 3e-4
     d.num_samples, d.sampling_steps = 2000, 50
     v = c.vq_autoencoder
-    v.base_channels, v.channel_mult, v.attn_resolutions, v.embed_dim, v.n_embed = 64, [1, 2, 4], [16], 32, 512
+    v.base_channels, v.channel_mult, v.attn_resolutions, v.embed_dim, v.n_embed = 64, [1, 2, 2, 4], [8], 32, 512
     v.batch_size = 64
     v.pretrain_updates, v.finetune_updates, v.checkpoint_every = 5000, 2000, 500
     v.scale_numerators = [8, 10, 12, 14]

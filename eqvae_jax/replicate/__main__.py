@@ -1,4 +1,4 @@
-"""python -m eqvae_jax.replicate --config=configs/replicate.py[:smoke|:tpu] --workdir=DIR
+"""python -m eqvae_jax.replicate --config=configs/replicate.py[:smoke|:tpu|:kl|:vq] --workdir=DIR
 
 Runs (or resumes) the whole replication chain (eqvae_jax/replicate/stages.py, docs/replication.md). A config
 error in any stage's derived job config ends the command before anything is built, with exit status 2.
@@ -19,7 +19,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "configs/replicate.py[:smoke|:tpu]", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "configs/replicate.py[:smoke|:tpu|:kl|:vq]", lock_config=True)
     flags.DEFINE_string("workdir", None, "The run's directory: one subdirectory per stage, the report at its root.")
     flags.DEFINE_string("log_level", "WARNING", "Level of library logs; the stages' progress lines are always shown.")
     flags.mark_flags_as_required(["config", "workdir"])

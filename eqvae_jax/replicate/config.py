@@ -97,14 +97,16 @@ class VQStage:
     features). GroupNorm keeps taming's 32 groups so that every export is also a taming checkpoint."""
 
     base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # three levels: f4 (8x8 tokens at 32 px)
-    attn_resolutions: tuple[int, ...] = (8,)  # attention at the token grid, as taming's f16 at 256 px
+    # four levels: f8, 4x4 tokens at 32 px: the SiT's sequence length (8x8 latents, patch 2), as the paper's
+    # MaskGIT (f16, 16x16 tokens) and DiT/SiT (f8, 32x32 latents, patch 2) both see 256 positions
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    attn_resolutions: tuple[int, ...] = (4,)  # attention at the token grid, as taming's f16 at 256 px
     embed_dim: int = 16  # codebook vector size (= z_channels)
     n_embed: int = 128  # codebook size
     batch_size: int = 16
     learning_rate: float = 2e-4
-    pretrain_updates: int = 400
-    finetune_updates: int = 200
+    pretrain_updates: int = 600  # the KL family's lengths
+    finetune_updates: int = 300
     p_equivariance: float = 0.5  # the EQ arm's branch probability (the control's is 0)
     scale_numerators: tuple[int, ...] = (8, 12)  # EQ scales k / scale_denominator
     scale_denominator: int = 16
@@ -126,10 +128,10 @@ class MaskGITStage:
     """A small class-conditional MaskGIT per VQ arm and seed (valeoai v1's objective and decoding); sample metrics
     every `eval_every` updates, scored exactly as the DiT's (same classifier, reference images and sample count)."""
 
-    depth: int = 4
-    hidden_dim: int = 128
+    depth: int = 4  # the SiT's depth and width
+    hidden_dim: int = 96
     heads: int = 4
-    mlp_dim: int = 512
+    mlp_dim: int = 384
     dropout: float = 0.1
     updates: int = 2000
     batch_size: int = 64

@@ -35,9 +35,10 @@ from eqvae_jax.train.latents import job as latents_job
 
 # Seconds per unit on 2 shared CPU cores (docs/replication.md: a shortened default run, compiles included, so
 # pessimistic), for the first ETA; replaced by this run's own rates as stages finish. Units: classifier steps,
-# autoencoder updates, evaluated images (both arms), extracted images, DiT updates + sampling work.
+# autoencoder updates, evaluated images (both arms), extracted images, DiT / MaskGIT updates + sampling work.
+# The VQ kinds' are twice those measured on 2 quiet cores (the KL kinds' were measured at load average 8-9).
 DEFAULT_RATES = {"classifier": 0.6, "autoencoder": 1.3, "eval": 0.25, "extract": 0.007, "dit": 0.12, "report": 1.0,
-                 "vq_autoencoder": 1.3, "vq_eval": 0.25, "tokens": 0.007, "maskgit": 0.12}
+                 "vq_autoencoder": 1.1, "vq_eval": 0.06, "tokens": 0.005, "maskgit": 0.18}
 
 
 def classifier_stage(c: ReplicateConfig, root: str) -> dict[str, Any]:
