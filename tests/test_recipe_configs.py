@@ -36,7 +36,7 @@ VARIANTS = {
     "extract_latents": ["", "images", "tiny"],
     "extract_tokens": ["", "crops=8", "tiny", "tiny,crops=3"],
     "maskgit": ["", "batch=256", "model=big", "chang", "tiny"],
-    "replicate": ["", "smoke", "tpu"],
+    "replicate": ["", "smoke", "tpu", "kl", "vq", "smoke,vq"],
     "sdvae_ft": ["", "vae=sdxl", "vae=sd3", "ema", "tiny", "vae=sd3,tiny"],
     "vqgan_ft": ["", "tiny", "demo"],
 }
