@@ -80,10 +80,7 @@ def run_sampling(workdir: str, overrides: dict[str, Any], config: ConfigDict | N
     workdir = resolve(workdir)
     ckpt = Checkpointer(f"{workdir}/checkpoints")
     try:
-        update = overrides.get("update") or ckpt.latest_step()
-        if update is None:
-            raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-        saved = ckpt.read_json(update, ("host", "config"))
+        update, saved = ckpt.read_run(overrides.get("update"))
         raw = config if config is not None else ConfigDict(saved["config"])
         restore = _restore_maskgit if raw.get("trainer") == "maskgit" else _restore_dit
         mesh = make_mesh(-1, 1)

@@ -20,13 +20,11 @@ from eqvae_jax.typed_config import ConfigError, default_config, parse_collect
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderStage:
-    """The KL autoencoder: pretraining from random init (plain reconstruction), then the EQ and control fine-tunes."""
+class AutoencoderSchedule:
+    """What the KL and VQ autoencoder stages share (`jobs.autoencoder_schedule`): batch, learning rate,
+    pretraining and fine-tuning lengths, the EQ arm's transforms, the discriminator's size (each family's section
+    has its own values, with the same defaults)."""
 
-    base_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # three levels: f4 (8x8 latents at 32 px)
-    latent_channels: int = 4
-    norm_groups: int = 16
     batch_size: int = 16
     learning_rate: float = 2e-4
     pretrain_updates: int = 600
@@ -37,6 +35,16 @@ class AutoencoderStage:
     disc_channels: int = 16
     disc_layers: int = 2
     checkpoint_every: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderStage(AutoencoderSchedule):
+    """The KL autoencoder: pretraining from random init (plain reconstruction), then the EQ and control fine-tunes."""
+
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # three levels: f4 (8x8 latents at 32 px)
+    latent_channels: int = 4
+    norm_groups: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,7 @@ class DiTStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class VQStage:
+class VQStage(AutoencoderSchedule):
     """The VQ autoencoder (taming's VQGAN architecture, small): pretraining from random init (plain
     reconstruction), then the EQ and control fine-tunes (EQ-VQGAN: the transform acts on the pre-quantization
     features). GroupNorm keeps taming's 32 groups so that every export is also a taming checkpoint."""
@@ -103,16 +111,6 @@ class VQStage:
     attn_resolutions: tuple[int, ...] = (4,)  # attention at the token grid, as taming's f16 at 256 px
     embed_dim: int = 16  # codebook vector size (= z_channels)
     n_embed: int = 128  # codebook size
-    batch_size: int = 16
-    learning_rate: float = 2e-4
-    pretrain_updates: int = 600  # the KL family's lengths
-    finetune_updates: int = 300
-    p_equivariance: float = 0.5  # the EQ arm's branch probability (the control's is 0)
-    scale_numerators: tuple[int, ...] = (8, 12)  # EQ scales k / scale_denominator
-    scale_denominator: int = 16
-    disc_channels: int = 16
-    disc_layers: int = 2
-    checkpoint_every: int = 100
 
 
 @dataclasses.dataclass(frozen=True)

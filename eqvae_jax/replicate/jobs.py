@@ -13,7 +13,7 @@ import os
 from ml_collections import ConfigDict
 
 from eqvae_jax.data.config import DataConfig
-from eqvae_jax.replicate.config import ARMS, ReplicateConfig
+from eqvae_jax.replicate.config import ARMS, AutoencoderSchedule, ReplicateConfig
 from eqvae_jax.train.dit import config as dit_config
 from eqvae_jax.train.eqvae import config as eqvae_config
 from eqvae_jax.train.eval_vae import config as eval_config
@@ -55,12 +55,19 @@ def autoencoder(c: ReplicateConfig, root: str, arm: str) -> ConfigDict:
     pretrained weights (GAN from its first update, as the reference fine-tune)."""
     a, p = c.autoencoder, paths(root)
     x = eqvae_config.defaults()
-    pretrain = arm == "pretrain"
-    if pretrain:
+    if arm == "pretrain":
         x.model.init, x.model.preset, x.model.seed = "random", "tiny", c.seed
         x.model.overrides = vae_overrides(c)
     else:
         x.model.init, x.model.weights = "weights", p["pretrain"]
+    return autoencoder_schedule(x, c, a, arm, p["cache"])
+
+
+def autoencoder_schedule(x: ConfigDict, c: ReplicateConfig, a: AutoencoderSchedule, arm: str,
+                         cache: str) -> ConfigDict:
+    """What the KL and VQ autoencoder stages share (`x` already has its model): data, batch, learning rate,
+    updates, the GAN start and the EQ branch probability of `arm` ('pretrain', 'eq' or 'control'), no LPIPS."""
+    pretrain = arm == "pretrain"
     x.lpips.weights = ""
     x.loss.perceptual_weight = 0.0  # no pretrained VGG offline
     x.disc.ndf, x.disc.n_layers = a.disc_channels, a.disc_layers
@@ -81,7 +88,7 @@ def autoencoder(c: ReplicateConfig, root: str, arm: str) -> ConfigDict:
     x.log.every_updates = max(1, updates // 10)
     x.eval.every_updates, x.eval.batches, x.eval.images = updates, 0, 0
     x.compile.workers = c.compile_workers
-    x.compilation_cache_dir = p["cache"]
+    x.compilation_cache_dir = cache
     return x
 
 

@@ -25,10 +25,7 @@ class CheckpointSampler:
 
     def __init__(self, workdir: str, num_samples: int):
         self.ckpt = Checkpointer(f"{workdir}/checkpoints")
-        first = self.ckpt.latest_step()
-        if first is None:
-            raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-        saved = self.ckpt.read_json(first, ("host", "config"))
+        _, saved = self.ckpt.read_run()
         host = saved["host"]
         c = parse_config(ConfigDict(saved["config"]), check_cache=False)
         self.mesh = make_mesh(-1, 1)

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 from eqvae_jax.data.config import DataConfig
 from eqvae_jax.models import vq_vae
 from eqvae_jax.replicate.config import ARMS, ReplicateConfig
-from eqvae_jax.replicate.jobs import NUM_CLASSES, shapes_data
+from eqvae_jax.replicate.jobs import NUM_CLASSES, autoencoder_schedule, shapes_data
 from eqvae_jax.train.eqvae import config as eqvae_config
 from eqvae_jax.train.eval_vae import config as eval_config
 from eqvae_jax.train.latents import config as latents_config
@@ -43,35 +43,13 @@ def autoencoder(c: ReplicateConfig, root: str, arm: str, cache: str) -> ConfigDi
     pretrained weights (GAN from its first update), all under taming's VQ objective without LPIPS."""
     v = c.vq_autoencoder
     x = eqvae_config.defaults("eqvqgan")
-    pretrain = arm == "pretrain"
-    if pretrain:
+    if arm == "pretrain":
         x.model.init, x.model.preset, x.model.seed = "random", "tiny", c.seed
         x.model.overrides = vq_overrides(c)
     else:
         x.model.init, x.model.weights = "weights", paths(root)["vq_pretrain"]
-    x.lpips.weights = ""
-    x.loss.perceptual_weight = 0.0  # no pretrained VGG offline
     x.disc.weights = ""
-    x.disc.ndf, x.disc.n_layers = v.disc_channels, v.disc_layers
-    x.transform.scale_numerators = list(v.scale_numerators)
-    x.transform.scale_denominator = v.scale_denominator
-    x.transform.p_equivariance = v.p_equivariance if arm == "eq" else 0.0
-    shapes_data(c, x.data)
-    x.data.seed = c.seed
-    x.seed = c.seed
-    x.global_batch_size = v.batch_size
-    x.eval.global_batch_size = v.batch_size
-    x.optim.scale_lr, x.optim.base_lr, x.optim.accumulate = False, v.learning_rate, 1
-    updates = v.pretrain_updates if pretrain else v.finetune_updates
-    x.total_updates = updates
-    x.pretrain_updates = updates if pretrain else 0
-    x.loss.disc_start = updates if pretrain else 0
-    x.checkpoint.every_updates = min(v.checkpoint_every, updates)
-    x.log.every_updates = max(1, updates // 10)
-    x.eval.every_updates, x.eval.batches, x.eval.images = updates, 0, 0
-    x.compile.workers = c.compile_workers
-    x.compilation_cache_dir = cache
-    return x
+    return autoencoder_schedule(x, c, v, arm, cache)
 
 
 def evaluation(c: ReplicateConfig, root: str, classifier: str, cache: str) -> ConfigDict:

@@ -235,6 +235,14 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in wanted}))
         return {n: dict(out[n]) for n in wanted}
 
+    def read_run(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """(step, its host state and config) of checkpoint `step`, or of the newest when None (for the commands
+        that sample or score a finished run); FileNotFoundError when the directory holds no checkpoint."""
+        step = step or self.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        return step, self.read_json(step, ("host", "config"))
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
