@@ -53,10 +53,11 @@ def job_config(model: str, batch: int, remat: bool):
     return config
 
 
-def compile_step(target: Target, config) -> dict:
+def compile_step(target: Target, config, latent_shape: tuple[int, int, int] = (32, 32, 4)) -> dict:
+    """The job's train step for `config` on latents of `latent_shape` (H, W, C; SD-VAE's at 256 px by default)."""
     mesh = topology_mesh(target)
     config = parse_config(config, num_devices=target.chips, check_cache=False)
-    cfg = config.dit_config((32, 32, 4))
+    cfg = config.dit_config(latent_shape)
     tx = dit_state.make_optimizer(config.optim)
     state = dit_state.abstract_state(cfg, config.seed, tx, mesh, config.fsdp_min_size)
     shardings = jax.tree.map(lambda a: a.sharding, state)
@@ -64,7 +65,7 @@ def compile_step(target: Target, config) -> dict:
     step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings)
 
     b, sharded = config.global_batch_size, batch_sharding(mesh)
-    lat = jax.ShapeDtypeStruct((b, 32, 32, 4), jnp.float32, sharding=sharded)
+    lat = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=sharded)
     batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
     return compile_report(step, (state, batch, abstract_key()), target, dit_flops(cfg, b, train=True), MFU)
 

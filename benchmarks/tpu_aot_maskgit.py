@@ -60,17 +60,18 @@ def job_config(batch: int, remat: bool):
     return config
 
 
-def compile_step(target: Target, config) -> dict:
+def compile_step(target: Target, config, codes: int = CODES, grid: int = GRID) -> dict:
+    """The job's train step for `config` on `grid` x `grid` tokens of a `codes`-entry codebook."""
     mesh = topology_mesh(target)
     config = parse_config(config, num_devices=target.chips, check_cache=False)
-    cfg = config.maskgit_config(CODES, GRID)
+    cfg = config.maskgit_config(codes, grid)
     tx = mg_state.make_optimizer(config.optim)
     state = mg_state.abstract_state(cfg, tx, mesh, config.fsdp_min_size, config.ema.enabled)
     shardings = jax.tree.map(lambda a: a.sharding, state)
     step = make_train_step(mg_state.functional_model(cfg), tx, config, mesh, shardings)
 
     b, sharded = config.global_batch_size, batch_sharding(mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct((b, GRID, GRID), jnp.int32, sharding=sharded),
+    batch = {"tokens": jax.ShapeDtypeStruct((b, grid, grid), jnp.int32, sharding=sharded),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
     report = compile_report(step, (state, batch, abstract_key()), target, maskgit_flops(cfg, b, train=True), MFU)
     return {**report, "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6}
