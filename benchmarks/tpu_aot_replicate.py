@@ -59,28 +59,30 @@ def autoencoder_rows(name: str, config: ConfigDict, numerators: tuple[int, ...],
     return rows
 
 
-def stage_rows(c: ReplicateConfig, root: str, target: Target) -> list[tuple[list[dict[str, Any]], int]]:
-    """(compiled programs, updates of the stage) for every training stage of both families."""
+def stage_rows(c: ReplicateConfig, root: str, target: Target) -> list[tuple[list[dict[str, Any]], int, int]]:
+    """(compiled programs, updates of the first program, updates of the last) for every training stage of both
+    families: an autoencoder's G runs in pretraining and both fine-tunes, its D (the last row) only in the
+    fine-tunes (pretraining has no GAN); a transformer's one program counts once."""
     out = []
     if c.kl:
         a = c.autoencoder
         eq = random_init(jobs.autoencoder(c, root, "eq"), jobs.autoencoder(c, root, "pretrain"))
         rows = autoencoder_rows("KL autoencoder", eq, a.scale_numerators, a.scale_denominator, target)
-        out.append((rows, a.pretrain_updates + 2 * a.finetune_updates))
+        out.append((rows, a.pretrain_updates + 2 * a.finetune_updates, 2 * a.finetune_updates))
         f = 2 ** (len(a.channel_mult) - 1)
         shape = (c.image_size // f, c.image_size // f, a.latent_channels)
         r = tpu_aot_dit.compile_step(target, jobs.dit(c, root, "eq", 0, 1.0), shape)
         out.append(([{"stage": "SiT", "program": "train", "batch": c.dit.batch_size, **r}],
-                    2 * len(c.dit.seeds) * c.dit.updates))
+                    2 * len(c.dit.seeds) * c.dit.updates, 0))
     if c.vq:
         v, cache = c.vq_autoencoder, jobs.paths(root)["cache"]
         eq = random_init(vq_jobs.autoencoder(c, root, "eq", cache), vq_jobs.autoencoder(c, root, "pretrain", cache))
         rows = autoencoder_rows("VQ autoencoder", eq, v.scale_numerators, v.scale_denominator, target)
-        out.append((rows, v.pretrain_updates + 2 * v.finetune_updates))
+        out.append((rows, v.pretrain_updates + 2 * v.finetune_updates, 2 * v.finetune_updates))
         grid = c.image_size // 2 ** (len(v.channel_mult) - 1)
         r = tpu_aot_maskgit.compile_step(target, vq_jobs.maskgit(c, root, "eq", 0, cache), v.n_embed, grid)
         out.append(([{"stage": "MaskGIT", "program": "train", "batch": c.maskgit.batch_size, **r}],
-                    2 * len(c.maskgit.seeds) * c.maskgit.updates))
+                    2 * len(c.maskgit.seeds) * c.maskgit.updates, 0))
     return out
 
 
@@ -90,7 +92,6 @@ def main() -> None:
     parser.add_argument("--targets", default=",".join(t.name for t in TARGETS[:2]))
     args = parser.parse_args()
     c = parse_config(replicate_config.get_config(args.variant))
-    root = tempfile.mkdtemp(prefix="replicate_aot_")  # paths only: nothing is written there
     print(f"configs/replicate.py:{args.variant}, {c.image_size} px; jax {jax.__version__}; step time at "
           f"{MFU:.0%} MFU of the bf16 peak (a lower bound for models this small)")
     header = (f"{'slice':<8}{'stage':<16}{'program':<10}{'batch':>6}{'HBM/chip':>10}{'used':>8}{'fits':>6}"
@@ -100,16 +101,18 @@ def main() -> None:
             continue
         print(header)
         total = 0.0
-        for rows, updates in stage_rows(c, root, target):
+        with tempfile.TemporaryDirectory(prefix="replicate_aot_") as root:  # paths only: nothing is written there
+            stages = stage_rows(c, root, target)
+        for rows, updates, last_updates in stages:
             for r in rows:
                 tflop = r["flops"] / 1e12 if "flops" in r else r["model_tflop"]
                 print(f"{target.name:<8}{r['stage']:<16}{r['program']:<10}{r['batch']:>6}"
                       f"{target.hbm_bytes / GIB:>9.1f}G{r.get('per_chip_gib', math.nan):>7.2f}G"
                       f"{'yes' if r['fits'] else 'NO':>6}{tflop:>9.3f}{r['step_s'] * 1e3:>9.2f}"
                       f"{r['compile_s']:>8.0f}s", flush=True)
-            step = rows[0]["step_s"] + (rows[-1]["step_s"] if len(rows) > 1 else 0.0)  # G plain + D per update
-            total += step * updates
-            print(f"{target.name:<8}{rows[0]['stage']:<16}{updates} updates in all: >= {step * updates / 60:.1f} min")
+            seconds = rows[0]["step_s"] * updates + rows[-1]["step_s"] * last_updates  # G plain, D
+            total += seconds
+            print(f"{target.name:<8}{rows[0]['stage']:<16}{updates} updates in all: >= {seconds / 60:.1f} min")
         print(f"{target.name:<8}training stages at {MFU:.0%} MFU: >= {total / 60:.1f} min\n")
 
 
