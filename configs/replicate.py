@@ -52,6 +52,7 @@ def apply_smoke(c) -> None:
     d.depth, d.hidden_size, d.num_heads = 1, 32, 2
     d.updates, d.batch_size, d.eval_every = 4, 16, 2
     d.num_samples, d.sampling_steps = 32, 2
+    d.seeds = (0, 1)  # two seeds per arm: the mean and min-max band code runs; a third adds stages, no code path
     v = c.vq_autoencoder
     v.channel_mult, v.attn_resolutions, v.embed_dim, v.n_embed = [1, 1, 1, 1], [], 4, 16
     v.disc_channels, v.batch_size = 8, 8
@@ -62,6 +63,7 @@ def apply_smoke(c) -> None:
     m.depth, m.hidden_dim, m.heads, m.mlp_dim = 1, 32, 2, 64
     m.updates, m.batch_size, m.eval_every, m.warmup_updates = 4, 16, 2, 2
     m.num_samples, m.sampling_steps = 32, 2
+    m.seeds = (0, 1)
 
 
 def apply_tpu(c) -> None:

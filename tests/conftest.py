@@ -11,10 +11,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never download anything
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# fp32 matmuls, as an environment variable so that the jobs tests start in subprocesses compile the same programs
+# as the tests' in-process runs and share their entries in the compilation cache (the key includes the precision)
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch_refs"))
 

@@ -4,7 +4,8 @@ The tiny EQ-VAE and DiT jobs run through `python -m eqvae_jax.main` in two proce
 through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (eqvae_jax.parallel.distributed). Each
 run: per-process data shards, a multi-host checkpoint, SIGTERM to process 1 only (both processes stop at the
 same step through JAX's preemption sync and save), a fresh 2-process start that resumes to the end (the
-EQ-VAE one with held-out eval, image summaries and the diffusers export on process 0; the DiT one after the
+EQ-VAE one with held-out eval, image summaries and the diffusers export on process 0, and no library INFO lines
+in either run's logs; the DiT one after the
 stop step's array file written by process 1 was damaged, so both processes must agree to fall back to the
 previous step), and the final train state compared with the same job run by one process on 8 devices.
 
@@ -180,6 +181,9 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
     assert "eval at update 4" in second.log(0)
     assert os.path.isfile(os.path.join(workdir, "export", "diffusers", "diffusion_pytorch_model.safetensors"))
     assert os.path.isfile(os.path.join(workdir, "reconstructions.png"))
+    for job in (first, second):  # library INFO logs (absl, Orbax, XLA's C++ I0000 lines) are off by default
+        for i in range(PROCESSES):
+            assert "I0000" not in job.log(i) and "orbax" not in job.log(i).lower(), job.tails()
 
     # one process, 8 devices, the same job
     config = tiny_eqvae_config(compile_cache, export_diffusers=False, **{"data.data_dir": f"{tmp_path}/tfds",
