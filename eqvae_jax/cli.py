@@ -21,6 +21,7 @@ from typing import NoReturn
 
 from absl import app, flags
 
+from eqvae_jax import storage
 from eqvae_jax.typed_config import ConfigError
 
 # Before a command imports TensorFlow (clu's metric writers do): no TF C++ INFO lines and no oneDNN notice,
@@ -44,10 +45,11 @@ def fail(problems: Sequence[str] | str) -> NoReturn:
 
 
 def workdir_problem(path: str) -> str | None:
-    """Why a command cannot write its (local) workdir `path`, found by creating it and a probe file in it (None:
-    it can; URLs such as gs://... are not probed). Creates the directory as a side effect."""
-    if "://" in path:
-        return None
+    """Why a command cannot write its workdir `path`, found by creating it and a probe file in it (None: it can).
+    Creates a local directory as a side effect; a gs://... workdir is probed with an object written and deleted
+    (`storage.remote_problem`: a missing bucket or missing write permission)."""
+    if storage.is_url(path):
+        return storage.remote_problem(path)
     if os.path.exists(path) and not os.path.isdir(path):
         return f"--workdir={path} is a file, not a directory"
     try:

@@ -20,6 +20,7 @@ A bad input or option exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no TF/XLA C++ chatter
 
 import numpy as np  # noqa: E402
 
-from eqvae_jax import cli  # noqa: E402
+from eqvae_jax import cli, storage  # noqa: E402
 from eqvae_jax.eval import adm_metrics as adm  # noqa: E402
 
 METRICS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -64,7 +65,17 @@ def format_table(results: dict[str, float]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, float] | None:
-    """Extract, evaluate, print and write; returns the results (None for --write_ref only)."""
+    """Extract, evaluate, print and write; returns the results (None for --write_ref only). gs:// inputs are
+    read from a local copy (the npz readers open local files; their feature caches then never match)."""
+    with contextlib.ExitStack() as stack:
+        local = argparse.Namespace(**vars(args))
+        for name in ("ref", "samples"):
+            if getattr(args, name):
+                setattr(local, name, stack.enter_context(storage.local_copy(getattr(args, name))))
+        return _run(local)
+
+
+def _run(args: argparse.Namespace) -> dict[str, float] | None:
     import jax
 
     from eqvae_jax.eval import inception
@@ -110,12 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
         print(format_table(results))
         if args.out:
             payload = {key: (results[key] if math.isfinite(results[key]) else None) for key, _ in METRICS}
-            directory = os.path.dirname(os.path.abspath(args.out))
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(args.out)}.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(payload, f, indent=2)
-            os.replace(tmp, args.out)
+            storage.write_atomic(args.out, json.dumps(payload, indent=2).encode())  # local or gs://
     return results
 
 

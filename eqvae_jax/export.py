@@ -17,12 +17,12 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from eqvae_jax import cli
+from eqvae_jax.storage import resolve
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.console import setup_logging
 from eqvae_jax.train.eqvae.config import parse_config
 from eqvae_jax.train.eqvae.export import export_autoencoder
 from eqvae_jax.train.eqvae.job import build
-from eqvae_jax.train.run_dir import resolve
 from eqvae_jax.typed_config import ConfigError
 
 FLAGS = flags.FLAGS

@@ -34,6 +34,7 @@ from eqvae_jax.models.autoencoders import build_autoencoder
 from eqvae_jax.parallel.coordination import failures_shared
 from eqvae_jax.parallel.distributed import maybe_initialize
 from eqvae_jax.parallel.mesh import make_mesh, replicated
+from eqvae_jax.storage import resolve
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.console import setup_logging
 from eqvae_jax.train.dit import state as dit_state
@@ -42,7 +43,6 @@ from eqvae_jax.train.dit.job import cache_autoencoder
 from eqvae_jax.train.maskgit import job as maskgit_job
 from eqvae_jax.train.maskgit import state as maskgit_state
 from eqvae_jax.train.maskgit.config import parse_config as parse_maskgit_config
-from eqvae_jax.train.run_dir import resolve
 from eqvae_jax.typed_config import ConfigError
 
 OVERRIDES = ("update", "num_samples", "batch_size", "sampler", "num_steps", "cfg_scale", "guide_channels", "seed",

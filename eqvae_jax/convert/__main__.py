@@ -2,7 +2,9 @@
 
 Each kind lives in its own module `eqvae_jax.convert.<kind>` exposing `TARGETS` (the accepted `--to` values,
 "flax" first), `OPTIONS` (the accepted `--extra` names) and `convert(src, dst, to, overwrite, **options) -> str`
-(a one-line summary). Shared checks are in `eqvae_jax.convert.options`.
+(a one-line summary). Shared checks are in `eqvae_jax.convert.options`. SRC and DST may be gs://...: a remote
+SRC is copied to a local temporary directory first, a remote DST is built locally and uploaded with its commit
+markers last (`eqvae_jax.storage`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from eqvae_jax import cli
+from eqvae_jax import cli, storage
 
 KINDS = {
     "kl_vae": "eqvae_jax.convert.kl_vae",
@@ -41,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from eqvae_jax.convert.options import UsageError, split_extra
 
     args = build_parser().parse_args(argv)
+    if storage.is_url(args.dst) and (problem := storage.remote_problem(args.dst, "--dst")):
+        print(f"error: {problem}", file=sys.stderr)  # before any weights are read
+        return 2
     module = importlib.import_module(KINDS[args.kind])
     try:
         options = split_extra(args.extra)
-        summary = module.convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, **options)
+        with storage.local_copy(args.src) as src:  # the readers of every format open local files
+            summary = module.convert(src, args.dst, to=args.to, overwrite=args.overwrite, **options)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

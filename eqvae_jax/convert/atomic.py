@@ -4,6 +4,10 @@ Several processes may write the same output at once (e.g. `convert` run on every
 shared destination). Each builds in its own temporary directory; the first rename wins. A later one finds the
 destination taken: without `overwrite` that is a FileExistsError saying so (the winner's output is kept as it
 is); with `overwrite` the later output replaces it, as if the processes had run one after the other.
+
+An object-store destination (gs://...) is built in a local temporary directory and uploaded only when the
+conversion succeeded, commit markers last (`storage.publish_tree`): a failed conversion writes no object, and a
+failed upload deletes what it wrote.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+
+from eqvae_jax import storage
 
 # what rename() raises when its target is a non-empty directory (Linux: ENOTEMPTY; some systems: EEXIST)
 _TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR)
@@ -26,6 +32,10 @@ def atomic_path(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[str
     `dst` may end up a file or a directory, whatever the block writes at the yielded path. An existing
     `dst` is an error unless `overwrite` (then it is replaced only after the new output is complete).
     """
+    if storage.is_url(dst):
+        with _via_local_copy(os.fspath(dst), overwrite) as tmp:
+            yield tmp
+        return
     dst = os.path.abspath(os.fspath(dst))
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it.")
@@ -41,6 +51,22 @@ def atomic_path(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[str
         _publish(tmp, dst, overwrite, os.path.join(scratch, "old"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _via_local_copy(dst: str, overwrite: bool) -> Iterator[str]:
+    """`atomic_path` for an object-store `dst`: a local temporary path, uploaded by `storage.publish_tree` (commit
+    markers last) only when the block succeeded."""
+    from etils import epath
+
+    if not overwrite and epath.Path(dst).exists():
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it.")
+    with tempfile.TemporaryDirectory(prefix="eqvae_convert_") as scratch:
+        tmp = os.path.join(scratch, "out")
+        yield tmp
+        if not os.path.exists(tmp):
+            raise RuntimeError(f"nothing was written for {dst}")
+        storage.publish_tree(tmp, dst, overwrite)
 
 
 def _normal_permissions(path: str) -> None:

@@ -12,11 +12,14 @@ existing destination fails before a large source is read.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from etils import epath
+
+from eqvae_jax import storage
 
 Parser = Callable[[str], Any]
 
@@ -43,8 +46,8 @@ def check_target(kind: str, to: str, targets: tuple[str, ...]) -> None:
 
 def check_destination(dst: str, overwrite: bool) -> None:
     """An existing `dst` is an error unless `overwrite` (checked before any source is read)."""
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{os.path.abspath(dst)} already exists; pass --overwrite to replace it.")
+    if not overwrite and epath.Path(dst).exists():  # local or gs://
+        raise FileExistsError(f"{storage.resolve(dst)} already exists; pass --overwrite to replace it.")
 
 
 def typed_options(kind: str, options: Mapping[str, Any], parsers: Mapping[str, Parser]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from eqvae_jax import storage
 from eqvae_jax.data import tfds_prepare
 from eqvae_jax.parallel.coordination import make_once
 
@@ -69,10 +70,11 @@ def prepare(data_dir: str) -> str:
 
 
 def _prepare(data_dir: str) -> str:
-    os.makedirs(data_dir, exist_ok=True)
+    if not storage.is_url(data_dir):
+        os.makedirs(data_dir, exist_ok=True)
     tfds.disable_progress_bar()  # nine photographs: the job's own log says what happens
     builder = tfds_prepare.download_and_prepare(
-        lambda: EqvaeDemo(data_dir=data_dir, file_format="array_record"),
+        lambda target: EqvaeDemo(data_dir=target, file_format="array_record"), data_dir,
         download_config=tfds.download.DownloadConfig(
             download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS),
     )

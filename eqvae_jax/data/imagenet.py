@@ -97,7 +97,7 @@ def prepare_imagenet(manual_dir: str, data_dir: str) -> str:
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"ImageNet manual_dir {manual_dir!r} does not exist")
     builder = tfds_prepare.download_and_prepare(
-        lambda: Imagenet2012NoTF(data_dir=data_dir, file_format="array_record"),
+        lambda target: Imagenet2012NoTF(data_dir=target, file_format="array_record"), data_dir,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return str(builder.data_dir)
 

@@ -32,18 +32,19 @@ per epoch (`variant_draws`), so an epoch sees every image once, as MaskGIT's on-
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import struct
-import uuid
+import tempfile
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
+from eqvae_jax import storage
 from eqvae_jax.data import pipeline
 from eqvae_jax.data.iterator import InputIterator, batch_sharding
 from eqvae_jax.parallel.mesh import local_rows
@@ -216,14 +217,13 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 def read_meta(cache_dir: str) -> dict[str, Any]:
-    path = os.path.join(cache_dir, META_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(cache_dir) / META_FILE  # local or gs://
+    if not path.is_file():
         raise FileNotFoundError(
             f"{cache_dir!r} is not a latent cache (no {META_FILE}); create one with "
             "`python -m eqvae_jax.main --config=configs/extract_latents.py --workdir=CACHE_DIR`"
         )
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not a version {VERSION} {FORMAT} file")
     return meta
@@ -240,34 +240,39 @@ def require_content(meta: dict[str, Any], want: str, cache_dir: str) -> None:
 
 
 def write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
-    """Write meta.json atomically."""
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = os.path.join(cache_dir, f".{META_FILE}.tmp-{uuid.uuid4().hex}")  # unique across hosts and processes
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, **meta}, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(cache_dir, META_FILE))
+    """Write meta.json atomically (local or gs://: `storage.write_atomic`)."""
+    text = json.dumps({"format": FORMAT, "version": VERSION, **meta}, indent=2, sort_keys=True)
+    storage.write_atomic(os.path.join(cache_dir, META_FILE), text.encode())
 
 
 def complete_chunk_files(cache_dir: str, meta: dict[str, Any]) -> list[str]:
     """All chunk files, checking that none is missing (an unfinished extraction is an error, not a subset)."""
     k = meta["num_chunks"]
     paths = [chunk_path(cache_dir, i, k) for i in range(k)]
-    missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+    missing = [os.path.basename(p) for p in paths if not epath.Path(p).is_file()]
     if missing:
         raise FileNotFoundError(
             f"latent cache {cache_dir!r} is incomplete: {len(missing)} of {k} chunks missing "
             f"(e.g. {missing[0]}); rerun the extraction with the same --workdir to finish it"
         )
-    stray = sorted(set(glob.glob(os.path.join(cache_dir, CHUNKS_DIR, "*.array_record"))) - set(paths))
+    listed = epath.Path(cache_dir, CHUNKS_DIR).glob("*.array_record")
+    stray = sorted({os.path.join(cache_dir, CHUNKS_DIR, p.name) for p in listed} - set(paths))
     if stray:
         raise ValueError(f"latent cache {cache_dir!r} has chunk files of another layout: {stray[:3]}")
     return paths
 
 
 def write_chunk(path: str, records: list[bytes]) -> None:
-    """Write one chunk file atomically (temporary name, then rename): it exists only when complete."""
+    """Write one chunk file atomically (temporary name, then rename; on gs:// a local file uploaded as one
+    object, as ArrayRecord writes local files only): it exists only when complete."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="eqvae_chunk_") as scratch:
+            local = os.path.join(scratch, os.path.basename(path))
+            write_chunk(local, records)
+            storage.publish_tree(local, path, overwrite=True)  # a rerun's copy of a chunk is the same bytes
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per group: fast random access

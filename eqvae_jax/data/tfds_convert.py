@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 from collections.abc import Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+
+from eqvae_jax import storage
 
 TFRECORD, ARRAY_RECORD = ".tfrecord-", ".array_record-"
 
@@ -49,16 +52,15 @@ def convert(version_dir: str) -> list[str]:
         out = root / shard.name.replace(TFRECORD, ARRAY_RECORD)
         if out.exists():
             continue
-        tmp = root / f".{out.name}.tmp"
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")  # TFDS's own options for its array_record shards
-        for record in read_tfrecord(shard):
-            writer.write(record)
-        writer.close()
-        tmp.rename(out)
+        with storage.atomic_file(os.fspath(out)) as tmp:  # ArrayRecord writes local files; gs:// gets one upload
+            writer = ArrayRecordWriter(tmp, "group_size:1")  # TFDS's own options for its array_record shards
+            for record in read_tfrecord(shard):
+                writer.write(record)
+            writer.close()
         written.append(str(out))
     formats = set(info.get("alternativeFileFormats", [])) | {"array_record"}
     info["alternativeFileFormats"] = sorted(formats - {info.get("fileFormat")})
-    info_path.write_text(json.dumps(info, indent=2))
+    storage.write_atomic(info_path, json.dumps(info, indent=2).encode())
     return written
 
 

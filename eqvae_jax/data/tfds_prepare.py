@@ -20,28 +20,54 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from eqvae_jax import storage
+
 log = logging.getLogger(__name__)
 
 
-def download_and_prepare(make_builder: Callable[[], tfds.core.DatasetBuilder], **kwargs: Any
+def download_and_prepare(make_builder: Callable[[str], tfds.core.DatasetBuilder], data_dir: str, **kwargs: Any
                          ) -> tfds.core.DatasetBuilder:
-    """`make_builder().download_and_prepare(**kwargs)` unless already prepared; a prepared builder.
+    """`make_builder(data_dir).download_and_prepare(**kwargs)` unless already prepared; a prepared builder.
 
-    `make_builder` is called again after a lost race: a builder reads its dataset info at construction.
+    `make_builder` is called again after a lost race: a builder reads its dataset info at construction. An
+    object-store data_dir (gs://...) is prepared in a local staging directory and uploaded (`_prepare_remote`).
     """
     with _quiet_tfds():
-        builder = make_builder()
+        builder = make_builder(data_dir)
         if builder.is_prepared():
             return builder
+        if storage.is_url(data_dir):
+            return _prepare_remote(make_builder, data_dir, **kwargs)
         try:
             builder.download_and_prepare(**kwargs)
         except OSError as e:
-            again = make_builder()
+            again = make_builder(data_dir)
             if not again.is_prepared():
                 raise
             log.info("%s: another process finished preparing it first (%s); using that copy", again.data_dir, e)
             return again
     _remove_empty_tree(os.path.join(os.fspath(builder.data_dir).split(f"/{builder.name}/")[0], "downloads"))
+    log.info("data: prepared %s in %s", builder.name, builder.data_dir)
+    return builder
+
+
+def _prepare_remote(make_builder: Callable[[str], tfds.core.DatasetBuilder], data_dir: str, **kwargs: Any
+                    ) -> tfds.core.DatasetBuilder:
+    """Prepare into a local directory, then upload the dataset's version directory to `data_dir` (gs://...):
+    TFDS writes ArrayRecord shards with ArrayRecord's writer, which opens local files only. The upload puts
+    dataset_info.json and features.json last (`storage.publish_tree`), and TFDS counts a version directory as
+    prepared only when both exist, so a reader never takes a half-uploaded copy for a dataset, and what an
+    interrupted upload left behind is replaced. Needs local disk space for the whole dataset."""
+    with tempfile.TemporaryDirectory(prefix="eqvae_tfds_stage_") as stage:
+        local = make_builder(stage)
+        local.download_and_prepare(**kwargs)
+        version_dir = os.fspath(local.data_dir)
+        remote = f"{data_dir.rstrip('/')}/{os.path.relpath(version_dir, stage)}"
+        if make_builder(data_dir).is_prepared():  # another process finished first
+            log.info("%s: another process finished preparing it first; using that copy", remote)
+        else:
+            storage.publish_tree(version_dir, remote, overwrite=True)  # over an interrupted upload's leftovers
+    builder = make_builder(data_dir)
     log.info("data: prepared %s in %s", builder.name, builder.data_dir)
     return builder
 

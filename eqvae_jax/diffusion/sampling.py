@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
+from eqvae_jax import storage
 from eqvae_jax.diffusion import ddpm_sampling, flow_sampling, gaussian, guidance
 from eqvae_jax.diffusion.schedule import create_schedule
 from eqvae_jax.images import square_grid
@@ -163,12 +164,11 @@ def generate_all(
 
 def write_outputs(out_dir: str, name: str, images: np.ndarray, labels: np.ndarray, grid: int = 64) -> str:
     """Write NAME.npz (arr_0 uint8 NHWC, labels) atomically and NAME.png (a grid); returns the npz path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.npz")
-    tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, arr_0=images, labels=labels)
-    os.replace(tmp, path)
-    Image.fromarray(square_grid(images, grid)).save(os.path.join(out_dir, f"{name}.png"))
+    path = os.path.join(out_dir, f"{name}.npz")  # local or gs://
+    with storage.atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, arr_0=images, labels=labels)
+    with storage.atomic_file(os.path.join(out_dir, f"{name}.png"), suffix=".png") as tmp:
+        Image.fromarray(square_grid(images, grid)).save(tmp)
     return path
 
 

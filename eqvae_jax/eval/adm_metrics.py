@@ -39,6 +39,8 @@ from collections.abc import Iterator
 import numpy as np
 from scipy import linalg
 
+from eqvae_jax import storage
+
 FID_EPS = 1e-6
 IS_SPLIT_SIZE = 5000
 NHOOD = 3
@@ -356,14 +358,6 @@ def write_batch(path: str | os.PathLike, images: np.ndarray,
     if stats is not None:
         (pool, spatial) = stats
         arrays.update(mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}.npz")
-    try:
+    with storage.atomic_file(path, suffix=".npz") as tmp:  # local or gs://
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from eqvae_jax import storage
 from eqvae_jax.typed_config import from_section, to_json_dict
 
 FORMAT = "eqvae-jax-weights"
@@ -144,11 +145,12 @@ def save_weights(dst: str | os.PathLike, kind: str, config: Mapping[str, Any], f
 
 def read_config(src: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """(kind, constructor config) of a weights directory; clear errors for anything else."""
-    path = os.path.join(os.fspath(src), CONFIG_FILE)
-    if not os.path.isfile(path):
+    from etils import epath
+
+    path = epath.Path(storage.resolve(src)) / CONFIG_FILE  # local or gs://
+    if not path.is_file():
         raise FileNotFoundError(f"{src} is not an eqvae-jax weights directory (no {CONFIG_FILE}).")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an eqvae-jax weights config (format={meta.get('format')!r}).")
     return meta["kind"], meta["config"]
@@ -161,7 +163,7 @@ def load_weights(src: str | os.PathLike, kind: str | None = None) -> tuple[str, 
     if kind is not None and got_kind != kind:
         raise ValueError(f"{os.fspath(src)} holds a {got_kind!r} model, not {kind!r}.")
     with _local_checkpointer() as ckptr:
-        nested = ckptr.restore(os.path.join(os.path.abspath(os.fspath(src)), VARIABLES_DIR))
+        nested = ckptr.restore(os.path.join(storage.resolve(src), VARIABLES_DIR))
     flat: dict[str, np.ndarray] = {}
 
     def walk(node: Any, prefix: str) -> None:

@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from eqvae_jax import cli, storage
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -33,6 +35,9 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if storage.is_url(FLAGS.workdir):  # its stages share files through the local disk (caches, features, figures)
+        cli.fail(f"--workdir={FLAGS.workdir}: the replication runs in a local directory (one VM); copy it to a "
+                 "bucket afterwards, e.g. gcloud storage cp -r DIR gs://BUCKET/...")
     setup_logging(FLAGS.log_level)
     try:
         replicate(FLAGS.config, FLAGS.workdir)

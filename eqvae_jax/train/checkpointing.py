@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
+from eqvae_jax import storage
+
 log = logging.getLogger(__name__)
 DAMAGED = ".damaged"  # suffix of a step directory moved aside because it does not restore
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20  # smaller replica slices: one replica writes the whole array
@@ -101,7 +103,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, options: CheckpointOptions = CheckpointOptions()):
         use_array_handler()
-        self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs:// stays a URL
+        self.directory = storage.resolve(directory)
         self.options = options
         manager_options = ocp.CheckpointManagerOptions(
             max_to_keep=options.max_to_keep,

@@ -8,7 +8,8 @@ optimizer updates (`*_updates`); a job with gradient accumulation runs several m
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from etils import epath
 
 from eqvae_jax.parallel.mesh import mesh_shape
 from eqvae_jax.typed_config import positive
@@ -97,6 +98,6 @@ def weights_dir_problem(name: str, path: str, required: bool = True) -> str | No
     """Why `path` is not a converted weights dir (None when it is, or when it is empty and optional)."""
     if not path:
         return f"{name} is empty: give a converted Flax weights dir (python -m eqvae_jax.convert)" if required else None
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not epath.Path(path, "config.json").is_file():  # local or gs://
         return f"{name}={path!r} is not a converted weights dir (no config.json there)"
     return None

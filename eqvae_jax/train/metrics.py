@@ -5,7 +5,10 @@ are summed over the interval instead of averaged); the loop keeps them on device
 interval (one host sync per interval, not per step). Console lines are the loop's own
 (train/console.py); the writers record scalars and images on process 0: TensorBoard event files, and one
 JSON line per write in WORKDIR/metrics.jsonl (`{"update": N, "name": value, ...}`) for plots and scripts
-(`train.metrics_file.read_metrics`); a gs:// workdir gets TensorBoard only (GCS objects cannot be appended to).
+(`train.metrics_file.read_metrics`). An object store cannot append to an object, and TensorFlow's event writer
+cannot be pointed at any GCS endpoint but Google's (eqvae_jax/storage.py): for a gs:// workdir both files are
+written to a local staging directory and copied up (`StagedWriter`) at most every `SYNC_SECONDS`, at every flush
+and at close; a resumed run first copies metrics.jsonl down and appends to it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +25,12 @@ import jax
 import numpy as np
 from clu import metric_writers
 
+from eqvae_jax import storage
 from eqvae_jax.train.metrics_file import METRICS_FILE
+
+TENSORBOARD_DIR = "tensorboard"
+SYNC_SECONDS = 60.0  # a gs:// workdir's TensorBoard and metrics.jsonl lag the run by at most this much
+ROTATE_SECONDS = 600.0  # a gs:// workdir's TensorBoard starts a new event file at the first sync after this
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -68,14 +78,60 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
+class StagedWriter(metric_writers.MultiWriter):
+    """The writers of a gs:// workdir, writing into a local `storage.StagedDir` that is copied up every
+    `SYNC_SECONDS` (checked after each write), at every flush and at close. Every `ROTATE_SECONDS` a sync
+    closes the writers first and opens new ones, so TensorBoard starts a new event file: an event file (images
+    included) is uploaded again only while it is the current one, then once complete, and removed locally
+    (object stores cannot append, and re-uploading one file for a whole run would grow without bound)."""
+
+    def __init__(self, staged: storage.StagedDir):
+        self.staged = staged
+        self.rotated = time.monotonic()
+        super().__init__(_writers(staged.local))
+
+    def _maybe_sync(self) -> None:
+        if time.monotonic() - self.staged.last_sync >= SYNC_SECONDS:
+            self.flush()
+
+    def write_scalars(self, step, scalars) -> None:
+        super().write_scalars(step, scalars)
+        self._maybe_sync()
+
+    def write_images(self, step, images) -> None:
+        super().write_images(step, images)
+        self._maybe_sync()
+
+    def flush(self) -> None:
+        if time.monotonic() - self.rotated < ROTATE_SECONDS:
+            super().flush()
+            self.staged.sync()
+            return
+        super().close()
+        self.staged.sync()
+        shutil.rmtree(os.path.join(self.staged.local, TENSORBOARD_DIR), ignore_errors=True)  # uploaded, complete
+        self._writers = tuple(_writers(self.staged.local))
+        self.rotated = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.staged.close()
+
+
+def _writers(root: str) -> list[metric_writers.MetricWriter]:
+    return [metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(root, TENSORBOARD_DIR))),
+            JsonlWriter(os.path.join(root, METRICS_FILE))]
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard under WORKDIR/tensorboard (asynchronous) and WORKDIR/metrics.jsonl, on process 0 only."""
     if jax.process_index() > 0:
         return metric_writers.MultiWriter([])
-    writers = [metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))]
-    if "://" not in workdir:
-        writers.append(JsonlWriter(os.path.join(workdir, METRICS_FILE)))
-    return metric_writers.MultiWriter(writers)
+    if storage.is_url(workdir):
+        return StagedWriter(storage.StagedDir(workdir, pull=(METRICS_FILE,)))
+    return metric_writers.MultiWriter(_writers(workdir))
 
 
 class MetricBuffer:

@@ -13,6 +13,8 @@ import jax
 from clu import metric_writers
 from etils import epath
 
+from eqvae_jax import storage
+from eqvae_jax.storage import resolve
 from eqvae_jax.train import metrics
 from eqvae_jax.train.checkpointing import Checkpointer, CheckpointOptions
 from eqvae_jax.train.config import RunConfig
@@ -36,11 +38,6 @@ class RunServices:
         self.stop.restore_handlers()
 
 
-def resolve(path: str) -> str:
-    """Absolute local path, or a URL (gs://...) unchanged."""
-    return path if "://" in path else os.path.abspath(path)
-
-
 def enable_compilation_cache(directory: str) -> None:
     """Persistent XLA cache so a restarted run does not pay the compile time of every variant again.
 
@@ -60,7 +57,8 @@ def enable_compilation_cache(directory: str) -> None:
 def write_config(workdir: str, config: Any) -> None:
     """WORKDIR/config.json (process 0): the run's full config, for humans and for the CLIs that read a run."""
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(json.dumps(to_json_dict(config), indent=2, default=str))
+        text = json.dumps(to_json_dict(config), indent=2, default=str)
+        storage.write_atomic(os.path.join(workdir, "config.json"), text.encode())  # local or gs://
 
 
 def open_run(config: RunConfig, workdir: str) -> RunServices:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
+from etils import epath
 from ml_collections import ConfigDict
 
 from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig, read_meta
@@ -229,7 +229,7 @@ def _repa_problems(c: DiTJobConfig, check_files: bool) -> list[str]:
 def _cache_problems(c: DiTJobConfig) -> list[str]:
     if not c.latents.cache_dir:
         return ["latents.cache_dir is empty: extract latents first (configs/extract_latents.py)"]
-    if not os.path.isfile(os.path.join(c.latents.cache_dir, META_FILE)):
+    if not epath.Path(c.latents.cache_dir, META_FILE).is_file():  # local or gs://
         return [f"latents.cache_dir={c.latents.cache_dir!r} is not a latent cache (no {META_FILE})"]
     if c.repa.enabled:
         try:

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
 from PIL import Image
 
+from eqvae_jax import storage
 from eqvae_jax.data.iterator import build_eval_iterator
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import reconstruction
@@ -169,6 +169,6 @@ def write_image_summaries(summary_fn, vae_params, config: Any, mesh: Any, writer
     writer.write_images(update, {"reconstructions": grid[None]})
     path = f"{workdir}/reconstructions.png"
     if jax.process_index() == 0:
-        with epath.Path(path).open("wb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
+        with storage.atomic_file(path, suffix=".png") as tmp:  # local or gs://: whole or absent
+            Image.fromarray(grid).save(tmp, format="PNG")
     return path

@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
 
+from eqvae_jax import storage
 from eqvae_jax.convert import kl_vae as convert_kl_vae
 from eqvae_jax.convert import vq_vae as convert_vq_vae
 from eqvae_jax.models import kl_vae, vq_vae
@@ -45,7 +46,11 @@ def export_autoencoder(vae_graph: nnx.GraphDef, params: Any, dst: str) -> str:
 
 
 def copy_tree(src: str, dst: str) -> None:
-    """Replace `dst` (local or gs://) with a copy of the local directory `src`."""
+    """Replace `dst` (local or gs://) with a copy of the local directory `src` (on gs://, commit markers last:
+    `storage.publish_tree`)."""
+    if storage.is_url(dst):
+        storage.publish_tree(src, dst, overwrite=True)
+        return
     target = epath.Path(dst)
     if target.exists():
         target.rmtree()

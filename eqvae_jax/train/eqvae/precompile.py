@@ -24,11 +24,11 @@ from ml_collections import ConfigDict
 from eqvae_jax.losses import equivariance
 from eqvae_jax.parallel import aot
 from eqvae_jax.parallel.mesh import batch_divisor, replicated
+from eqvae_jax.storage import resolve
 from eqvae_jax.train.compile_pool import CompilePool
 from eqvae_jax.train.eqvae import compile_order, steps
 from eqvae_jax.train.eqvae.config import disc_stats_groups, parse_config
 from eqvae_jax.train.eqvae.networks import abstract_networks
-from eqvae_jax.train.run_dir import resolve
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 from etils import epath
 
+from eqvae_jax import storage
 from eqvae_jax.images import row_grid
 from eqvae_jax.train.console import number, table
 from eqvae_jax.train.eval_vae.config import EvalVAEConfig
@@ -97,11 +98,23 @@ def comparison_image(results: Mapping[str, Mapping[str, float]], previews: Mappi
 
 def _tensorboard(workdir: str, results: Mapping[str, Mapping[str, float]],
                  previews: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """WORKDIR/tensorboard/<model>: scalars and the preview grid (for gs://, written locally and copied up)."""
+    staged = storage.StagedDir(f"{workdir}/tensorboard") if storage.is_url(workdir) else None
+    root = staged.local if staged else f"{workdir}/tensorboard"  # TF's event writer cannot be pointed at gs://
+    try:
+        _write_events(root, results, previews)
+    finally:
+        if staged:
+            staged.close()
+
+
+def _write_events(root: str, results: Mapping[str, Mapping[str, float]],
+                  previews: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     from clu import metric_writers  # TensorFlow summaries: imported when writing them
 
     originals = previews.get(ORIGINALS, {}).get("images")
     for name, scalars in results.items():
-        writer = metric_writers.SummaryWriter(f"{workdir}/tensorboard/{name}")
+        writer = metric_writers.SummaryWriter(f"{root}/{name}")
         writer.write_scalars(0, {f"eval_vae/{k}": v for k, v in scalars.items() if math.isfinite(v)})
         if name in previews and originals is not None:
             to01 = lambda a: np.asarray(a, np.float32) / 255.0
@@ -120,17 +133,17 @@ def write_all(workdir: str, config: EvalVAEConfig, results: Mapping[str, Mapping
     for name, scalars in results.items():
         payload = {"model": name, "spec": dataclasses.asdict(specs[name]), "fid_preprocess": config.fid_preprocess,
                    "metrics": {k: _json_value(v) for k, v in scalars.items()}}
-        (root / "results" / f"{name}.json").write_text(json.dumps(payload, indent=2))
+        storage.write_atomic(root / "results" / f"{name}.json", json.dumps(payload, indent=2).encode())
     combined = {name: {k: _json_value(v) for k, v in s.items()} for name, s in results.items()}
-    (root / "results.json").write_text(json.dumps(combined, indent=2))
+    storage.write_atomic(root / "results.json", json.dumps(combined, indent=2).encode())
     outputs = {"results": str(root / "results.json"), "TensorBoard": str(root / "tensorboard")}
     _tensorboard(str(root), results, previews)
     image = comparison_image(results, previews, config)
     if image is not None:
         from PIL import Image
 
-        with (root / "comparison.png").open("wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
+        with storage.atomic_file(str(root / "comparison.png"), suffix=".png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
         outputs["comparison plot"] = str(root / "comparison.png")
     log.info("eval_vae results\n%s\n\n%s", format_table(results, config),
              table(list(outputs.items())))

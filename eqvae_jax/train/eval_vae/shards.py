@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from eqvae_jax import storage
 from eqvae_jax.models.weights import flat_variables
 
 ORIGINALS = "_originals"  # model names start with a letter or digit, so no model can own this directory
@@ -118,14 +118,14 @@ class ShardStore:
 
     def write(self, owner: str, shard: int, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray],
               **extra: Any) -> None:
-        """Write the arrays, then the JSON marker (each atomically: a temporary name, then a rename)."""
+        """Write the arrays, then the JSON marker (each atomically: `storage.write_atomic`)."""
         stem = self._stem(owner, shard)
         stem.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        _atomic_write(stem.with_suffix(".npz"), buffer.getvalue())
+        storage.write_atomic(stem.with_suffix(".npz"), buffer.getvalue())
         meta = {**self._meta(shard, config), **extra}
-        _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+        storage.write_atomic(stem.with_suffix(".json"), json.dumps(meta, indent=1).encode())
 
     def read(self, owner: str, shard: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         stem = self._stem(owner, shard)
@@ -134,11 +134,3 @@ class ShardStore:
             return meta, {k: data[k] for k in data.files}
 
 
-def _atomic_write(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -28,10 +28,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
+from eqvae_jax import storage
 from eqvae_jax.data import latent_cache
 from eqvae_jax.data.decode import SkipImage, decode_image
 from eqvae_jax.data.sources import open_source
@@ -143,7 +145,7 @@ def _check_or_write_meta(cache_dir: str, meta: dict[str, Any]) -> None:
     meta = json.loads(json.dumps(meta))  # compare in JSON form (tuples become lists)
 
     def check_or_write() -> None:
-        if os.path.isfile(os.path.join(cache_dir, latent_cache.META_FILE)):
+        if epath.Path(cache_dir, latent_cache.META_FILE).is_file():
             old = latent_cache.read_meta(cache_dir)
             diff = [k for k in _MUST_MATCH[meta["content"]] if old.get(k, _META_DEFAULTS.get(k)) != meta[k]]
             if diff:
@@ -196,8 +198,8 @@ def _output_shape(vae: nnx.Module, size: int, content: str) -> tuple[int, ...]:
 def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
     """Encode this process's unfinished chunks; returns counts and the throughput of this process."""
     config = config if isinstance(config, ExtractConfig) else parse_config(config)
-    cache_dir = os.path.abspath(workdir)
-    os.makedirs(os.path.join(cache_dir, latent_cache.CHUNKS_DIR), exist_ok=True)
+    cache_dir = storage.resolve(workdir)  # local or gs://
+    epath.Path(cache_dir, latent_cache.CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(config.compilation_cache_dir or os.path.join(cache_dir, "jax_cache"))
 
     source = open_source(config.data, train=config.split == "train")
@@ -211,7 +213,7 @@ def run(config: ConfigDict | ExtractConfig, workdir: str) -> dict[str, float]:
     _check_or_write_meta(cache_dir, meta)
 
     k = meta["num_chunks"]
-    done = {i for i in range(k) if os.path.isfile(latent_cache.chunk_path(cache_dir, i, k))}
+    done = {i for i in range(k) if epath.Path(latent_cache.chunk_path(cache_dir, i, k)).is_file()}
     plan = chunk_plan(len(source), config.chunk_size, config.batch_size_per_process, jax.process_index(),
                       jax.process_count(), done)
     log.info("extract: %d images in %d chunks; %d done, %d to encode on process %d", len(source), k,

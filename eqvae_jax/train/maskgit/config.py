@@ -17,10 +17,10 @@ values for them are replaced, so a tiny cache trains a tiny model without overri
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
+from etils import epath
 from ml_collections import ConfigDict
 
 from eqvae_jax.data.latent_cache import META_FILE, LatentReadConfig, content, read_meta
@@ -131,7 +131,7 @@ def cache_problems(c: MaskGITJobConfig) -> list[str]:
     path = c.tokens.cache_dir
     if not path:
         return ["tokens.cache_dir is empty: extract tokens first (configs/extract_tokens.py)"]
-    if not os.path.isfile(os.path.join(path, META_FILE)):
+    if not epath.Path(path, META_FILE).is_file():  # local or gs://
         return [f"tokens.cache_dir={path!r} is not a token cache (no {META_FILE})"]
     try:
         meta = read_meta(path)
