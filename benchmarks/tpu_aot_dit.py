@@ -36,6 +36,7 @@ from benchmarks.tpu_aot_common import (  # noqa: E402
     topology_mesh,
 )
 from eqvae_jax.models.dit import dit_flops  # noqa: E402
+from eqvae_jax.parallel.mesh import replicated  # noqa: E402
 from eqvae_jax.train.dit import state as dit_state  # noqa: E402
 from eqvae_jax.train.dit.config import defaults, parse_config  # noqa: E402
 from eqvae_jax.train.dit.steps import make_train_step  # noqa: E402
@@ -62,12 +63,13 @@ def compile_step(target: Target, config, latent_shape: tuple[int, int, int] = (3
     state = dit_state.abstract_state(cfg, config.seed, tx, mesh, config.fsdp_min_size)
     shardings = jax.tree.map(lambda a: a.sharding, state)
     model = dit_state.functional_model(cfg, config.seed)  # the fixed position table: a host constant
-    step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings)
+    step = make_train_step(model, tx, config, mesh, shardings)
 
     b, sharded = config.global_batch_size, batch_sharding(mesh)
     lat = jax.ShapeDtypeStruct((b, *latent_shape), jnp.float32, sharding=sharded)
     batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
-    return compile_report(step, (state, batch, abstract_key()), target, dit_flops(cfg, b, train=True), MFU)
+    factors = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated(mesh))  # latent_factors(scale, shift)
+    return compile_report(step, (state, batch, abstract_key(), factors), target, dit_flops(cfg, b, train=True), MFU)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

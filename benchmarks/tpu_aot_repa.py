@@ -56,6 +56,7 @@ from configs import sit  # noqa: E402
 from eqvae_jax.models import dinov2, repa  # noqa: E402
 from eqvae_jax.models.dinov2 import dinov2_flops  # noqa: E402
 from eqvae_jax.models.dit import FunctionalDiT, dit_flops  # noqa: E402
+from eqvae_jax.parallel.mesh import replicated  # noqa: E402
 from eqvae_jax.train.dit import state as dit_state  # noqa: E402
 from eqvae_jax.train.dit.config import parse_config  # noqa: E402
 from eqvae_jax.train.dit.steps import make_train_step  # noqa: E402
@@ -107,7 +108,8 @@ def compile_step(target: Target, variant: str, config) -> dict[str, Any]:
     lat = jax.ShapeDtypeStruct((b, *LATENT), jnp.float32, sharding=bs)
     batch = {"mean": lat, "std": lat, "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bs)}
     flops = dit_flops(cfg, b, train=True)
-    args: tuple = (state, batch, abstract_key())
+    factors = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated(mesh))  # latent_factors(scale, shift)
+    args: tuple = (state, batch, abstract_key(), factors)
     teacher_shardings = None
     if variant.startswith("repa"):
         tcfg = config.teacher_config()
@@ -121,7 +123,7 @@ def compile_step(target: Target, variant: str, config) -> dict[str, Any]:
             args += (teacher,)
             size = repa.teacher_input_size(cfg.input_size // cfg.patch_size, tcfg.patch_size)
             flops += dinov2_flops(tcfg, size, b)
-    step = make_train_step(model, tx, config, 0.18215, 0.0, mesh, shardings, teacher_shardings)
+    step = make_train_step(model, tx, config, mesh, shardings, teacher_shardings)
     return compile_report(step, args, target, flops, MFU)
 
 def teacher_check(target: Target, batch: int, dtype: str) -> None:

@@ -21,7 +21,7 @@ from eqvae_jax.parallel.mesh import batch_sharding, make_mesh
 from eqvae_jax.train.dit import job as dit_job
 from eqvae_jax.train.dit import state as dit_state
 from eqvae_jax.train.dit.config import parse_config
-from eqvae_jax.train.dit.steps import make_loss_fn, make_train_step, sit_repa_loss, teacher_targets
+from eqvae_jax.train.dit.steps import latent_factors, make_loss_fn, make_train_step, sit_repa_loss, teacher_targets
 from eqvae_jax.typed_config import ConfigError
 
 flags.FLAGS.mark_as_parsed()
@@ -110,17 +110,18 @@ def test_step_teacher_path_features_path_and_nonfinite_guard(toy_cache):
     c, mesh, tx, model, _, shardings, teacher, teacher_shardings = _setup(tiny_repa_config(toy_cache))
     assert all(s.spec == PartitionSpec() for s in jax.tree.leaves(teacher_shardings.state))  # replicated by default
     teacher_before = jax.device_get(teacher.state)
-    with_teacher = make_train_step(model, tx, c, 1.0, 0.0, mesh, shardings, teacher_shardings)
-    with_features = make_train_step(model, tx, c, 1.0, 0.0, mesh, shardings)
+    with_teacher = make_train_step(model, tx, c, mesh, shardings, teacher_shardings)
+    with_features = make_train_step(model, tx, c, mesh, shardings)
+    factors = latent_factors(1.0, 0.0)
     batch, key = _batch(), jax.random.key(0)
     features = jax.jit(lambda t, x: teacher_targets(t, x, model), out_shardings=batch_sharding(mesh))(
         teacher, batch["image"])
     assert features.shape == (B, 16, c.repa.z_dim)  # 56 px teacher input: a 4x4 grid, the SiT's token grid
 
     fresh = lambda: dit_state.create(c.dit_config(TOY_SHAPE), c.seed, tx, mesh, c.fsdp_min_size)[1]
-    a, ma = with_teacher(fresh(), batch, key, teacher)
+    a, ma = with_teacher(fresh(), batch, key, factors, teacher)
     b, mb = with_features(fresh(), {k: v for k, v in batch.items() if k != "image"} | {"teacher_features": features},
-                          key)
+                          key, factors)
     for x, y_ in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
         np.testing.assert_allclose(x, y_, rtol=1e-5, atol=1e-6)  # two programs: rounding differs (lr 3e-3)
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-6) and float(ma["nonfinite"]) == 0.0
@@ -132,7 +133,7 @@ def test_step_teacher_path_features_path_and_nonfinite_guard(toy_cache):
         np.testing.assert_array_equal(x, y_)  # never updated
 
     bad = _batch(mean=np.full((B, *TOY_SHAPE), np.nan, np.float32))
-    new, m = with_teacher(a, bad, key, teacher)
+    new, m = with_teacher(a, bad, key, factors, teacher)
     after = jax.device_get(new)
     assert float(m["nonfinite"]) == 1.0 and int(after.step) == 2
     for x, y_ in zip(jax.tree.leaves((before.params, before.ema, before.opt_state)),

@@ -19,7 +19,7 @@ from eqvae_jax.parallel.mesh import make_mesh
 from eqvae_jax.train.dit import job as dit_job
 from eqvae_jax.train.dit import state as dit_state
 from eqvae_jax.train.dit.config import defaults, parse_config
-from eqvae_jax.train.dit.steps import make_loss_fn, make_train_step
+from eqvae_jax.train.dit.steps import latent_factors, make_loss_fn, make_train_step
 from eqvae_jax.typed_config import ConfigError, parse
 
 flags.FLAGS.mark_as_parsed()
@@ -112,18 +112,19 @@ def test_nonfinite_step_is_not_applied(toy_cache):
     config = tiny_dit_config(toy_cache)
     c, (model, state, shardings) = _create(config)
     mesh = make_mesh(1, -1)
-    step = make_train_step(model, dit_state.make_optimizer(c.optim), c, 1.0, 0.0, mesh, shardings)
+    step = make_train_step(model, dit_state.make_optimizer(c.optim), c, mesh, shardings)
+    factors = latent_factors(1.0, 0.0)
     batch = {"mean": jnp.zeros((8,) + TOY_SHAPE).at[0, 0, 0, 0].set(jnp.nan), "std": jnp.ones((8,) + TOY_SHAPE),
              "label": jnp.zeros(8, jnp.int32)}
     before = jax.device_get(state)
-    new, metrics = step(state, batch, jax.random.key(0))
+    new, metrics = step(state, batch, jax.random.key(0), factors)
     after = jax.device_get(new)
     assert float(metrics["nonfinite"]) == 1.0 and int(after.step) == 1
     for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.ema),
                     jax.tree.leaves(after.params) + jax.tree.leaves(after.ema), strict=True):
         np.testing.assert_array_equal(a, b)
     good = dict(batch, mean=jnp.zeros((8,) + TOY_SHAPE))
-    new, metrics = step(new, good, jax.random.key(0))
+    new, metrics = step(new, good, jax.random.key(0), factors)
     assert float(metrics["nonfinite"]) == 0.0
 
 

@@ -16,6 +16,7 @@ from eqvae_jax import sample as sample_cli
 from eqvae_jax.diffusion import ddpm_sampling, guidance
 from eqvae_jax.diffusion import sampling as sample
 from eqvae_jax.diffusion.schedule import create_schedule
+from eqvae_jax.models import kl_vae
 from eqvae_jax.parallel.mesh import make_mesh
 from eqvae_jax.train.dit import job as dit_job
 from eqvae_jax.train.dit import state as dit_state
@@ -60,6 +61,21 @@ def test_same_seed_same_samples_on_any_device_count(model_and_params):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     assert np.abs(a - d).max() > 0.1  # another seed: other samples
     assert len({tuple(x.ravel()[:4]) for x in a}) == 6  # per-sample noise differs
+
+
+def test_the_sampler_takes_the_decoders_weights_as_arguments(model_and_params):
+    """Another VAE (e.g. the other arm of the replication) gives other images from the same compiled program:
+    the decoder's weights and latent factors are arguments, not constants compiled into the program."""
+    model, params = model_and_params
+    mesh = make_mesh(-1, 1)
+    vaes = [kl_vae.build(kl_vae.tiny(base_channels=8, channel_mult=(1, 2), norm_num_groups=4), seed=s) for s in (1, 2)]
+    gens = [sample.make_generate(model, sample.make_decoder(v, f, 0.1), mesh, "ddim", 2) for v, f in zip(
+        vaes, (0.5, 0.8), strict=True)]
+    args = (params, jnp.asarray(0, jnp.uint32), jnp.arange(8, dtype=jnp.int32))
+    texts = [g.func.lower(g.args[0], *args).as_text() for g in gens]
+    assert texts[0] == texts[1]
+    a, b = (np.asarray(g(*args)[0]) for g in gens)
+    assert a.shape == (8, 16, 16, 3) and not np.array_equal(a, b)
 
 
 def test_cfg_scale_one_equals_unguided(model_and_params):

@@ -8,11 +8,15 @@
 Determinism: sample i uses fold_in(key(seed), i) for its label, initial noise and every sampler step (the
 samplers are vmapped over single samples), so a seed gives the same images whatever the device count and
 batch size. Decoding follows the reference's `custom_to_pil`: the latent is mapped back with the VAE's
-scale/shift, decoded, clamped to [-1, 1] and (x + 1) / 2 * 255 truncated to uint8.
+scale/shift, decoded, clamped to [-1, 1] and (x + 1) / 2 * 255 truncated to uint8. The decoder's weights and
+factors are arguments of the jitted sampler (`Decoder`), not closed over: JAX compiles closed-over arrays in as
+constants (the whole VAE decoder inside the program, and a new program for every set of weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -104,15 +108,41 @@ def sample_keys(seed: int | jax.Array, indices: jax.Array) -> tuple[jax.Array, j
     return pair[:, 0], pair[:, 1]
 
 
-def make_decoder(vae: nnx.Module, scale: float, shift: float) -> Callable[[jax.Array], jax.Array]:
-    """Diffusion latents -> images in [-1, 1] scale: decode(denormalize(z)); the VAE's weights are closed over."""
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """`apply(variables, x)` with the arrays it reads (an autoencoder's weights, latent factors) kept apart, so a
+    jitted sampler takes them as an argument: closed over, they would be compiled in as constants (a VAE
+    decoder's weights inside the program, and one program per set of weights). Callable as `decoder(x)`."""
+
+    apply: Callable[[Any, jax.Array], jax.Array]
+    variables: Any
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.apply(self.variables, x)
+
+
+def as_decoder(decode: Callable[[jax.Array], jax.Array] | Decoder | None) -> Decoder | None:
+    """A `Decoder` for any decode function (a plain function has no arrays of its own)."""
+    if decode is None or isinstance(decode, Decoder):
+        return decode
+    return Decoder(lambda _, x: decode(x), None)
+
+
+def make_decoder(vae: nnx.Module, scale: float, shift: float) -> Decoder:
+    """Diffusion latents -> images in [-1, 1] scale: decode(denormalize(z)), the VAE's weights and the factors
+    as the decoder's variables."""
     graphdef, state = nnx.split(vae)
-    return lambda z: nnx.merge(graphdef, state).decode(denormalize_latents(z, scale, shift))
+
+    def apply(variables: tuple[Any, jax.Array, jax.Array], z: jax.Array) -> jax.Array:
+        weights, s, t = variables
+        return nnx.merge(graphdef, weights).decode(denormalize_latents(z, s, t))
+
+    return Decoder(apply, (state, jnp.float32(scale), jnp.float32(shift)))
 
 
 def make_generate(
     model: FunctionalDiT,
-    decode: Callable[[jax.Array], jax.Array] | None,
+    decode: Callable[[jax.Array], jax.Array] | Decoder | None,
     mesh: Mesh,
     sampler: str,
     num_steps: int,
@@ -122,7 +152,8 @@ def make_generate(
     class_labels: str = "random",
     guidance_interval: tuple[float, float] = guidance.FULL_INTERVAL,
 ) -> Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """jit (params, seed, indices (B,) sharded) -> (uint8 images or latents, labels), sharded over the batch.
+    """(params, seed, indices (B,) sharded) -> (uint8 images or latents, labels), sharded over the batch: one
+    jitted program, the decoder's variables passed to it as an argument.
 
     `decode(latents)` maps diffusion latents to images in [-1, 1] (None returns the latents, float32).
     `class_labels`: 'random' (uniform, like the reference) or 'cycle' (index % num_classes, balanced).
@@ -130,17 +161,26 @@ def make_generate(
     sample = make_sampler(model, sampler, num_steps, cfg_scale, guide_channels, ode_method, guidance_interval)
     num_classes = model.config.num_classes
 
-    def generate(params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    decoder = as_decoder(decode)
+
+    def generate(decoder_vars: Any, params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
         k_label, k_traj = sample_keys(seed, indices)
         if class_labels == "cycle":
             labels = (indices % num_classes).astype(jnp.int32)
         else:
             labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(k_label)
         z = sample(params, labels, k_traj)
-        return (to_uint8(decode(z)) if decode is not None else z), labels
+        return (to_uint8(decoder.apply(decoder_vars, z)) if decoder is not None else z), labels
 
+    return bind_decoder(generate, decoder, mesh)
+
+
+def bind_decoder(generate: Callable, decoder: Decoder | None, mesh: Mesh) -> functools.partial:
+    """jit `generate(decoder_vars, params, seed, indices)` over a sharded batch and bind the decoder's variables:
+    `(params, seed, indices) -> ...`, the jitted function itself at `.func`."""
     batch = batch_sharding(mesh)
-    return jax.jit(generate, in_shardings=(None, None, batch), out_shardings=(batch, batch))
+    jitted = jax.jit(generate, in_shardings=(None, None, None, batch), out_shardings=(batch, batch))
+    return functools.partial(jitted, decoder.variables if decoder is not None else None)
 
 
 def generate_all(
@@ -181,7 +221,7 @@ def grid_sampler(model: FunctionalDiT, decode: Callable[[jax.Array], jax.Array],
     return lambda params: square_grid(generate_all(generate, params, seed, count, batch, mesh)[0], count)
 
 
-def sample_labels(model: FunctionalDiT, params: dict, decode: Callable[[jax.Array], jax.Array], labels: Any,
+def sample_labels(model: FunctionalDiT, params: dict, decode: Callable[[jax.Array], jax.Array] | Decoder, labels: Any,
                   seed: int = 0, sampler: str = "ddpm", num_steps: int = 250, cfg_scale: float = 1.0,
                   **kw: Any) -> np.ndarray:
     """uint8 (N, H, W, 3) samples of the given class labels, one jitted call on the default device (a sample
@@ -191,9 +231,10 @@ def sample_labels(model: FunctionalDiT, params: dict, decode: Callable[[jax.Arra
     if bad.size:
         raise ValueError(f"class labels {sorted(set(bad.tolist()))} are outside [0, {model.config.num_classes}).")
     sample = make_sampler(model, sampler, num_steps, cfg_scale, **kw)
+    decoder = as_decoder(decode)
 
-    def run(params: dict, labels: jax.Array) -> jax.Array:
+    def run(params: dict, decoder_vars: Any, labels: jax.Array) -> jax.Array:
         _, keys = sample_keys(seed, jnp.arange(labels.shape[0]))
-        return to_uint8(decode(sample(params, labels, keys)))
+        return to_uint8(decoder.apply(decoder_vars, sample(params, labels, keys)))
 
-    return np.asarray(jax.jit(run)(params, jnp.asarray(labels)))
+    return np.asarray(jax.jit(run)(params, decoder.variables, jnp.asarray(labels)))

@@ -37,10 +37,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from eqvae_jax.diffusion.sampling import generate_all, sample_keys, to_uint8
+from eqvae_jax.diffusion.sampling import Decoder, as_decoder, bind_decoder, generate_all, sample_keys, to_uint8
 from eqvae_jax.images import square_grid
 from eqvae_jax.models.maskgit import FunctionalMaskGIT
-from eqvae_jax.parallel.mesh import batch_sharding
 
 REVEAL_SCHEDULES = ("arccos", "cosine", "linear", "square", "root")
 RANDOMIZE = ("linear", "warm_up", "random", "no")
@@ -167,15 +166,16 @@ def decode(
     return (codes, Trace(*history)) if trace else codes
 
 
-def make_code_decoder(vq: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """(B, h, w) code indices -> images in [-1, 1] scale with a `models.vq_vae.VQVAE` (its weights closed over)."""
+def make_code_decoder(vq: nnx.Module) -> Decoder:
+    """(B, h, w) code indices -> images in [-1, 1] scale with a `models.vq_vae.VQVAE`, its weights as the
+    decoder's variables (`diffusion.sampling.Decoder`: an argument of the jitted sampler, not constants)."""
     graphdef, state = nnx.split(vq)
-    return lambda codes: nnx.merge(graphdef, state).decode_indices(codes)
+    return Decoder(lambda weights, codes: nnx.merge(graphdef, weights).decode_indices(codes), state)
 
 
 def make_generate(
     model: FunctionalMaskGIT,
-    decode_codes: Callable[[jax.Array], jax.Array] | None,
+    decode_codes: Callable[[jax.Array], jax.Array] | Decoder | None,
     mesh: Mesh,
     *,
     steps: int = 8,
@@ -191,8 +191,9 @@ def make_generate(
     `diffusion.sampling.sample_keys(seed, i)`. `class_labels`: 'random' (uniform) or 'cycle' (i % classes)."""
     cfg = model.config
     g = cfg.grid_size
+    decoder = as_decoder(decode_codes)
 
-    def generate(params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def generate(decoder_vars: Any, params: dict, seed: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
         k_label, k_traj = sample_keys(seed, indices)
         if class_labels == "cycle":
             labels = (indices % cfg.num_classes).astype(jnp.int32)
@@ -202,10 +203,9 @@ def make_generate(
                        codebook_size=cfg.codebook_size, mask_id=cfg.mask_id, steps=steps, schedule=schedule,
                        sm_temp=sm_temp, r_temp=r_temp, cfg_scale=cfg_scale, randomize=randomize)
         codes = codes.reshape(-1, g, g)
-        return (to_uint8(decode_codes(codes)) if decode_codes is not None else codes), labels
+        return (to_uint8(decoder.apply(decoder_vars, codes)) if decoder is not None else codes), labels
 
-    batch = batch_sharding(mesh)
-    return jax.jit(generate, in_shardings=(None, None, batch), out_shardings=(batch, batch))
+    return bind_decoder(generate, decoder, mesh)
 
 
 def grid_sampler(model: FunctionalMaskGIT, decode_codes: Callable[[jax.Array], jax.Array], mesh: Mesh, count: int,

@@ -30,11 +30,11 @@ from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.models.dinov2 import dinov2_flops
 from eqvae_jax.models.dit import FunctionalDiT, dit_flops
 from eqvae_jax.models.repa import teacher_input_size
-from eqvae_jax.parallel.mesh import batch_divisor, make_mesh
+from eqvae_jax.parallel.mesh import batch_divisor, make_mesh, replicated
 from eqvae_jax.train import loop
 from eqvae_jax.train.dit import state as dit_state
 from eqvae_jax.train.dit.config import DiTJobConfig, parse_config
-from eqvae_jax.train.dit.steps import make_train_step
+from eqvae_jax.train.dit.steps import latent_factors, make_train_step
 from eqvae_jax.train.run_dir import open_run
 from eqvae_jax.typed_config import parse
 
@@ -78,7 +78,8 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
                  config.repa.teacher, tcfg.compute_dtype, size, config.repa.encoder_depth, config.repa.proj_coeff)
         extra = (teacher,)
     log.info("dit: %s; %.1f TFLOP per update; mesh %s", cfg, flops / 1e12, dict(mesh.shape))
-    step_fn = make_train_step(model, tx, config, float(scale), float(shift), mesh, shardings, teacher_shardings)
+    step_fn = make_train_step(model, tx, config, mesh, shardings, teacher_shardings)
+    factors = jax.device_put(latent_factors(float(scale), float(shift)), replicated(mesh))
     key = jax.random.key(config.seed)
     host = {"scaling_factor": float(scale), "shift_factor": float(shift), "latent_shape": list(meta["latent_shape"]),
             "vae": meta["vae"]}
@@ -104,7 +105,7 @@ def run(config: ConfigDict | DiTJobConfig, workdir: str, stop_after: int | None 
     job = loop.Job(
         name="dit",
         state=state,
-        train_step=lambda s, batch, micro: step_fn(s, batch, key, *extra),
+        train_step=lambda s, batch, micro: step_fn(s, batch, key, factors, *extra),
         data=data,
         resume_must_match=RESUME_MUST_MATCH + (REPA_RESUME_MUST_MATCH if aligned else ()),
         host=loop.FixedHostState(host),

@@ -36,7 +36,14 @@ from eqvae_jax.train.guard import all_finite, select
 Batch = dict[str, jax.Array]
 
 
-def latents_from_batch(batch: Batch, key: jax.Array, scale: float, shift: float, sample: bool) -> jax.Array:
+def latent_factors(scale: float, shift: float) -> jax.Array:
+    """The cache's (scaling_factor, shift_factor) as the train step's `factors` argument: an argument rather than
+    a constant, so caches with other factors (e.g. the two arms of the replication) share one compiled step."""
+    return jnp.asarray([scale, shift], jnp.float32)
+
+
+def latents_from_batch(batch: Batch, key: jax.Array, scale: jax.Array | float, shift: jax.Array | float,
+                       sample: bool) -> jax.Array:
     """z = mean + std * eps (or the mean), mapped to diffusion scale: (z - shift) * scale."""
     z = batch["mean"]
     if sample:
@@ -100,15 +107,14 @@ def make_train_step(
     model: FunctionalDiT,
     tx: optax.GradientTransformation,
     config: DiTJobConfig,
-    scale: float,
-    shift: float,
     mesh: Mesh,
     shardings: TrainState,
     teacher_shardings: Teacher | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """jit (state, batch, key) -> (state, metrics) with the state donated and kept in its shardings.
+    """jit (state, batch, key, factors) -> (state, metrics) with the state donated and kept in its shardings;
+    `factors` is `latent_factors(scale, shift)` of the latent cache.
 
-    With REPA and `teacher_shardings` the step is (state, batch, key, teacher): the teacher (state.Teacher, in
+    With REPA and `teacher_shardings` the step is (state, batch, key, factors, teacher): the teacher (in
     those shardings, not donated) encodes batch['image']. With REPA and no teacher, every batch must carry the
     targets as 'teacher_features' (B, N, z_dim): precomputed features (the ahead-of-time benchmark compares
     that data path with the teacher's).
@@ -119,10 +125,10 @@ def make_train_step(
     sample_posterior = bool(config.latents.sample_posterior)
     aligned = config.repa.enabled
 
-    def step(state: TrainState, batch: Batch, key: jax.Array, teacher: Teacher | None = None,
+    def step(state: TrainState, batch: Batch, key: jax.Array, factors: jax.Array, teacher: Teacher | None = None,
              ) -> tuple[TrainState, dict[str, jax.Array]]:
         k_z, k_loss = jax.random.split(jax.random.fold_in(key, state.step))
-        z = latents_from_batch(batch, k_z, scale, shift, sample_posterior)
+        z = latents_from_batch(batch, k_z, factors[0], factors[1], sample_posterior)
         targets = None
         if aligned:
             if teacher is not None:
@@ -143,7 +149,7 @@ def make_train_step(
         return new.replace(step=state.step + 1), metrics
 
     rep = replicated(mesh)
-    in_shardings = (shardings, batch_sharding(mesh), rep)
+    in_shardings = (shardings, batch_sharding(mesh), rep, rep)
     if teacher_shardings is not None:
         in_shardings += (teacher_shardings,)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, rep), donate_argnums=(0,))
