@@ -1,6 +1,6 @@
 """EQ-VAE micro-step (one G step, then one D step on the same branch) on CPU: our jitted job vs PyTorch.
 
-    python -m benchmarks.train_step [--size 256] [--batch 2] [--repeats 3] [--preset sd_vae|tiny]
+    python -m benchmarks.train_step [--size 256] [--batch 2] [--rounds 3] [--repeats 1] [--preset sd_vae|tiny]
 
 Any --size that is a multiple of 32 from 64 works: the job is built with the one scale the benchmark draws
 (24/32) instead of the reference's k/32 grid, which has whole latent sizes for every k only from 256 px.
@@ -15,10 +15,13 @@ tests/torch_refs/contperceptual_reference.py (L1 + LPIPS summed / B, KL 1e-6, ad
 The D step redraws its autoencoder forward (d_step_transform='redraw'); PyTorch runs it under no_grad.
 
 Branches: plain full resolution, and equivariance at scale 24/32 with one quarter turn. Times are wall clock
-after warm-up (JAX compile excluded and reported separately as first call - median), median of --repeats.
-Both frameworks run one after the other, with all CPU cores (default) or `--threads 1` on a loaded machine: on
-an oversubscribed CPU PyTorch's OpenMP barriers stall (steps vary 1-26 s); one thread each is the fair setting
-there. Prints a table; never used as a test.
+after warm-up (JAX compile excluded and reported separately as first call - steady step). The frameworks
+alternate over --rounds rounds, swapping order each round, and the table gives the median and min-max over the
+rounds and the median of the per-round ratios: a single back-to-back pair moved with the machine's load and
+with whichever framework ran first (torch's OpenMP workers keep spinning for a while after its last op). The
+header prints the thread settings (torch's threads, the OpenMP environment, XLA_FLAGS). All CPU cores (default)
+or `--threads 1` on a loaded machine: on an oversubscribed CPU PyTorch's OpenMP barriers stall (steps vary
+1-26 s). Prints a table; never used as a test.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import first_and_median
+from benchmarks.common import first_and_median, median_seconds
 
 BRANCHES = ("plain", "eq24")  # full resolution; equivariance at scale 24/32 with one quarter turn
 
@@ -249,10 +253,37 @@ def torch_runner(args: argparse.Namespace, vae_cfg: Any) -> Callable[[str], Call
     return make
 
 
+def thread_settings() -> str:
+    """What decides each framework's threads (printed with every table: the numbers depend on it)."""
+    import torch
+
+    omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME") if k in os.environ}
+    return (f"torch {torch.get_num_threads()} intra-op threads (OpenMP env {omp or 'unset'}), XLA_FLAGS="
+            f"{os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs")
+
+
+def timed_rounds(runners: dict[str, Callable[[str], Callable[[], None]]], branches: list[str], rounds: int,
+                 repeats: int) -> dict[tuple[str, str], list[float]]:
+    """{(framework, branch): the median of `repeats` micro-steps in each round}. The frameworks alternate and
+    swap order every round (jax first, then torch first, ...), so neither always runs right after the other's
+    threads (torch's OpenMP workers spin for a while after each op) or always on a cooler/warmer machine."""
+    steps = {(f, b): make(b) for f, make in runners.items() for b in branches}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    order = list(runners)
+    for r in range(rounds):
+        for f in order if r % 2 == 0 else order[::-1]:
+            for b in branches:
+                times[f, b].append(median_seconds(steps[f, b], repeats))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{f} {b} {t[-1]:.2f}s" for (f, b), t in times.items()),
+              flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (frameworks swap order each)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed micro-steps per framework and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
     args = parser.parse_args()
     setup_threads(parser, args)
@@ -265,25 +296,31 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     vae_cfg = kl_vae.PRESETS[args.preset]()
-    print(f"EQ-VAE micro-step (G then D), {args.preset} fp32, {args.size}px, batch {args.batch}, "
-          f"{args.repeats} repeats; jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"conv kernel gradient {'XLA' if args.xla_kernel_grad else 'tap matmuls (CPU)'}, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"EQ-VAE micro-step (G then D), {args.preset} fp32, {args.size}px, batch {args.batch}, {args.rounds} "
+          f"alternating rounds x {args.repeats}; jax {jax.__version__} ({jax.default_backend()}), torch "
+          f"{torch.__version__}; {thread_settings()}; conv kernel gradient "
+          f"{'XLA' if args.xla_kernel_grad else 'tap matmuls (CPU)'}; load {os.getloadavg()[0]:.2f}", flush=True)
     start = time.perf_counter()
     make_jax, _ = jax_runner(args)
-    print(f"jax job built in {time.perf_counter() - start:.1f}s", flush=True)
-    jax_times = {b: first_and_median(make_jax(b), args.warmup, args.repeats) for b in branches}
-    start = time.perf_counter()
     make_torch = torch_runner(args, vae_cfg)
-    print(f"torch models built in {time.perf_counter() - start:.1f}s", flush=True)
-    torch_times = {b: first_and_median(make_torch(b), args.warmup, args.repeats) for b in branches}
-    print(f"{'branch':<22}{'jax s/step':>12}{'torch s/step':>14}{'torch/jax':>11}{'jax compile s':>15}")
+    print(f"jax job and torch models built in {time.perf_counter() - start:.1f}s", flush=True)
+    compile_s = {}
+    for b in branches:  # first call (jax: compile) and warm-up, outside the rounds
+        first, steady = first_and_median(make_jax(b), args.warmup, 1)
+        compile_s[b] = first - steady
+        first_and_median(make_torch(b), args.warmup, 1)
+    times = timed_rounds({"jax": make_jax, "torch": make_torch}, branches, args.rounds, args.repeats)
+    print(f"{'branch':<22}{'jax s/step':>12}{'(min-max)':>14}{'torch s/step':>14}{'(min-max)':>14}"
+          f"{'jax/torch':>11}{'(min-max)':>13}{'jax compile s':>15}")
     for b in branches:
         plan, _ = draw(b).plan((args.size, args.size))
-        (j_first, j), (_, t) = jax_times[b], torch_times[b]
-        print(f"{str(plan):<22}{j:>12.3f}{t:>14.3f}{t / j:>11.2f}{j_first - j:>15.1f}")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+        j, t = times["jax", b], times["torch", b]
+        ratios = [x / y for x, y in zip(j, t, strict=True)]  # per round: the two ran back to back
+        print(f"{str(plan):<22}{statistics.median(j):>12.2f}{f'{min(j):.2f}-{max(j):.2f}':>14}"
+              f"{statistics.median(t):>14.2f}{f'{min(t):.2f}-{max(t):.2f}':>14}{statistics.median(ratios):>11.2f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>13}{compile_s[b]:>15.1f}")
+    print(f"medians over {args.rounds} rounds; jax/torch is the median of the per-round ratios. "
+          f"Load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
