@@ -33,6 +33,7 @@ from eqvae_jax.data import demo
 from eqvae_jax.data.sources import TfdsSource
 from eqvae_jax.eval import inception
 from eqvae_jax.models import kl_vae, weights
+from eqvae_jax.train import metrics, metrics_file
 from eqvae_jax.train.dit import job as dit_job
 from eqvae_jax.train.eqvae import job as eqvae_job
 from eqvae_jax.train.eval_vae import job as eval_vae_job
@@ -213,6 +214,23 @@ def test_uploads_put_commit_markers_last_and_a_failed_one_leaves_no_object(bucke
     with pytest.raises(FileNotFoundError):
         storage.publish_tree(str(src), "gs://bkt/up/a", overwrite=True)  # the old copy was deleted first
     assert not objects(bucket, "bkt/up/a")
+
+
+def test_training_curves_on_gs_start_a_new_event_file_each_rotation(bucket, monkeypatch):
+    """A gs:// workdir's TensorBoard writer closes its event file and starts another at each rotation, so every
+    event file is uploaded once complete and not re-uploaded as it grows; metrics.jsonl keeps every row."""
+    monkeypatch.setattr(metrics, "ROTATE_SECONDS", 0.0)
+    writer = metrics.create_writer("gs://bkt/curves")
+    for update in (1, 2, 3):
+        writer.write_scalars(update, {"loss": float(update)})
+        writer.flush()
+    local = writer.staged.local
+    assert len(os.listdir(os.path.join(local, metrics.TENSORBOARD_DIR))) == 1  # the current file; the rest went
+    writer.close()
+    events = [n for n in objects(bucket, "bkt/curves") if n.startswith("tensorboard/events.out.tfevents")]
+    assert len(events) >= 3, events
+    assert [r["update"] for r in metrics_file.read_metrics("gs://bkt/curves")] == [1, 2, 3]
+    assert not os.path.exists(local)
 
 
 def test_eval_samples_reads_and_writes_gs(bucket, tmp_path, capsys):
