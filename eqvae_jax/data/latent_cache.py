@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 from typing import Any
 
 import grain
@@ -263,23 +262,15 @@ def complete_chunk_files(cache_dir: str, meta: dict[str, Any]) -> list[str]:
 
 
 def write_chunk(path: str, records: list[bytes]) -> None:
-    """Write one chunk file atomically (temporary name, then rename; on gs:// a local file uploaded as one
-    object, as ArrayRecord writes local files only): it exists only when complete."""
+    """Write one chunk file atomically (`storage.atomic_file`: a temporary name, then a rename; on gs:// a local
+    file uploaded as one object, as ArrayRecord writes local files only): it exists only when complete."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    if storage.is_url(path):
-        with tempfile.TemporaryDirectory(prefix="eqvae_chunk_") as scratch:
-            local = os.path.join(scratch, os.path.basename(path))
-            write_chunk(local, records)
-            storage.publish_tree(local, path, overwrite=True)  # a rerun's copy of a chunk is the same bytes
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per group: fast random access
-    for r in records:
-        writer.write(r)
-    writer.close()
-    os.replace(tmp, path)
+    with storage.atomic_file(path) as tmp:
+        writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per group: fast random access
+        for r in records:
+            writer.write(r)
+        writer.close()
 
 
 class _Decode(grain.transforms.Map):

@@ -14,7 +14,6 @@ from clu import metric_writers
 from etils import epath
 
 from eqvae_jax import storage
-from eqvae_jax.storage import resolve
 from eqvae_jax.train import metrics
 from eqvae_jax.train.checkpointing import Checkpointer, CheckpointOptions
 from eqvae_jax.train.config import RunConfig
@@ -64,7 +63,7 @@ def write_config(workdir: str, config: Any) -> None:
 def open_run(config: RunConfig, workdir: str) -> RunServices:
     """Create the workdir layout and the services of a run (call after the config was parsed). config.json is
     written by the loop once the resume check passed (train/loop.py), so a rejected resume changes nothing."""
-    workdir = resolve(workdir)
+    workdir = storage.resolve(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(config.compilation_cache_dir or os.path.join(workdir, "jax_cache"))
     c = config.checkpoint

@@ -55,10 +55,11 @@ from eqvae_jax.eval.features import InceptionExtractor
 from eqvae_jax.models import kl_vae, lpips, shapes_classifier, weights
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows, make_mesh, replicated
+from eqvae_jax.storage import resolve
 from eqvae_jax.train.eval_vae import report
 from eqvae_jax.train.eval_vae.config import RANDOM, EvalVAEConfig, parse_config
 from eqvae_jax.train.eval_vae.shards import ORIGINALS, ShardMismatchError, ShardPlan, ShardStore, fingerprint
-from eqvae_jax.train.run_dir import enable_compilation_cache, resolve, write_config
+from eqvae_jax.train.run_dir import enable_compilation_cache, write_config
 
 log = logging.getLogger(__name__)
 EQ = "equivariance/"
