@@ -31,7 +31,7 @@ from eqvae_jax.parallel.mesh import batch_sharding, replicated
 from eqvae_jax.train.dit.config import DiTJobConfig, RepaConfig
 from eqvae_jax.train.dit.state import Teacher, TrainState
 from eqvae_jax.train.ema import ema_update
-from eqvae_jax.train.guard import all_finite, select
+from eqvae_jax.train.guard import all_finite, update_if
 
 Batch = dict[str, jax.Array]
 
@@ -139,11 +139,14 @@ def make_train_step(
                 raise ValueError("SiT + REPA step without a teacher needs batch['teacher_features']")
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, z, batch["label"], k_loss,
                                                                          True, targets)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema, params, decay)
-        ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
-        new = select(ok, TrainState(state.step, params, ema, opt_state), state)
+        ok = jnp.isfinite(loss) & all_finite(grads)
+
+        def update() -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return TrainState(state.step, params, ema_update(state.ema, params, decay), opt_state)
+
+        new = update_if(ok, update, state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "nonfinite": 1.0 - ok.astype(jnp.float32),
                    **terms}
         return new.replace(step=state.step + 1), metrics

@@ -4,8 +4,8 @@ family.py) and the family's loss config, so one code path serves a KL autoencode
 
 Each is compiled once per static `BranchPlan` (branch + scale bucket, see losses/equivariance.py) with explicit
 in/out shardings on the ('data','fsdp') mesh and the train state donated; the rotation and all randomness are
-traced. A step whose loss, gradients or new parameters are not finite is not applied (its optimizer and
-network state stay as they were; the metric `g/nonfinite` or `d/nonfinite` is 1).
+traced. A step whose loss or gradients are not finite is not applied (its optimizer and network state stay
+as they were; the metric `g/nonfinite` or `d/nonfinite` is 1; see train/guard.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from eqvae_jax.train.eqvae.config import FinetuneConfig
 from eqvae_jax.train.eqvae.family import Family, family_of
 from eqvae_jax.train.eqvae.networks import Networks
 from eqvae_jax.train.eqvae.state import EQVAEState, adam, create_state
-from eqvae_jax.train.guard import all_finite, select
+from eqvae_jax.train.guard import all_finite, update_if
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -73,11 +73,6 @@ def _lpips_fn(spec: StepSpec, lpips_state: nnx.State | None) -> Callable[..., ja
         return lambda x, y, dropout_key=None: jnp.zeros((x.shape[0],), jnp.float32)
     model = nnx.merge(spec.lpips_graph, lpips_state)
     return lambda x, y, dropout_key=None: model(x, y, dropout_key=dropout_key)
-
-
-def _apply_guarded(state: EQVAEState, ok: jax.Array, **new: Any) -> EQVAEState:
-    """Replace the given fields with their new values if `ok` (else keep them)."""
-    return state.replace(**select(ok, new, {name: getattr(state, name) for name in new}))
 
 
 def generator_grads(
@@ -125,15 +120,22 @@ def generator_step(
     job sums over each log interval), g/grad_norm and g/nonfinite.
     """
     grads, terms, pair, disc_stats = generator_grads(spec, state, lpips_state, images, rot_k, key, plan)
-    updates, opt_g = spec.tx_g.update(grads, state.opt_g, state.vae)
-    vae = optax.apply_updates(state.vae, updates)
-    ok = jnp.isfinite(terms["total"]) & all_finite(grads) & all_finite(vae)
-    new = {"vae": vae, "opt_g": opt_g, "disc_stats": disc_stats}
+    ok = jnp.isfinite(terms["total"]) & all_finite(grads)
+
+    def update() -> dict[str, Any]:
+        updates, opt_g = spec.tx_g.update(grads, state.opt_g, state.vae)
+        vae = optax.apply_updates(state.vae, updates)
+        new = {"vae": vae, "opt_g": opt_g, "disc_stats": disc_stats}
+        if spec.ema_decay is not None:
+            # Did this micro-step apply an optimizer update? (MultiSteps: its mini-step counter wrapped to 0.)
+            updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
+            new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
+        return new
+
+    current = {name: getattr(state, name) for name in ("vae", "opt_g", "disc_stats")}
     if spec.ema_decay is not None:
-        # Did this micro-step apply an optimizer update? (MultiSteps: its mini-step counter wrapped to 0.)
-        updated = opt_g.mini_step == 0 if spec.accumulate > 1 else jnp.asarray(True)
-        new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
-    new_state = _apply_guarded(state, ok, **new).replace(step=state.step + 1)
+        current["ema"] = state.ema
+    new_state = state.replace(**update_if(ok, update, current), step=state.step + 1)
     metrics = {f"g/{k}": v for k, v in terms.items() if v.ndim == 0 or k in spec.family.summed_terms}
     metrics["g/grad_norm"] = optax.global_norm(grads)
     metrics["g/nonfinite"] = 1.0 - ok.astype(jnp.float32)
@@ -184,10 +186,14 @@ def discriminator_step(
     The step counter is not advanced here: the generator step owns it (one G + one D call per micro-step).
     """
     grads, terms, disc_stats = discriminator_grads(spec, state, images, rot_k, key, pair, plan)
-    updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
-    disc = optax.apply_updates(state.disc, updates)
-    ok = jnp.isfinite(terms["disc_loss"]) & all_finite(grads) & all_finite(disc)
-    new_state = _apply_guarded(state, ok, disc=disc, opt_d=opt_d, disc_stats=disc_stats)
+    ok = jnp.isfinite(terms["disc_loss"]) & all_finite(grads)
+
+    def update() -> dict[str, Any]:
+        updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
+        return {"disc": optax.apply_updates(state.disc, updates), "opt_d": opt_d, "disc_stats": disc_stats}
+
+    current = {"disc": state.disc, "opt_d": state.opt_d, "disc_stats": state.disc_stats}
+    new_state = state.replace(**update_if(ok, update, current))
     metrics = {f"d/{k}": v for k, v in terms.items()}
     metrics["d/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics

@@ -20,7 +20,7 @@ from eqvae_jax.maskgit.loss import training_loss
 from eqvae_jax.models.maskgit import FunctionalMaskGIT
 from eqvae_jax.parallel.mesh import batch_sharding, replicated
 from eqvae_jax.train.ema import ema_update
-from eqvae_jax.train.guard import all_finite, select
+from eqvae_jax.train.guard import all_finite, update_if
 from eqvae_jax.train.maskgit.config import MaskGITJobConfig
 from eqvae_jax.train.maskgit.state import TrainState, learning_rate
 
@@ -57,11 +57,15 @@ def make_train_step(
         k = jax.random.fold_in(key, state.step)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch["tokens"],
                                                                          batch["label"], k)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = None if state.ema is None else ema_update(state.ema, params, decay)
-        ok = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
-        new = select(ok, TrainState(state.step, params, opt_state, ema), state)
+        ok = jnp.isfinite(loss) & all_finite(grads)
+
+        def update() -> TrainState:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = None if state.ema is None else ema_update(state.ema, params, decay)
+            return TrainState(state.step, params, opt_state, ema)
+
+        new = update_if(ok, update, state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
                    "nonfinite": 1.0 - ok.astype(jnp.float32), **terms}
         return new.replace(step=state.step + 1), metrics
