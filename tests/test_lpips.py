@@ -77,6 +77,19 @@ def test_parity_lpips_state_dict(converted, reference, images):
     assert err <= 1e-5
 
 
+def test_gradient_parity_with_the_lpips_package(converted, reference, images):
+    """d LPIPS / d x (what the EQ-VAE generator step back-propagates, through the VGG's max-pools)."""
+    model, _ = converted
+    x, y = images
+    got = np.asarray(jax.grad(lambda x: jnp.sum(model(x, jnp.asarray(y))))(jnp.asarray(x)))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    reference(xt, torch.from_numpy(y).permute(0, 3, 1, 2)).sum().backward()
+    want = xt.grad.permute(0, 2, 3, 1).numpy()
+    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    print(f"lpips gradient parity: max abs err {err:.3e} of the largest element")
+    assert err <= 1e-4
+
+
 def test_parity_torchvision_route_default_lin(reference, images, tmp_path):
     src = tmp_path / "vgg16.safetensors"
     write_safetensors(src, _torchvision_sd(reference))

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from eqvae_jax.models import weights
+from eqvae_jax.models.max_pool import max_pool_2x2
 from eqvae_jax.models.variables import Frozen
 
 KIND = "lpips"
@@ -87,7 +88,7 @@ class VGG16Features(nnx.Module):
         taps = []
         for layer in VGG16_LAYERS:
             if layer == "pool":  # MaxPool2d(2, 2): floor on odd sizes, like VALID
-                x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+                x = max_pool_2x2(x)
                 continue
             name = layer[0]
             x = jax.nn.relu(getattr(self, name)(x))
