@@ -286,65 +286,51 @@ class Components:
 
         return Row(f"last-layer VJPs x2 {size}px", jax_fb=self.blocking(grads, state, h, cts), torch_fb=torch_grads)
 
-    def adam(self, which: str) -> Row:
-        """The optimizer update of the VAE ('g') or D ('d') parameters with gradients given."""
-        jax, torch, t = self.jax, self.torch, self.t
-        spec = self.job.spec
+    def _jax_adam(self, which: str, guarded: bool = False) -> Callable[[], None]:
+        """One call of the job's Adam update of the VAE ('g') or D ('d') parameters (jitted, donated) with
+        gradients given; `guarded` runs it as the job does, inside the non-finite guard (train/guard.py:
+        all_finite over the gradients, the update in `update_if`'s taken branch)."""
+        import optax
+
+        from eqvae_jax.train.guard import all_finite, update_if
+
+        jax, spec = self.jax, self.job.spec
         tx = spec.tx_g if which == "g" else spec.tx_d
         params = jax.tree.map(jax.numpy.copy, self.job.state.vae if which == "g" else self.job.state.disc)
         grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params)
         box = {"params": params, "opt": tx.init(params)}
 
         def apply(params, opt, grads):
-            import optax
-
             updates, opt = tx.update(grads, opt, params)
             return optax.apply_updates(params, updates), opt
 
-        update = jax.jit(apply, donate_argnums=(0, 1))
+        def apply_guarded(params, opt, grads):
+            return update_if(all_finite(grads), lambda: apply(params, opt, grads), (params, opt))
+
+        update = jax.jit(apply_guarded if guarded else apply, donate_argnums=(0, 1))
 
         def run() -> None:
             box["params"], box["opt"] = update(box["params"], box["opt"], grads)
             jax.block_until_ready(box["params"])
 
+        return run
+
+    def adam(self, which: str) -> Row:
+        """The optimizer update of the VAE ('g') or D ('d') parameters with gradients given."""
+        jax, torch, t = self.jax, self.torch, self.t
         model, opt = (t.vae, t.opt_g) if which == "g" else (t.disc, t.opt_d)
         for p in model.parameters():
             p.requires_grad_(True)
             p.grad = torch.full_like(p, 1e-3)
-        n = sum(x.size for x in jax.tree.leaves(params))
-        return Row(f"Adam {'VAE' if which == 'g' else 'D'} ({n / 1e6:.1f}M)", jax_fb=run, torch_fb=opt.step)
+        n = sum(x.size for x in jax.tree.leaves(self.job.state.vae if which == "g" else self.job.state.disc))
+        return Row(f"Adam {'VAE' if which == 'g' else 'D'} ({n / 1e6:.1f}M)", jax_fb=self._jax_adam(which),
+                   torch_fb=opt.step)
 
     def guard(self) -> tuple[Row, Row]:
-        """The non-finite guard of the G step as the job runs it (train/guard.py): all_finite over the gradients,
-        then `update_if` computing the Adam update of the VAE inside the taken branch. Returns (guarded Adam,
-        plain Adam) on the same arrays; the guard's cost is their difference."""
-        from eqvae_jax.train.guard import all_finite, update_if
-
-        jax = self.jax
-        tx = self.job.spec.tx_g
-        params = jax.tree.map(jax.numpy.copy, self.job.state.vae)
-        grads = jax.tree.map(lambda p: jax.numpy.full_like(p, 1e-3), params)
-        box = {"params": params, "opt": tx.init(params)}
-
-        def apply(params, opt, grads):
-            import optax
-
-            updates, opt = tx.update(grads, opt, params)
-            return optax.apply_updates(params, updates), opt
-
-        def guarded(params, opt, grads):
-            return update_if(all_finite(grads), lambda: apply(params, opt, grads), (params, opt))
-
-        def runner(fn):
-            fn = jax.jit(fn, donate_argnums=(0, 1))
-
-            def run() -> None:
-                box["params"], box["opt"] = fn(box["params"], box["opt"], grads)
-                jax.block_until_ready(box["params"])
-
-            return run
-
-        return Row("non-finite guard (G)", jax_fb=runner(guarded)), Row("Adam VAE", jax_fb=runner(apply))
+        """The non-finite guard of the G step as the job runs it: (guarded Adam, plain Adam) of the VAE on arrays
+        of the same shapes; the guard's cost is their difference."""
+        return (Row("non-finite guard (G)", jax_fb=self._jax_adam("g", guarded=True)),
+                Row("Adam VAE", jax_fb=self._jax_adam("g")))
 
 
 def fmt(x: float | None, spec: str = ">8.3f") -> str:

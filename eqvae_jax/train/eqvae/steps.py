@@ -75,6 +75,13 @@ def _lpips_fn(spec: StepSpec, lpips_state: nnx.State | None) -> Callable[..., ja
     return lambda x, y, dropout_key=None: model(x, y, dropout_key=dropout_key)
 
 
+def _update_fields(state: EQVAEState, ok: jax.Array, update: Callable[[], dict[str, Any]],
+                   names: tuple[str, ...]) -> EQVAEState:
+    """`state` with the fields `names` replaced by `update()`'s values if `ok`, else as they were (the update is
+    computed only in the guard's taken branch, train/guard.py)."""
+    return state.replace(**update_if(ok, update, {name: getattr(state, name) for name in names}))
+
+
 def generator_grads(
     spec: StepSpec,
     state: EQVAEState,
@@ -132,10 +139,8 @@ def generator_step(
             new["ema"] = ema_update(state.ema, vae, jnp.where(updated, spec.ema_decay, 1.0))
         return new
 
-    current = {name: getattr(state, name) for name in ("vae", "opt_g", "disc_stats")}
-    if spec.ema_decay is not None:
-        current["ema"] = state.ema
-    new_state = state.replace(**update_if(ok, update, current), step=state.step + 1)
+    names = ("vae", "opt_g", "disc_stats") + (("ema",) if spec.ema_decay is not None else ())
+    new_state = _update_fields(state, ok, update, names).replace(step=state.step + 1)
     metrics = {f"g/{k}": v for k, v in terms.items() if v.ndim == 0 or k in spec.family.summed_terms}
     metrics["g/grad_norm"] = optax.global_norm(grads)
     metrics["g/nonfinite"] = 1.0 - ok.astype(jnp.float32)
@@ -192,8 +197,7 @@ def discriminator_step(
         updates, opt_d = spec.tx_d.update(grads, state.opt_d, state.disc)
         return {"disc": optax.apply_updates(state.disc, updates), "opt_d": opt_d, "disc_stats": disc_stats}
 
-    current = {"disc": state.disc, "opt_d": state.opt_d, "disc_stats": state.disc_stats}
-    new_state = state.replace(**update_if(ok, update, current))
+    new_state = _update_fields(state, ok, update, ("disc", "opt_d", "disc_stats"))
     metrics = {f"d/{k}": v for k, v in terms.items()}
     metrics["d/nonfinite"] = 1.0 - ok.astype(jnp.float32)
     return new_state, metrics
