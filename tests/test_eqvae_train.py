@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from cpu_devices import xla_flags
 from helpers import REPO, jax_cache, leaves_equal, tiny_eqvae_config
 
 from eqvae_jax.losses import equivariance
@@ -80,7 +81,7 @@ def test_main_reports_a_config_error_with_status_2(cache_dir, tmp_path):
     cmd = [sys.executable, "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py:tiny", f"--workdir={tmp_path}",
            "--config.model.init=weights", "--config.model.weights=/nowhere", "--config.optim.accumulate=0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                          env=dict(os.environ, XLA_FLAGS=xla_flags(2)))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "model.weights: /nowhere is not an eqvae-jax weights" in proc.stderr
     assert "optim.accumulate must be positive" in proc.stderr
@@ -155,7 +156,7 @@ def test_compiling_ahead_runs_the_same_programs_as_compiling_on_first_call(cache
 
 def test_sigterm_saves_a_checkpoint_that_restores_on_another_device_count(cache_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py:tiny", f"--workdir={workdir}",
            "--config.total_updates=100000", "--config.checkpoint.every_updates=100000",
            f"--config.compilation_cache_dir={cache_dir}", f"--config.data.data_dir={cache_dir}/tfds",

@@ -12,6 +12,7 @@ import adm_evaluator_ref as ref_impl
 import jax
 import numpy as np
 import pytest
+from cpu_devices import xla_flags
 
 from eqvae_jax import eval_samples
 from eqvae_jax.eval import features as features_mod
@@ -188,7 +189,7 @@ def test_two_processes_give_the_same_numbers(setup, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
     argv = ["--samples", str(d / "samples.npz"), "--ref", str(d / "ref.npz"), "--inception", str(d / "inception"),
             "--batch_size", "8", "--quiet", "--no_cache", "--no-distributed"]
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT, f"localhost:{port}", str(i), *argv,

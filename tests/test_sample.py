@@ -58,7 +58,9 @@ def test_same_seed_same_samples_on_any_device_count(model_and_params):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
     np.testing.assert_array_equal(la, lc)
-    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    # Another batch split rounds differently, and a random DDPM's samples reach |x| ~ 1e3 over its steps: the
+    # difference is judged against the samples' scale (measured up to 6e-4, i.e. 5e-7 of it).
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
     assert np.abs(a - d).max() > 0.1  # another seed: other samples
     assert len({tuple(x.ravel()[:4]) for x in a}) == 6  # per-sample noise differs
 

@@ -18,6 +18,7 @@ import textwrap
 import time
 
 import pytest
+from cpu_devices import xla_flags
 from helpers import REPO
 
 from eqvae_jax.convert.atomic import atomic_path
@@ -145,7 +146,7 @@ def job_processes(tmp_path, data_dirs: list[str]) -> tuple[list[subprocess.Popen
     for i, data_dir in enumerate(data_dirs):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=xla_flags(4))
         logs.append(str(tmp_path / f"job.{i}.log"))
         with open(logs[-1], "w") as f:
             procs.append(subprocess.Popen(
