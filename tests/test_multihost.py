@@ -167,7 +167,7 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
     # Every micro-step on the equivariance branch (the branch EQ-VAE adds): one generator and one discriminator
     # program per run instead of five, as a multi-process CPU job compiles everything in every process (no
     # persistent cache). The plain and low-resolution branches run multi-device in test_eqvae_train.py.
-    total = 6
+    total = 4
     common = ["--config=configs/sdvae_ft.py:tiny", f"--workdir={workdir}",
               f"--config.compilation_cache_dir={compile_cache}", f"--config.data.data_dir={tmp_path}/tfds",
               f"--config.total_updates={total}", f"--config.transform.p_equivariance={P_EQUIVARIANCE}",

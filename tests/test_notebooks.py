@@ -5,8 +5,8 @@ every download is replaced by a tiny random-weight model written locally in the 
 AutoencoderKL per VAE repository, the official DiT state dict), which the notebook's own cells then convert, and
 the loops are short. A failing cell fails the test. The kernel sees one CPU device, like a one-chip runtime.
 
-Time budget per notebook on 2 busy CPU cores (measured ~1-2 min each, see BUDGET_S): it is the nbclient cell
-timeout, and the whole notebook must finish within it too.
+BUDGET_S is nbclient's per-cell timeout (a hang guard, generous for 2 busy CPU cores where a notebook takes ~1-2
+min); the notebook's own wall time is printed, never asserted.
 """
 
 import json
@@ -66,7 +66,6 @@ def test_notebook_runs(name, tmp_path, tmp_path_factory, monkeypatch):
         if os.environ.get("EQVAE_NOTEBOOK_OUT"):  # keep the executed notebook to look at
             nbformat.write(notebook, Path(os.environ["EQVAE_NOTEBOOK_OUT"]) / f"{name}.ipynb")
     elapsed = time.monotonic() - start
-    assert elapsed < BUDGET_S[name], f"{name} took {elapsed:.0f} s (budget {BUDGET_S[name]} s)"
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
