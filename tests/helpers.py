@@ -36,6 +36,16 @@ def load_config(name: str, arg: str = "", **changes: Any):
     return config
 
 
+# The tiny EQ-VAE job with every micro-step on the equivariance branch: one generator and one discriminator
+# program to compile instead of five, for tests of storage, preemption or multi-process runs (not the branch mix).
+EQ_BRANCH_ONLY = {"transform.p_equivariance": 1.0}
+
+
+def config_flags(changes: dict[str, Any]) -> list[str]:
+    """The `--config.KEY=VALUE` flags that make a `python -m eqvae_jax.main` run apply `changes` (dotted keys)."""
+    return [f"--config.{key}={value}" for key, value in changes.items()]
+
+
 def tiny_eqvae_config(cache_dir: str, **changes: Any):
     """configs/sdvae_ft.py:tiny with the compilation cache and the demo TFDS data under `cache_dir`."""
     return load_config("sdvae_ft", "tiny", **{"compilation_cache_dir": cache_dir,

@@ -24,7 +24,17 @@ import urllib.request
 import numpy as np
 import pytest
 from absl import flags
-from helpers import REPO, jax_cache, leaves_equal, load_config, tiny_dit_config, tiny_eqvae_config, write_toy_cache
+from helpers import (
+    EQ_BRANCH_ONLY,
+    REPO,
+    config_flags,
+    jax_cache,
+    leaves_equal,
+    load_config,
+    tiny_dit_config,
+    tiny_eqvae_config,
+    write_toy_cache,
+)
 
 from eqvae_jax import eval_samples, storage
 from eqvae_jax import sample as sample_cli
@@ -129,13 +139,10 @@ def test_eqvae_job_on_gs_sigterm_then_resume_equals_an_uninterrupted_local_run(b
     """A real process on gs://bkt/run, its data from a gs:// data_dir, SIGTERMed after its first update; the
     resumed run ends bit-identical to an uninterrupted local one, and every output is in the bucket."""
     demo.prepare("gs://bkt/tfds")
-    # :tiny's 4 updates, every micro-step on the equivariance branch: 2 programs per run instead of 5 (what is
-    # tested here is the storage, not the branch mix)
-    eq_only = {"transform.p_equivariance": 1.0}
-    local = eqvae_job.run(tiny_eqvae_config(cache_dir, **eq_only), str(tmp_path / "local"))
+    local = eqvae_job.run(tiny_eqvae_config(cache_dir, **EQ_BRANCH_ONLY), str(tmp_path / "local"))  # 4 updates
     cmd = [sys.executable, "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py:tiny", "--workdir=gs://bkt/run",
            f"--config.compilation_cache_dir={cache_dir}", "--config.data.data_dir=gs://bkt/tfds",
-           "--config.transform.p_equivariance=1.0"]
+           *config_flags(EQ_BRANCH_ONLY)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -155,7 +162,7 @@ def test_eqvae_job_on_gs_sigterm_then_resume_equals_an_uninterrupted_local_run(b
     assert 1 <= stopped < 4, log[-3000:]
     assert "I0000" not in log and "orbax" not in log.lower(), log[-3000:]
 
-    config = tiny_eqvae_config(cache_dir, **{"data.data_dir": "gs://bkt/tfds", **eq_only})
+    config = tiny_eqvae_config(cache_dir, **{"data.data_dir": "gs://bkt/tfds", **EQ_BRANCH_ONLY})
     resumed = eqvae_job.run(config, "gs://bkt/run")
     assert resumed["start_update"] == stopped and resumed["updates"] == 4
     assert leaves_equal(local["state"], resumed["state"])

@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 from absl import flags
 from cpu_devices import xla_flags
+from helpers import EQ_BRANCH_ONLY, config_flags, jax_cache, tiny_dit_config, tiny_eqvae_config, write_toy_cache
 from helpers import REPO as ROOT
-from helpers import jax_cache, tiny_dit_config, tiny_eqvae_config, write_toy_cache
 
 from eqvae_jax.train.checkpointing import Checkpointer
 from eqvae_jax.train.dit import job as dit_job
@@ -46,7 +46,6 @@ pytestmark = pytest.mark.slow
 SUITE_SECONDS = 320  # rough wall time on 2 cores: conftest starts the longest modules first
 
 PROCESSES, LOCAL_DEVICES = 2, 4
-P_EQUIVARIANCE = 1.0  # the EQ-VAE job's micro-steps all on the equivariance branch
 RTOL, ATOL = 5e-4, 1e-6  # relative to each leaf's largest magnitude; absolute
 
 
@@ -170,8 +169,7 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
     total = 4
     common = ["--config=configs/sdvae_ft.py:tiny", f"--workdir={workdir}",
               f"--config.compilation_cache_dir={compile_cache}", f"--config.data.data_dir={tmp_path}/tfds",
-              f"--config.total_updates={total}", f"--config.transform.p_equivariance={P_EQUIVARIANCE}",
-              "--config.export_diffusers=false"]
+              f"--config.total_updates={total}", *config_flags(EQ_BRANCH_ONLY), "--config.export_diffusers=false"]
     quiet = ["--config.eval.batches=0", "--config.eval.images=0"]
     first = Job(common + quiet, str(tmp_path), "first")
     # Process 1 alone is told to stop once training is under way; both must stop at the same update and save.
@@ -195,8 +193,7 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
 
     # one process, 8 devices, the same job
     config = tiny_eqvae_config(compile_cache, export_diffusers=False, total_updates=total,
-                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0,
-                                  "transform.p_equivariance": P_EQUIVARIANCE})
+                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0, **EQ_BRANCH_ONLY})
     single = eqvae_job.run(config, str(tmp_path / "single"))
     assert single["updates"] == total and single["g_variants"] == single["d_variants"] == 1
     multi, reference = (restore_final(os.path.join(d, "checkpoints"), total, single["state"])
