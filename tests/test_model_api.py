@@ -8,6 +8,7 @@ import inspect
 from types import ModuleType
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -82,3 +83,24 @@ def test_build_takes_config_dict_and_seed(kind):
     c = flat_variables(module.build(config, seed=2))
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_abstract_models_are_independent_and_follow_their_config(kind):
+    """`abstract` traces a constructor once per config (models.weights.abstract_model): each call still returns a
+    module of its own, so assigning into one (as load and the host init do) leaves the next one shape-only, and
+    a changed config gives its own shapes and fields."""
+    module, config, field, value = CASES[kind]
+    first, second = module.abstract(config), module.abstract(config)
+    state = nnx.to_flat_state(nnx.state(first))
+    assert state and all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for _, v in state)
+    built = module.build(config, seed=0)  # host-initialised models assign into an abstract one
+    for (_, var), (_, again) in zip(state, nnx.to_flat_state(nnx.state(second)), strict=True):
+        assert var is not again
+        var.set_value(np.zeros(var.shape, var.dtype))
+        assert isinstance(again.get_value(), jax.ShapeDtypeStruct)
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct)
+               for _, v in nnx.to_flat_state(nnx.state(module.abstract(config))))
+    assert module.abstract(config).config == built.config == config
+    changed = module.abstract(dataclasses.replace(config, **{field: value}))
+    assert changed.config == dataclasses.replace(config, **{field: value})

@@ -135,7 +135,7 @@ def _new(config: DiscriminatorConfig, rngs: nnx.Rngs) -> NLayerDiscriminator:
 
 def _init(config: DiscriminatorConfig, seed: int) -> NLayerDiscriminator:
     """taming's weights_init: conv N(0, 0.02), BN scale N(1, 0.02), BN bias 0; drawn on the host (fast)."""
-    return init_on_host(lambda: _new(config, nnx.Rngs(0)), seed, kernel_std=0.02, norm_scale_std=0.02)
+    return init_on_host(abstract(config), seed, kernel_std=0.02, norm_scale_std=0.02)
 
 
 # build(config=None, *, seed=0) (taming's init), abstract(config=None), load(path, **overrides) (e.g.

@@ -1,4 +1,4 @@
-"""Random initialisation on the host with numpy, for models built with `nnx.eval_shape`.
+"""Random initialisation on the host with numpy, of models built with shape-only variables (`abstract`).
 
 Eager `jax.random` initialisation compiles one small XLA program per weight shape: ~15-25 s for the tiny test
 autoencoder or the discriminator on a 2-core CPU, which dominated short runs and tests. Drawing the same
@@ -14,7 +14,6 @@ Rules, applied to every module that owns a `kernel` Param (conv or linear) and e
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TypeVar
 
 import jax.numpy as jnp
@@ -28,10 +27,8 @@ def _variables(module: nnx.Module) -> dict[str, nnx.Variable]:
     return {k: v for k, v in vars(module).items() if isinstance(v, nnx.Variable)}
 
 
-def init_on_host(make: Callable[[], M], seed: int, kernel_std: float | None = None,
-                 norm_scale_std: float = 0.0) -> M:
-    """`make()` built abstractly, then every variable drawn with numpy (see module docstring)."""
-    model = nnx.eval_shape(make)
+def init_on_host(model: M, seed: int, kernel_std: float | None = None, norm_scale_std: float = 0.0) -> M:
+    """Every variable of the abstract `model` drawn with numpy, in place (see module docstring); returns it."""
     rng = np.random.default_rng(seed)
     modules = sorted(((p, m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)),
                      key=lambda item: tuple(str(x) for x in item[0]))

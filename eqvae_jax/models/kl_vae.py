@@ -220,7 +220,7 @@ def denormalize_latents(latents: jax.Array, scaling_factor: float, shift_factor:
 def _init(config: KLVAEConfig, seed: int) -> KLVAE:
     """PyTorch's default init, drawn on the host with numpy (`models.host_init`; eager jax.random init compiles a
     program per weight shape and takes ~20 s)."""
-    return init_on_host(lambda: KLVAE(config, rngs=nnx.Rngs(seed)), seed)
+    return init_on_host(abstract(config), seed)
 
 
 # build(config=None, *, seed=0), abstract(config=None), load(path, **overrides) (e.g. dtype="bfloat16"; parameters

@@ -80,7 +80,7 @@ class ShapesClassifier(nnx.Module):
 
 def _init(config: ShapesClassifierConfig, seed: int) -> ShapesClassifier:
     """PyTorch-default distributions, drawn with numpy on the host (no compile per weight shape)."""
-    return init_on_host(lambda: ShapesClassifier(config, rngs=nnx.Rngs(0)), seed)
+    return init_on_host(abstract(config), seed)
 
 
 # build(config=None, *, seed=0), abstract(config=None), load(path, **overrides), save(model, path): see

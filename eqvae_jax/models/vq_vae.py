@@ -251,7 +251,7 @@ def perplexity(counts: jax.Array) -> jax.Array:
 def _init(config: VQVAEConfig, seed: int) -> VQVAE:
     """PyTorch's default init for convs, taming's for the codebook, drawn on the host with numpy
     (`models.host_init`)."""
-    return init_on_host(lambda: VQVAE(config, rngs=nnx.Rngs(seed)), seed)
+    return init_on_host(abstract(config), seed)
 
 
 # build(config=None, *, seed=0), abstract(config=None), load(path, **overrides) (e.g. dtype="bfloat16"; parameters
