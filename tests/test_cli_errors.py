@@ -78,12 +78,14 @@ def test_mistake_is_one_short_message_with_exit_status_2(results, name, expected
     assert expected in stderr, stderr
 
 
-def test_a_fresh_machine_prints_no_library_lines_before_the_message(tmp_path):
-    """Without matplotlib's font cache (a fresh machine: TensorFlow imports keras, keras matplotlib), the command
-    still prints only its own message: no 'generated new fontManager' INFO line through absl's handler."""
+def test_a_config_mistake_is_reported_before_the_job_loads(tmp_path):
+    """main parses the job's config before it imports the job (Orbax, and TensorFlow through the metric writers,
+    which imports keras and keras matplotlib): on a fresh machine (no matplotlib font cache) the command prints
+    only its own message and never gets as far as building that cache. (A job that does load them prints no
+    'generated new fontManager' line either: test_multihost.py starts its jobs without a font cache.)"""
     env = dict(os.environ, MPLCONFIGDIR=str(tmp_path / "mpl"))
     done = subprocess.run([*MAIN[:-1], f"--workdir={tmp_path}/run", TINY, "--config.total_updates=0"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
     assert done.stderr.startswith("error:") and "total_updates must be positive" in done.stderr, done.stderr
-    assert os.listdir(tmp_path / "mpl")  # the cache was built in this run
+    assert not (tmp_path / "mpl").exists() or not os.listdir(tmp_path / "mpl")  # TensorFlow never loaded

@@ -204,7 +204,10 @@ def _config_of(model: Any) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _abstract_parts(new: Callable[[Any, nnx.Rngs], nnx.Module], config: Any) -> tuple[Any, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: new(config, nnx.Rngs(0))))
+    # The Rngs comes in as an argument: created inside, its counter is a value traced in the constructor, and
+    # flax's every draw then asks that tracer for a sharding, whose error message walks the whole trace so far
+    # (quadratic in the model's size; 0.52 -> 0.34 s for SD-VAE's).
+    return nnx.split(nnx.eval_shape(lambda rngs: new(config, rngs), nnx.Rngs(0)))
 
 
 def abstract_model(new: Callable[[ConfigT, nnx.Rngs], ModuleT], config: ConfigT) -> ModuleT:
@@ -217,7 +220,7 @@ def abstract_model(new: Callable[[ConfigT, nnx.Rngs], ModuleT], config: ConfigT)
     try:
         hash(config)
     except TypeError:
-        return nnx.eval_shape(lambda: new(config, nnx.Rngs(0)))
+        return nnx.merge(*_abstract_parts.__wrapped__(new, config))
     graphdef, state = _abstract_parts(new, config)
     return nnx.merge(graphdef, state, copy=True)
 

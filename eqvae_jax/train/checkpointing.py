@@ -41,14 +41,11 @@ from absl import logging as absl_logging
 from etils import epath
 
 from eqvae_jax import storage
+from eqvae_jax.train.errors import CheckpointError  # noqa: F401  (re-exported: checkpointing.CheckpointError)
 
 log = logging.getLogger(__name__)
 DAMAGED = ".damaged"  # suffix of a step directory moved aside because it does not restore
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20  # smaller replica slices: one replica writes the whole array
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint in the run's directory restores (the message lists each step and why)."""
 
 
 @dataclasses.dataclass(frozen=True)

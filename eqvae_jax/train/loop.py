@@ -35,6 +35,7 @@ import jax
 
 from eqvae_jax.train import console
 from eqvae_jax.train.config import RunConfig
+from eqvae_jax.train.errors import ResumeError  # noqa: F401  (re-exported: loop.ResumeError)
 from eqvae_jax.train.guard import NonFiniteCounter
 from eqvae_jax.train.metrics import MetricBuffer, mean_of, sum_of
 from eqvae_jax.train.profiling import Profiler
@@ -116,10 +117,6 @@ class Job:
     summary_metrics: tuple[str, ...] = ()  # eval metrics in the end-of-run table
     overview: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {name: pytree} for the start-up table
     extras: Extras = Extras()
-
-
-class ResumeError(ValueError):
-    """The workdir's checkpoint was written with a config that is incompatible with this one."""
 
 
 def _check_resume(saved: Mapping[str, Any] | None, config: Any, keys: tuple[str, ...]) -> None:
