@@ -24,12 +24,12 @@ from absl import app, flags
 from eqvae_jax import storage
 from eqvae_jax.typed_config import ConfigError
 
-# Before a command imports TensorFlow (clu's metric writers do): no TF C++ INFO lines and no oneDNN notice,
-# which TF prints before its log level applies, on the stderr of every command.
+# Should a command import TensorFlow (the jobs do not; TFDS may, preparing some datasets): no TF C++ INFO lines and
+# no oneDNN notice, which TF prints before its log level applies.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# TF imports keras and keras matplotlib, which logs "generated new fontManager" at INFO through absl's handler on a
-# machine without its font cache, before a command sets the library log levels.
+# matplotlib (imported by TF's keras, and by the commands that draw) logs "generated new fontManager" at INFO through
+# absl's handler on a machine without its font cache, before a command sets the library log levels.
 logging.getLogger("matplotlib").setLevel(logging.WARNING)
 USAGE_ERROR = 2  # exit status of a mistake in the command line or its config
 

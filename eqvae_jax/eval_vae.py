@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from eqvae_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (TensorBoard writers)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # should TFDS import TensorFlow: quietly
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 

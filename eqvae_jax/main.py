@@ -16,8 +16,8 @@ from ml_collections import config_flags
 
 from eqvae_jax import cli
 
-# Before anything imports TensorFlow (clu's metric writers do): no TF C++ INFO lines; TF's oneDNN notice is
-# printed before its log level applies, and TF only writes TensorBoard summaries here.
+# Should anything import TensorFlow (the jobs do not; TFDS may, preparing some datasets): no TF C++ INFO lines;
+# TF's oneDNN notice is printed before its log level applies.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -79,9 +79,9 @@ def main(argv: list[str]) -> None:
                 importlib.import_module(PRECOMPILE[config.trainer]).precompile(config, FLAGS.workdir, target)
             else:
                 job = JOBS[config.trainer]
-                # The config is parsed by the job package's schema before the job's modules load (they bring Orbax
-                # and, through the metric writers, TensorFlow: ~4 of the ~6 s a command takes to start), so a
-                # config mistake ends the command in about 2.5 s; the job takes the parsed config.
+                # The config is parsed by the job package's schema before the job's modules load (JAX, Flax,
+                # Orbax, Grain: about 2 s), so a config mistake ends the command sooner; the job takes the parsed
+                # config.
                 parsed = importlib.import_module(job.rsplit(".", 1)[0] + ".config").parse_config(config)
                 importlib.import_module(job).run(parsed, FLAGS.workdir)
     except handled as e:

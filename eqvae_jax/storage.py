@@ -9,8 +9,9 @@ tested against a local Cloud Storage server; gcsfs honours `STORAGE_EMULATOR_HOS
 every epath gs:// access in the process, ours and the libraries', uses gcsfs with the machine's default
 credentials (on a TPU VM its service account). Orbax's arrays go through TensorStore (`TENSORSTORE_GCS_HTTP_URL`
 points it elsewhere), ArrayRecord reads gs:// itself (`CLOUD_STORAGE_EMULATOR_ENDPOINT`) but writes local files
-only. The one TensorFlow writer left, TensorBoard's event files, is written to a local staging directory and
-copied up (`StagedDir`).
+only. TensorBoard's event files (written without TensorFlow, `train/event_file.py`) and metrics.jsonl are
+appended to, which an object cannot be: they are written in a local staging directory and copied up
+(`StagedDir`).
 
 Atomicity. An object appears whole or not at all when its upload completes, so a single-file write is atomic by
 itself (`write_atomic` for bytes, `atomic_file` for what a library writes to a file name, e.g. np.savez; a local

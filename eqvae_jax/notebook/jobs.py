@@ -51,7 +51,7 @@ def run_job(command: list[str], workdir: str,
             refresh_s: float = 5.0, tail_lines: int = 8) -> str:
     """Run `command` until it exits, calling `on_update(metrics rows, log tail)` whenever either grew; returns
     the log path (WORKDIR/notebook_job.log). A non-zero exit raises JobFailed with the log's last lines."""
-    # clu's metric writers import TensorFlow: loaded only when a job runs, quietly (it only writes summaries).
+    # Should the job import TensorFlow (TFDS may, preparing some datasets): quietly.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from eqvae_jax.train.metrics_file import read_metrics

@@ -1,5 +1,5 @@
 """The run machinery's errors that a command turns into a message and an exit status (main.py), kept apart from
-the modules that raise them so that a command can name them without loading Orbax and TensorFlow."""
+the modules that raise them so that a command can name them without loading Orbax."""
 
 
 class CheckpointError(RuntimeError):

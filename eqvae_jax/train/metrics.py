@@ -3,12 +3,12 @@
 Step functions return small dicts of scalar device arrays (and possibly small arrays such as code counts, which
 are summed over the interval instead of averaged); the loop keeps them on device and fetches them once per log
 interval (one host sync per interval, not per step). Console lines are the loop's own
-(train/console.py); the writers record scalars and images on process 0: TensorBoard event files, and one
-JSON line per write in WORKDIR/metrics.jsonl (`{"update": N, "name": value, ...}`) for plots and scripts
-(`train.metrics_file.read_metrics`). An object store cannot append to an object, and TensorFlow's event writer
-cannot be pointed at any GCS endpoint but Google's (eqvae_jax/storage.py): for a gs:// workdir both files are
-written to a local staging directory and copied up (`StagedWriter`) at most every `SYNC_SECONDS`, at every flush
-and at close; a resumed run first copies metrics.jsonl down and appends to it.
+(train/console.py); the writers record scalars and images on process 0: TensorBoard event files (written without
+TensorFlow, `train.event_file`, in a background thread), and one JSON line per write in WORKDIR/metrics.jsonl
+(`{"update": N, "name": value, ...}`) for plots and scripts (`train.metrics_file.read_metrics`). An object store
+cannot append to an object: for a gs:// workdir both files are written to a local staging directory and copied up
+(`StagedWriter`) at most every `SYNC_SECONDS`, at every flush and at close; a resumed run first copies
+metrics.jsonl down and appends to it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
-from clu import metric_writers
+from clu import asynclib
 
 from eqvae_jax import storage
+from eqvae_jax.train.event_file import EventFileWriter
 from eqvae_jax.train.metrics_file import METRICS_FILE
 
 TENSORBOARD_DIR = "tensorboard"
@@ -33,7 +34,69 @@ SYNC_SECONDS = 60.0  # a gs:// workdir's TensorBoard and metrics.jsonl lag the r
 ROTATE_SECONDS = 600.0  # a gs:// workdir's TensorBoard starts a new event file at the first sync after this
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class MetricWriter(Protocol):
+    """What the jobs write through: scalars and images per update (the interface of clu's metric writers)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MultiWriter:
+    """Every write goes to each of the writers, in order."""
+
+    def __init__(self, writers: list[MetricWriter]):
+        self._writers = tuple(writers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for w in self._writers:
+            w.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        for w in self._writers:
+            w.write_images(step, images)
+
+    def flush(self) -> None:
+        for w in self._writers:
+            w.flush()
+
+    def close(self) -> None:
+        for w in self._writers:
+            w.close()
+
+
+class AsyncWriter:
+    """A writer's writes in one background thread, in order (PNG encoding stays off the training loop); an error
+    there is raised at the next write or at flush."""
+
+    def __init__(self, writer: MetricWriter):
+        self._writer = writer
+        self._pool = asynclib.Pool(thread_name_prefix="metric_writer", max_workers=1)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._pool(self._writer.write_scalars)(step, dict(scalars))
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        self._pool(self._writer.write_images)(step, dict(images))
+
+    def flush(self) -> None:
+        try:
+            self._pool.join()
+        finally:
+            self._writer.flush()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.close()
+
+
+class JsonlWriter:
     """Scalars as JSON lines appended to a local file (everything else is TensorBoard's)."""
 
     def __init__(self, path: str):
@@ -47,28 +110,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
-
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_texts(self, step, texts) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        pass
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None) -> None:
-        pass
-
-    def write_hparams(self, hparams) -> None:
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         pass
 
     def flush(self) -> None:
@@ -78,7 +120,7 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-class StagedWriter(metric_writers.MultiWriter):
+class StagedWriter(MultiWriter):
     """The writers of a gs:// workdir, writing into a local `storage.StagedDir` that is copied up every
     `SYNC_SECONDS` (checked after each write), at every flush and at close. Every `ROTATE_SECONDS` a sync
     closes the writers first and opens new ones, so TensorBoard starts a new event file: an event file (images
@@ -120,18 +162,18 @@ class StagedWriter(metric_writers.MultiWriter):
             self.staged.close()
 
 
-def _writers(root: str) -> list[metric_writers.MetricWriter]:
-    return [metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.path.join(root, TENSORBOARD_DIR))),
+def _writers(root: str) -> list[MetricWriter]:
+    return [AsyncWriter(EventFileWriter(os.path.join(root, TENSORBOARD_DIR))),
             JsonlWriter(os.path.join(root, METRICS_FILE))]
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str) -> MetricWriter:
     """TensorBoard under WORKDIR/tensorboard (asynchronous) and WORKDIR/metrics.jsonl, on process 0 only."""
     if jax.process_index() > 0:
-        return metric_writers.MultiWriter([])
+        return MultiWriter([])
     if storage.is_url(workdir):
         return StagedWriter(storage.StagedDir(workdir, pull=(METRICS_FILE,)))
-    return metric_writers.MultiWriter(_writers(workdir))
+    return MultiWriter(_writers(workdir))
 
 
 class MetricBuffer:

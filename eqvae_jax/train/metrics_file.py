@@ -1,6 +1,6 @@
 """WORKDIR/metrics.jsonl: one JSON line per scalar write of a run (process 0, local workdirs), for plots and
 scripts. Written by `train.metrics.JsonlWriter` (for a gs:// workdir through a local copy, `train.metrics`); read
-here without importing the writers' TensorFlow."""
+here without importing the writers."""
 
 from __future__ import annotations
 

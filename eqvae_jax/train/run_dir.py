@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 import jax
-from clu import metric_writers
 from etils import epath
 
 from eqvae_jax import storage
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class RunServices:
     workdir: str
-    writer: metric_writers.MetricWriter
+    writer: metrics.MetricWriter
     checkpointer: Checkpointer
     stop: StopRequest
 

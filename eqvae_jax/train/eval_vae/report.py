@@ -30,6 +30,7 @@ from eqvae_jax.images import row_grid
 from eqvae_jax.train.console import number, table
 from eqvae_jax.train.eval_vae.config import EvalVAEConfig
 from eqvae_jax.train.eval_vae.shards import ORIGINALS
+from eqvae_jax.train.event_file import EventFileWriter
 
 log = logging.getLogger(__name__)
 EQ = "equivariance/"
@@ -100,7 +101,7 @@ def _tensorboard(workdir: str, results: Mapping[str, Mapping[str, float]],
                  previews: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """WORKDIR/tensorboard/<model>: scalars and the preview grid (for gs://, written locally and copied up)."""
     staged = storage.StagedDir(f"{workdir}/tensorboard") if storage.is_url(workdir) else None
-    root = staged.local if staged else f"{workdir}/tensorboard"  # TF's event writer cannot be pointed at gs://
+    root = staged.local if staged else f"{workdir}/tensorboard"  # event files are written locally
     try:
         _write_events(root, results, previews)
     finally:
@@ -110,11 +111,9 @@ def _tensorboard(workdir: str, results: Mapping[str, Mapping[str, float]],
 
 def _write_events(root: str, results: Mapping[str, Mapping[str, float]],
                   previews: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    from clu import metric_writers  # TensorFlow summaries: imported when writing them
-
     originals = previews.get(ORIGINALS, {}).get("images")
     for name, scalars in results.items():
-        writer = metric_writers.SummaryWriter(f"{root}/{name}")
+        writer = EventFileWriter(f"{root}/{name}")
         writer.write_scalars(0, {f"eval_vae/{k}": v for k, v in scalars.items() if math.isfinite(v)})
         if name in previews and originals is not None:
             to01 = lambda a: np.asarray(a, np.float32) / 255.0
