@@ -79,13 +79,13 @@ def test_mistake_is_one_short_message_with_exit_status_2(results, name, expected
 
 
 def test_a_config_mistake_is_reported_before_the_job_loads(tmp_path):
-    """main parses the job's config before it imports the job (Orbax, and TensorFlow through the metric writers,
-    which imports keras and keras matplotlib): on a fresh machine (no matplotlib font cache) the command prints
-    only its own message and never gets as far as building that cache. (A job that does load them prints no
-    'generated new fontManager' line either: test_multihost.py starts its jobs without a font cache.)"""
+    """main parses the job's config before it imports the job (JAX, Flax, Orbax, Grain): on a fresh machine (no
+    matplotlib font cache) the command prints only its own message and nothing else. (A job that imports
+    matplotlib prints no 'generated new fontManager' line either: test_multihost.py starts its jobs without a
+    font cache.)"""
     env = dict(os.environ, MPLCONFIGDIR=str(tmp_path / "mpl"))
     done = subprocess.run([*MAIN[:-1], f"--workdir={tmp_path}/run", TINY, "--config.total_updates=0"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
     assert done.stderr.startswith("error:") and "total_updates must be positive" in done.stderr, done.stderr
-    assert not (tmp_path / "mpl").exists() or not os.listdir(tmp_path / "mpl")  # TensorFlow never loaded
+    assert not (tmp_path / "mpl").exists() or not os.listdir(tmp_path / "mpl")  # nothing drew or loaded keras
