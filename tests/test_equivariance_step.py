@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from helpers import load_config
 from toys import ToyLPIPS, ToyVAE, production_steps
 
 from eqvae_jax.losses import equivariance as eq
@@ -13,7 +14,9 @@ from eqvae_jax.losses.autoencoder import LossConfig
 from eqvae_jax.models.discriminator import NLayerDiscriminator
 from eqvae_jax.parallel.mesh import batch_sharding, make_mesh, place
 from eqvae_jax.train import compile_variants
+from eqvae_jax.train.eqvae import job as eqvae_job
 from eqvae_jax.train.eqvae import steps
+from eqvae_jax.train.eqvae.config import parse_config
 
 HW = (64, 64)
 
@@ -86,3 +89,15 @@ def test_gradients_reach_the_encoder_through_the_equivariance_branch():
 
     total_grad = jax.grad(total)(params)
     assert float(jnp.abs(total_grad["encoder"]["kernel"][...]).max()) > 0
+
+
+def test_equal_specs_share_their_jitted_steps_and_a_changed_one_does_not():
+    """compile_steps keeps the jitted pair per (spec, mesh, shardings): a second run of the same job in one process
+    (resume, the replication's control arm) reuses JAX's traces instead of tracing and lowering again."""
+    config = load_config("sdvae_ft", "tiny")
+    first, again = eqvae_job.build(parse_config(config)), eqvae_job.build(parse_config(config))
+    assert first.spec == again.spec and hash(first.spec) == hash(again.spec)
+    assert first.steps is again.steps
+    other = load_config("sdvae_ft", "tiny", **{"optim.base_lr": 1e-5})
+    changed = eqvae_job.build(parse_config(other))
+    assert changed.spec != first.spec and changed.steps is not first.steps

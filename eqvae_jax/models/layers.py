@@ -47,7 +47,7 @@ def conv(
 ) -> nnx.Conv:
     """A PyTorch-initialised square conv; integer `padding` pads that many pixels on every side. Its kernel
     gradient on CPU runs as matmuls (`conv_grad`)."""
-    pad = [(padding, padding)] * 2 if isinstance(padding, int) else padding.upper()
+    pad = ((padding, padding),) * 2 if isinstance(padding, int) else padding.upper()  # a tuple: graphs hash
     return nnx.Conv(
         in_ch, out_ch, (kernel, kernel), strides=stride, padding=pad, dtype=dtype,
         kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(in_ch * kernel * kernel),

@@ -31,20 +31,43 @@ from eqvae_jax.train.eqvae.state import EQVAEState, adam, create_state
 from eqvae_jax.train.guard import all_finite, update_if
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
+class AdamSettings:
+    """One of the two optimizers, as values (a hashable part of the spec; `transform()` builds the optax one)."""
+
+    lr: float
+    b1: float
+    b2: float
+    eps: float
+    accumulate: int
+
+    def transform(self) -> optax.GradientTransformation:
+        return adam(self.lr, self.b1, self.b2, self.eps, self.accumulate)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Static ingredients of both steps."""
+    """Static ingredients of both steps. Hashable and compared by value, so that equal specs share their jitted
+    steps (`compile_steps`)."""
 
     vae_graph: nnx.GraphDef
     disc_graph: nnx.GraphDef
     lpips_graph: nnx.GraphDef | None
     family: Family
     loss: autoencoder.LossConfig | vq.VQLossConfig  # the family's objective
-    tx_g: optax.GradientTransformation
-    tx_d: optax.GradientTransformation
+    adam_g: AdamSettings
+    adam_d: AdamSettings
     accumulate: int
     ema_decay: float | None
     return_pair: bool  # the generator step also returns (target, reconstruction) for a 'shared' D step
+
+    @property
+    def tx_g(self) -> optax.GradientTransformation:
+        return self.adam_g.transform()
+
+    @property
+    def tx_d(self) -> optax.GradientTransformation:
+        return self.adam_d.transform()
 
 
 def make_spec(config: FinetuneConfig, nets: Networks) -> StepSpec:
@@ -55,8 +78,8 @@ def make_spec(config: FinetuneConfig, nets: Networks) -> StepSpec:
     return StepSpec(
         vae_graph=nets.vae_graph, disc_graph=nets.disc_graph, lpips_graph=nets.lpips_graph,
         family=family_of(config.model.kind), loss=dataclasses.replace(config.loss, adaptive_weight_groups=groups),
-        tx_g=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
-        tx_d=adam(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
+        adam_g=AdamSettings(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
+        adam_d=AdamSettings(config.learning_rate, o.b1, o.b2, o.eps, o.accumulate),
         accumulate=o.accumulate, ema_decay=config.ema.decay if config.ema.enabled else None,
         return_pair=config.d_step_transform == "shared",
     )
@@ -214,9 +237,24 @@ class CompiledSteps:
 
 def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | None, mesh: Mesh) -> CompiledSteps:
     """jit both steps with explicit shardings: small tensors replicated, large ones by the default FSDP rule
-    (pure data parallel when fsdp == 1), the batch split over the mesh, the state donated."""
+    (pure data parallel when fsdp == 1), the batch split over the mesh, the state donated. The jitted pair is
+    kept per (spec, mesh, shardings) in the process: another run of the same steps in it (a resumed or repeated
+    run, the replication's control arm) reuses JAX's traces and programs instead of tracing and lowering again."""
     s_sh = param_shardings(state, mesh)
     l_sh = jax.tree.map(lambda _: replicated(mesh), lpips_state) if lpips_state is not None else None
+    (s_leaves, s_def), (l_leaves, l_def) = jax.tree.flatten(s_sh), jax.tree.flatten(l_sh)
+    key = (spec, mesh, tuple(s_leaves), s_def, tuple(l_leaves), l_def)
+    try:
+        hash(key)
+    except TypeError:  # a module with an unhashable static attribute (a list, say): jitted afresh
+        return _jitted_steps.__wrapped__(*key)
+    return _jitted_steps(*key)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_steps(spec: StepSpec, mesh: Mesh, s_leaves: tuple, s_def: Any, l_leaves: tuple, l_def: Any
+                  ) -> CompiledSteps:
+    s_sh, l_sh = jax.tree.unflatten(s_def, s_leaves), jax.tree.unflatten(l_def, l_leaves)
     b_sh = batch_sharding(mesh)
     rep = replicated(mesh)
     pair_sh = (b_sh, b_sh) if spec.return_pair else None
@@ -235,4 +273,3 @@ def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | No
         donate_argnums=(0,),
     )
     return CompiledSteps(gen, disc, s_sh)
-
