@@ -20,7 +20,6 @@ same four functions from `model_api`:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -31,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from eqvae_jax import storage
+from eqvae_jax.memo import cached_when_hashable
 from eqvae_jax.typed_config import from_section, to_json_dict
 
 FORMAT = "eqvae-jax-weights"
@@ -202,7 +202,7 @@ def _config_of(model: Any) -> Any:
     return model.config
 
 
-@functools.lru_cache(maxsize=64)
+@cached_when_hashable(maxsize=64)  # an unhashable config is traced each time
 def _abstract_parts(new: Callable[[Any, nnx.Rngs], nnx.Module], config: Any) -> tuple[Any, nnx.State]:
     # The Rngs comes in as an argument: created inside, its counter is a value traced in the constructor, and
     # flax's every draw then asks that tracer for a sharding, whose error message walks the whole trace so far
@@ -217,10 +217,6 @@ def abstract_model(new: Callable[[ConfigT, nnx.Rngs], ModuleT], config: ConfigT)
     SD-VAE's); a job, its evaluation and its sampler ask for the same models again. Each call returns a fresh
     module (its own Variables, so callers may assign into it) merged from the cached graph and shapes; a config
     that cannot be hashed is traced every time."""
-    try:
-        hash(config)
-    except TypeError:
-        return nnx.merge(*_abstract_parts.__wrapped__(new, config))
     graphdef, state = _abstract_parts(new, config)
     return nnx.merge(graphdef, state, copy=True)
 

@@ -26,12 +26,14 @@ from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval import reconstruction
 from eqvae_jax.images import row_grid
 from eqvae_jax.losses import resample
+from eqvae_jax.memo import cached_when_hashable
 from eqvae_jax.models import vq_vae
 
 SUMMARY_SCALE = (1, 2)  # decoded-transformed summary: latent scaled by 1/2 and rotated a quarter turn
 SUMMARY_ROT = 1
 
 
+@cached_when_hashable(maxsize=8)  # the same jitted function for the same graphs: one trace per process
 def make_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, seed: int):
     """jit((vae_params, lpips_state, images, mask) -> {metric: sum over valid images}, replicated).
 
@@ -58,6 +60,7 @@ def make_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, se
     return step
 
 
+@cached_when_hashable(maxsize=8)  # the same jitted function for the same graphs: one trace per process
 def make_vq_eval_step(vae_graph: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, seed: int):
     """`make_eval_step` for a VQGAN: reconstructions decode the codebook vectors (deterministic, `seed` unused);
     the equivariance errors are on the pre-quantization features, with the code agreement under rotations
@@ -114,6 +117,7 @@ def evaluate(step, vae_params, lpips_state, batches, max_batches: int) -> dict[s
     return out
 
 
+@cached_when_hashable(maxsize=8)  # the same jitted function for the same graphs: one trace per process
 def make_summary_fn(vae_graph: nnx.GraphDef):
     """jit((vae_params, images) -> (reconstruction, decoded transformed latent, transformed input)), all in [0, 1]."""
 
@@ -130,6 +134,7 @@ def make_summary_fn(vae_graph: nnx.GraphDef):
     return fn
 
 
+@cached_when_hashable(maxsize=8)  # the same jitted function for the same graphs: one trace per process
 def make_vq_summary_fn(vae_graph: nnx.GraphDef):
     """`make_summary_fn` for a VQGAN: the transformed pre-quantization features are quantized, then decoded."""
 

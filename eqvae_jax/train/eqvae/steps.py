@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from eqvae_jax.losses import autoencoder, equivariance, vq
+from eqvae_jax.memo import cached_when_hashable
 from eqvae_jax.parallel.mesh import batch_sharding, param_shardings, replicated
 from eqvae_jax.train.ema import ema_update
 from eqvae_jax.train.eqvae.config import FinetuneConfig
@@ -243,15 +244,10 @@ def compile_steps(spec: StepSpec, state: EQVAEState, lpips_state: nnx.State | No
     s_sh = param_shardings(state, mesh)
     l_sh = jax.tree.map(lambda _: replicated(mesh), lpips_state) if lpips_state is not None else None
     (s_leaves, s_def), (l_leaves, l_def) = jax.tree.flatten(s_sh), jax.tree.flatten(l_sh)
-    key = (spec, mesh, tuple(s_leaves), s_def, tuple(l_leaves), l_def)
-    try:
-        hash(key)
-    except TypeError:  # a module with an unhashable static attribute (a list, say): jitted afresh
-        return _jitted_steps.__wrapped__(*key)
-    return _jitted_steps(*key)
+    return _jitted_steps(spec, mesh, tuple(s_leaves), s_def, tuple(l_leaves), l_def)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_when_hashable(maxsize=8)  # a module with an unhashable static attribute: jitted afresh
 def _jitted_steps(spec: StepSpec, mesh: Mesh, s_leaves: tuple, s_def: Any, l_leaves: tuple, l_def: Any
                   ) -> CompiledSteps:
     s_sh, l_sh = jax.tree.unflatten(s_def, s_leaves), jax.tree.unflatten(l_def, l_leaves)
