@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -14,6 +16,19 @@ from eqvae_jax.data import latent_cache
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_SHAPE = (8, 8, 4)  # latent shape of the toy cache
 TOY_IMAGE_SIZE = 64  # side of its crops (f8 latents)
+
+
+@contextlib.contextmanager
+def xla_optimized() -> Iterator[None]:
+    """XLA's optimizations on inside the block. The suite compiles at -O0 (conftest.py), which pays where a test
+    compiles many programs and runs each a few times; a test that runs one small program hundreds of times (a
+    model trained until its loss falls) is faster with them. Programs it compiles are cached under other keys."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def jax_cache() -> str:

@@ -24,6 +24,7 @@ from helpers import (
     toy_token_grids,
     write_toy_cache,
     write_toy_token_cache,
+    xla_optimized,
 )
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -102,7 +103,8 @@ def test_loss_falls_on_toy_tokens(toy_cache, compile_cache, tmp_path):
                                                                    "checkpoint.every_updates": 40})
     _, (_, initial, _) = _create(config)
     before = _eval_loss(config, initial.params)
-    summary = maskgit_job.run(config, str(tmp_path / "run"))
+    with xla_optimized():  # 40 updates of one program: faster with XLA's optimizations (quiet: 29 -> 20 s)
+        summary = maskgit_job.run(config, str(tmp_path / "run"))
     after = _eval_loss(config, summary["state"].params)
     print(f"toy tokens: loss {before:.3f} -> {after:.3f}, accuracy {summary['last_metrics']['accuracy']:.3f}")
     assert int(summary["state"].step) == 40 and summary["last_metrics"]["nonfinite"] == 0

@@ -1,9 +1,9 @@
 """The download-free sample metric on `shapes`: a classifier that learns the classes, whose features give
 FID ~ 0 for identical image sets and a larger FID for a shifted set, and a weights directory that round-trips."""
 
-import jax
 import numpy as np
 import pytest
+from helpers import xla_optimized
 
 from eqvae_jax.eval import shapes_metric
 from eqvae_jax.eval.adm_metrics import EvaluationWarning
@@ -17,12 +17,8 @@ def classifier():
     time (the suite otherwise compiles at -O0, conftest.py; measured quiet: 46 -> 35 s)."""
     training = shapes_metric.ClassifierTraining(size=32, steps=300, batch_size=64, train_images=2048,
                                                 eval_images=400, channels=(16, 32, 64))
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
+    with xla_optimized():
         return shapes_metric.train_classifier(training)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def test_classifier_learns_the_classes(classifier):

@@ -52,6 +52,7 @@ from eqvae_jax.data.sources import open_source
 from eqvae_jax.eval import adm_metrics, inception, latents, reconstruction
 from eqvae_jax.eval import equivariance as eq_eval
 from eqvae_jax.eval.features import InceptionExtractor
+from eqvae_jax.memo import cached_when_hashable
 from eqvae_jax.models import kl_vae, lpips, shapes_classifier, weights
 from eqvae_jax.models.autoencoders import AutoencoderSpec, build_autoencoder
 from eqvae_jax.parallel.mesh import batch_sharding, local_rows, make_mesh, replicated
@@ -86,8 +87,12 @@ def make_step(vae: nnx.Module, lpips_net: lpips.LPIPS | None, sample_posterior: 
     'latent': (B, h, w, c) float32}, sharded like the batch (module docstring for the definitions)."""
     graphdef, _ = nnx.split(vae)
     lpips_graph = nnx.split(lpips_net)[0] if lpips_net is not None else None
-    is_kl = isinstance(vae, kl_vae.KLVAE)
+    return _jitted_step(graphdef, lpips_graph, isinstance(vae, kl_vae.KLVAE), sample_posterior, eq_config, mesh)
 
+
+@cached_when_hashable(maxsize=8)  # the same jitted step for the same graphs: one trace per process
+def _jitted_step(graphdef: nnx.GraphDef, lpips_graph: nnx.GraphDef | None, is_kl: bool, sample_posterior: bool,
+                 eq_config: eq_eval.EquivarianceEvalConfig, mesh: jax.sharding.Mesh):
     def step(vae_state, lpips_state, images, positions, key):
         x = (images.astype(jnp.float32) - 127.5) * (1.0 / 127.5)  # the data pipeline's exact [-1, 1] scaling
         model = nnx.merge(graphdef, vae_state)
