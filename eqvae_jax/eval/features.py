@@ -21,7 +21,6 @@ input file is re-extracted.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from eqvae_jax.eval.adm_metrics import Activations, EvaluationWarning, NpzImages
 from eqvae_jax.eval.inception import InceptionV3
+from eqvae_jax.memo import cached_when_hashable
 from eqvae_jax.models.shapes_classifier import ShapesClassifier
 from eqvae_jax.models.weights import flat_variables
 from eqvae_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
@@ -46,7 +46,7 @@ PER_DEVICE_BATCH = 32
 CACHE_VERSION = 1
 
 
-@functools.lru_cache(maxsize=8)
+@cached_when_hashable(maxsize=8)
 def _compiled(graphdef: nnx.GraphDef, mesh: Mesh):
     """The feature pass for one network structure and mesh: state replicated, images/outputs batch-sharded."""
     batch = batch_sharding(mesh)
