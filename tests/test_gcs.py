@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from absl import flags
 from helpers import (
-    EQ_BRANCH_ONLY,
+    EQ_ONE_MICRO_STEP,
     REPO,
     config_flags,
     jax_cache,
@@ -139,10 +139,10 @@ def test_eqvae_job_on_gs_sigterm_then_resume_equals_an_uninterrupted_local_run(b
     """A real process on gs://bkt/run, its data from a gs:// data_dir, SIGTERMed after its first update; the
     resumed run ends bit-identical to an uninterrupted local one, and every output is in the bucket."""
     demo.prepare("gs://bkt/tfds")
-    local = eqvae_job.run(tiny_eqvae_config(cache_dir, **EQ_BRANCH_ONLY), str(tmp_path / "local"))  # 4 updates
+    local = eqvae_job.run(tiny_eqvae_config(cache_dir, **EQ_ONE_MICRO_STEP), str(tmp_path / "local"))  # 4 updates
     cmd = [sys.executable, "-m", "eqvae_jax.main", "--config=configs/sdvae_ft.py:tiny", "--workdir=gs://bkt/run",
            f"--config.compilation_cache_dir={cache_dir}", "--config.data.data_dir=gs://bkt/tfds",
-           *config_flags(EQ_BRANCH_ONLY)]
+           *config_flags(EQ_ONE_MICRO_STEP)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -162,7 +162,7 @@ def test_eqvae_job_on_gs_sigterm_then_resume_equals_an_uninterrupted_local_run(b
     assert 1 <= stopped < 4, log[-3000:]
     assert "I0000" not in log and "orbax" not in log.lower(), log[-3000:]
 
-    config = tiny_eqvae_config(cache_dir, **{"data.data_dir": "gs://bkt/tfds", **EQ_BRANCH_ONLY})
+    config = tiny_eqvae_config(cache_dir, **{"data.data_dir": "gs://bkt/tfds", **EQ_ONE_MICRO_STEP})
     resumed = eqvae_job.run(config, "gs://bkt/run")
     assert resumed["start_update"] == stopped and resumed["updates"] == 4
     assert leaves_equal(local["state"], resumed["state"])

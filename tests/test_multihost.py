@@ -13,7 +13,7 @@ previous step), and the final train state compared with the same job run by one 
 Tolerance: the two runs see the same global batches and random draws, but the cross-device reductions of a
 multi-process CPU job run through gloo instead of the in-process CPU collectives, and float32 sums taken in
 another order round differently: the states agree to rounding grown over the steps, not bit for bit (measured:
-up to 2e-5 of a leaf's scale for EQ-VAE's 8 micro-steps, 7e-5 for DiT's 40 steps; the test runs 16). Every float
+up to 2e-5 of a leaf's scale for EQ-VAE's 8 micro-steps, 7e-5 for DiT's 40 steps; the tests run 4 and 16). Every float
 leaf must agree to 5e-4 of its largest magnitude (+1e-6); a per-element relative tolerance means nothing for
 elements that are sums cancelling to near zero. Integer leaves and the host state must be equal. Skipped: the
 attention key biases, whose gradient is zero in exact arithmetic (adding q.b_k to all logits of a query leaves its
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from absl import flags
 from cpu_devices import xla_flags
-from helpers import EQ_BRANCH_ONLY, config_flags, jax_cache, tiny_dit_config, tiny_eqvae_config, write_toy_cache
+from helpers import EQ_ONE_MICRO_STEP, config_flags, jax_cache, tiny_dit_config, tiny_eqvae_config, write_toy_cache
 from helpers import REPO as ROOT
 
 from eqvae_jax.train.checkpointing import Checkpointer
@@ -172,11 +172,14 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
     workdir = str(tmp_path / "multi")
     # Every micro-step on the equivariance branch (the branch EQ-VAE adds): one generator and one discriminator
     # program per run instead of five, as a multi-process CPU job compiles everything in every process (no
-    # persistent cache). The plain and low-resolution branches run multi-device in test_eqvae_train.py.
+    # persistent cache). The plain and low-resolution branches run multi-device in test_eqvae_train.py. One
+    # micro-step per update (EQ_ONE_MICRO_STEP): each multi-process CPU micro-step costs both cores seconds of gloo
+    # traffic (alone: 90 -> 72 s for this test with 4 micro-steps instead of 8).
     total = 4
+    changes = EQ_ONE_MICRO_STEP
     common = ["--config=configs/sdvae_ft.py:tiny", f"--workdir={workdir}",
               f"--config.compilation_cache_dir={compile_cache}", f"--config.data.data_dir={tmp_path}/tfds",
-              f"--config.total_updates={total}", *config_flags(EQ_BRANCH_ONLY), "--config.export_diffusers=false"]
+              f"--config.total_updates={total}", *config_flags(changes), "--config.export_diffusers=false"]
     quiet = ["--config.eval.batches=0", "--config.eval.images=0"]
     first = Job(common + quiet, str(tmp_path), "first")
     # Process 1 alone is told to stop once training is under way; both must stop at the same update and save.
@@ -203,7 +206,7 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
 
     # one process, 8 devices, the same job
     config = tiny_eqvae_config(compile_cache, export_diffusers=False, total_updates=total,
-                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0, **EQ_BRANCH_ONLY})
+                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0, **changes})
     single = eqvae_job.run(config, str(tmp_path / "single"))
     assert single["updates"] == total and single["g_variants"] == single["d_variants"] == 1
     multi, reference = (restore_final(os.path.join(d, "checkpoints"), total, single["state"])
