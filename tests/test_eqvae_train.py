@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from absl import flags
 from cpu_devices import xla_flags
-from helpers import EQ_BRANCH_ONLY, REPO, config_flags, jax_cache, leaves_equal, tiny_eqvae_config
+from helpers import EQ_ONE_MICRO_STEP, REPO, config_flags, jax_cache, leaves_equal, tiny_eqvae_config
 
 from eqvae_jax.losses import equivariance
 from eqvae_jax.train.eqvae import family
@@ -161,7 +161,7 @@ def test_sigterm_saves_a_checkpoint_that_restores_on_another_device_count(cache_
            "--config.total_updates=100000", "--config.checkpoint.every_updates=100000",
            f"--config.compilation_cache_dir={cache_dir}", f"--config.data.data_dir={cache_dir}/tfds",
            "--config.eval.batches=0", "--config.eval.images=0", "--config.log.every_updates=1000",
-           *config_flags(EQ_BRANCH_ONLY)]
+           *config_flags(EQ_ONE_MICRO_STEP)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -185,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_that_restores_on_another_device_count(cache_
     assert steps, log[-3000:]
     stopped = steps[-1]
 
-    config = tiny_eqvae_config(cache_dir, total_updates=stopped + 1, **{"eval.batches": 0, **EQ_BRANCH_ONLY})
+    config = tiny_eqvae_config(cache_dir, total_updates=stopped + 1, **{"eval.batches": 0, **EQ_ONE_MICRO_STEP})
     summary = eqvae_job.run(config, workdir)  # this process has 8 devices; the checkpoint was written on 2
     assert summary["start_update"] == stopped and summary["updates"] == stopped + 1
     assert len(summary["state"].step.sharding.device_set) == 8
