@@ -51,13 +51,11 @@ def load_config(name: str, arg: str = "", **changes: Any):
     return config
 
 
-# The tiny EQ-VAE job with every micro-step on the equivariance branch: one generator and one discriminator
-# program to compile instead of five, for tests of storage, preemption or multi-process runs (not the branch mix).
-EQ_BRANCH_ONLY = {"transform.p_equivariance": 1.0}
-# ... and one micro-step per update (the tiny config accumulates 2): for the tests whose point is storage or
-# processes, where accumulation works as in any other run (test_eqvae_train.py covers it) and each micro-step of
-# a multi-process CPU job costs seconds of cross-process collectives.
-EQ_ONE_MICRO_STEP = {**EQ_BRANCH_ONLY, "optim.accumulate": 1}
+# The tiny EQ-VAE job for tests of storage, preemption or multi-process runs (not the branch mix or accumulation):
+# every micro-step on the equivariance branch (one generator and one discriminator program to compile instead of
+# five) and one micro-step per update (the tiny config accumulates 2, which test_eqvae_train.py covers; each
+# micro-step of a multi-process CPU job costs seconds of cross-process collectives).
+EQ_ONE_MICRO_STEP = {"transform.p_equivariance": 1.0, "optim.accumulate": 1}
 
 
 def config_flags(changes: dict[str, Any]) -> list[str]:

@@ -176,10 +176,9 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
     # micro-step per update (EQ_ONE_MICRO_STEP): each multi-process CPU micro-step costs both cores seconds of gloo
     # traffic (alone: 90 -> 72 s for this test with 4 micro-steps instead of 8).
     total = 4
-    changes = EQ_ONE_MICRO_STEP
     common = ["--config=configs/sdvae_ft.py:tiny", f"--workdir={workdir}",
               f"--config.compilation_cache_dir={compile_cache}", f"--config.data.data_dir={tmp_path}/tfds",
-              f"--config.total_updates={total}", *config_flags(changes), "--config.export_diffusers=false"]
+              f"--config.total_updates={total}", *config_flags(EQ_ONE_MICRO_STEP), "--config.export_diffusers=false"]
     quiet = ["--config.eval.batches=0", "--config.eval.images=0"]
     first = Job(common + quiet, str(tmp_path), "first")
     # Process 1 alone is told to stop once training is under way; both must stop at the same update and save.
@@ -206,7 +205,7 @@ def test_eqvae_two_processes_sigterm_resume_equals_one_process(compile_cache, tm
 
     # one process, 8 devices, the same job
     config = tiny_eqvae_config(compile_cache, export_diffusers=False, total_updates=total,
-                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0, **changes})
+                               **{"data.data_dir": f"{tmp_path}/tfds", "eval.batches": 0, **EQ_ONE_MICRO_STEP})
     single = eqvae_job.run(config, str(tmp_path / "single"))
     assert single["updates"] == total and single["g_variants"] == single["d_variants"] == 1
     multi, reference = (restore_final(os.path.join(d, "checkpoints"), total, single["state"])
