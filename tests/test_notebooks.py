@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from cpu_devices import compile_flags
 from nbclient import NotebookClient
 
 SUITE_SECONDS = 85  # rough wall time on 2 cores: conftest starts the longest modules first
@@ -54,7 +55,7 @@ def test_notebook_runs(name, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EQVAE_NOTEBOOK_HUB", str(tmp_path_factory.getbasetemp() / "notebook_hub"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, like a one-chip runtime
+    monkeypatch.setenv("XLA_FLAGS", compile_flags())  # one device, like a one-chip runtime
     monkeypatch.delenv("MPLBACKEND", raising=False)
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=BUDGET_S[name], kernel_name="python3",

@@ -18,7 +18,7 @@ import textwrap
 import time
 
 import pytest
-from cpu_devices import xla_flags
+from cpu_devices import compile_flags, xla_flags
 from helpers import REPO
 
 from eqvae_jax.convert.atomic import atomic_path
@@ -130,7 +130,7 @@ def test_two_jax_processes_prepare_the_same_data_dir_at_once(tmp_path):
     procs = []
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), XLA_FLAGS="")
+                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i), XLA_FLAGS=compile_flags())
         with open(logs[i], "w") as f:
             procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(DISTRIBUTED.format(rounds=ROUNDS)),
                                            root], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
