@@ -10,7 +10,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 from cpu_devices import xla_flags  # noqa: E402
 
-os.environ.setdefault("XLA_FLAGS", xla_flags(8))  # 8 fake devices; collectives that wait out a loaded machine
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))  # 8 fake devices, patient collectives, fast compiles
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never download anything
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -36,8 +36,15 @@ STEPS = {"euler": flow_sampling.euler_step, "heun": flow_sampling.heun_step,
          "euler_maruyama": lambda fn, x, t, dt: flow_sampling.euler_maruyama_step(fn, x, t, dt, W)}
 
 
-def close(a, b):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+def close(a, b, tol: float = 1e-6):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+# Whole trajectories: the interval's model runs inside `lax.cond`, a computation XLA compiles apart from the
+# unconditional one; at the suite's cheapest compile settings (conftest.py) their `sin` can round an ulp apart, and
+# 10 guided evaluations at scale 4 grow that to ~1e-5 (measured: 7e-6 for the SDE, 1e-6 for the ODE; exactly 0
+# when compiled as production does, EQVAE_TEST_XLA_OPTIMIZE=1). Far below the 1e-3 that tells the arms apart.
+TRAJECTORY_TOL = 3e-5
 
 
 def test_membership_is_repa_time_closed_at_both_ends():
@@ -77,8 +84,8 @@ def test_full_interval_is_cfg_and_an_empty_one_the_conditional_model():
             "sde": lambda fn: flow_sampling.sde_sample(fn, X, key, 5)}
     for name, run in runs.items():
         full, cfg, cond = fns((0.0, 1.0))
-        close(run(full), run(cfg))
-        close(run(fns((0.0, 0.0))[0]), run(cond))
+        close(run(full), run(cfg), TRAJECTORY_TOL)
+        close(run(fns((0.0, 0.0))[0]), run(cond), TRAJECTORY_TOL)
         partial = run(fns((0.0, 0.7))[0])  # guides the later steps only: neither of the two
         assert min(float(jnp.abs(partial - run(cfg)).max()), float(jnp.abs(partial - run(cond)).max())) > 1e-3, name
 
