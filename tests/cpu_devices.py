@@ -10,9 +10,9 @@ long enough for any load, short enough to end a true deadlock inside CI's budget
 default: its CPU runs use one device, whose programs have no collectives.
 
 Compiling is most of the suite's CPU time (hundreds of tiny programs, each run a few times), and XLA:CPU's MLIR
-fusion emitters are most of a compile even at -O0: with `--xla_cpu_use_fusion_emitters=false` XLA emits fused
+fusion emitters are a third of a compile even at -O0: with `--xla_cpu_use_fusion_emitters=false` XLA emits fused
 elementwise ops and reductions with its older LLVM loop emitters instead. Measured on the quiet 2-core VM, the tiny
-EQ-VAE job (`configs/sdvae_ft.py:tiny`, fresh process, empty cache, -O0): 51-53 -> 37-39 CPU seconds, its XLA
+EQ-VAE job (`configs/sdvae_ft.py:tiny`, fresh process, empty cache, -O0): 53-55 -> 39-41 CPU seconds, its XLA
 compiles 33-35 -> 21-22 s; its losses and evaluation numbers printed to the last digit unchanged. Production keeps
 XLA's default; `EQVAE_TEST_XLA_OPTIMIZE=1` (conftest.py) drops this flag too.
 """
