@@ -9,12 +9,12 @@ test_eqvqgan_train's resumed run (an abort in `block_until_ready`, then xdist hu
 long enough for any load, short enough to end a true deadlock inside CI's budget. Production keeps XLA's
 default: its CPU runs use one device, whose programs have no collectives.
 
-Compiling is most of the suite's CPU time (hundreds of tiny programs, each run a few times), and XLA:CPU's MLIR
-fusion emitters are a third of a compile even at -O0: with `--xla_cpu_use_fusion_emitters=false` XLA emits fused
-elementwise ops and reductions with its older LLVM loop emitters instead. Measured on the quiet 2-core VM, the tiny
-EQ-VAE job (`configs/sdvae_ft.py:tiny`, fresh process, empty cache, -O0): 53-55 -> 39-41 CPU seconds, its XLA
-compiles 33-35 -> 21-22 s; its losses and evaluation numbers printed to the last digit unchanged. Production keeps
-XLA's default; `EQVAE_TEST_XLA_OPTIMIZE=1` (conftest.py) drops this flag too.
+Compiling is most of a tiny job's CPU time (the suite runs hundreds of tiny programs a few times each), and
+XLA:CPU's MLIR fusion emitters are a third of a compile even at -O0: with `--xla_cpu_use_fusion_emitters=false`
+XLA emits fused elementwise ops and reductions with its older LLVM loop emitters instead. Measured on the quiet
+2-core VM, the tiny EQ-VAE job (`configs/sdvae_ft.py:tiny`, fresh process, empty cache, -O0): 53-55 -> 39-41 CPU
+seconds, its XLA compiles 33-35 -> 21-22 s; its losses and evaluation numbers printed to the last digit
+unchanged. Production keeps XLA's default; `EQVAE_TEST_XLA_OPTIMIZE=1` (conftest.py) drops this flag too.
 """
 
 import os

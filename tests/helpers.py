@@ -22,7 +22,8 @@ TOY_IMAGE_SIZE = 64  # side of its crops (f8 latents)
 def xla_optimized() -> Iterator[None]:
     """XLA's optimizations on inside the block. The suite compiles at -O0 (conftest.py), which pays where a test
     compiles many programs and runs each a few times; a test that runs one small program hundreds of times (a
-    model trained until its loss falls) is faster with them. Programs it compiles are cached under other keys."""
+    model trained until its loss falls) is faster with them. Programs it compiles are cached under other keys.
+    XLA_FLAGS stay as they are (the suite's loop emitters, tests/cpu_devices.py): they are read once per process."""
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     try:

@@ -41,9 +41,9 @@ def close(a, b, tol: float = 1e-6):
 
 
 # Whole trajectories: the interval's model runs inside `lax.cond`, a computation XLA compiles apart from the
-# unconditional one; at the suite's cheapest compile settings (conftest.py) their `sin` can round an ulp apart, and
-# 10 guided evaluations at scale 4 grow that to ~1e-5 (measured: 7e-6 for the SDE, 1e-6 for the ODE; exactly 0
-# when compiled as production does, EQVAE_TEST_XLA_OPTIMIZE=1). Far below the 1e-3 that tells the arms apart.
+# unconditional one; with the suite's loop emitters (tests/cpu_devices.py) their `sin` can round an ulp apart, and
+# up to 8 guided evaluations at scale 4 grow that to ~1e-5 (measured: 7e-6 for the SDE, 1e-6 for the ODE; exactly
+# 0 when compiled as production does, EQVAE_TEST_XLA_OPTIMIZE=1). Far below the 1e-3 that tells the arms apart.
 TRAJECTORY_TOL = 3e-5
 
 
