@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cpu_devices import xla_flags  # noqa: E402
+from cpu_devices import compile_as_production, xla_flags  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))  # 8 fake devices, patient collectives, fast compiles
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # 292 -> 237. Results move by float32 rounding only (a few ulps: LLVM orders and fuses arithmetic differently; the
 # parity tolerances hold); production keeps the defaults.
 # EQVAE_TEST_XLA_OPTIMIZE=1 compiles the suite as production does.
-if os.environ.get("EQVAE_TEST_XLA_OPTIMIZE") != "1":
+if not compile_as_production():
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # MLIR locations with one source line per operation instead of the full Python traceback (JAX's default keeps up
 # to 100 frames per operation): lowering is a fifth of the suite's CPU time and building those locations a large

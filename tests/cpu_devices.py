@@ -23,9 +23,14 @@ COLLECTIVE_TERMINATE_SECONDS = 600
 FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
+def compile_as_production() -> bool:
+    """`EQVAE_TEST_XLA_OPTIMIZE=1`: the suite compiles as production does (neither -O0 nor this module's flags)."""
+    return os.environ.get("EQVAE_TEST_XLA_OPTIMIZE") == "1"
+
+
 def compile_flags() -> str:
     """XLA_FLAGS of the suite's fast compiles (for a process with XLA's one default CPU device)."""
-    return "" if os.environ.get("EQVAE_TEST_XLA_OPTIMIZE") == "1" else FAST_COMPILE_FLAGS
+    return "" if compile_as_production() else FAST_COMPILE_FLAGS
 
 
 def xla_flags(devices: int) -> str:
