@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eqvae_jax.models import conv_grad
+from eqvae_jax.models import conv_grad, upsample_conv
 
 Dtype = jnp.dtype | type
 
@@ -147,12 +147,17 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2, then a 3x3 conv (LDM `Upsample(with_conv=True)`)."""
+    """Nearest-neighbour x2, then a 3x3 conv (LDM `Upsample(with_conv=True)`). In float32 it runs as
+    `upsample_conv.nearest2x_conv3x3` (on CPU four 2x2 convs of the small input: 4/9 of the FLOPs); the
+    parameters are those of the plain `conv`."""
 
     def __init__(self, ch: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.conv = conv(ch, ch, 3, padding=1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, bias = self.conv.kernel[...], self.conv.bias[...]
+        if x.dtype == kernel.dtype == bias.dtype == jnp.float32 and jnp.dtype(self.conv.dtype) == jnp.float32:
+            return upsample_conv.nearest2x_conv3x3(x, kernel, self.conv.precision) + bias
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
