@@ -111,6 +111,28 @@ def test_groupnorm_matches_torch(groups, offset, tol):
     assert refs.max_err(out, expected) < tol and refs.max_err(out, truth) < tol
 
 
+@pytest.mark.parametrize("groups", [32, 8])
+def test_groupnorm_gradients_match_torch(groups):
+    rng = np.random.default_rng(1)
+    x = (2.0 + 3.0 * rng.standard_normal((2, 6, 5, 64))).astype(np.float32)
+    w, b = (rng.standard_normal(64).astype(np.float32) for _ in range(2))
+    ct = rng.standard_normal(x.shape).astype(np.float32)
+    ref = torch.nn.GroupNorm(groups, 64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(w))
+        ref.bias.copy_(torch.from_numpy(b))
+    tx = torch.from_numpy(_nchw(x)).requires_grad_()
+    (ref(tx) * torch.from_numpy(_nchw(ct))).sum().backward()
+    gn = GroupNorm(64, groups, 1e-6)
+    gn.scale.set_value(jnp.asarray(w))
+    gn.bias.set_value(jnp.asarray(b))
+    graph, params = nnx.split(gn)
+    grads = jax.grad(lambda p, x: jnp.sum(nnx.merge(graph, p)(x) * ct), argnums=(0, 1))(params, jnp.asarray(x))
+    assert refs.max_err(grads[1], tx.grad.numpy().transpose(0, 2, 3, 1)) < 2e-5
+    assert refs.max_err(grads[0]["scale"][...], ref.weight.grad.numpy()) < 2e-5
+    assert refs.max_err(grads[0]["bias"][...], ref.bias.grad.numpy()) < 2e-5
+
+
 def test_groupnorm_bf16_computes_in_float32():
     x = (3.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 32))).astype(jnp.bfloat16)
     out = GroupNorm(32, 8, dtype=jnp.bfloat16)(x)

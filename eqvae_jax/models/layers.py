@@ -66,6 +66,11 @@ class GroupNorm(nnx.Module):
 
     Two-pass statistics (mean, then mean of squared deviations) like PyTorch, not E[x^2] - E[x]^2, so
     parity holds at full network depth. The output is cast back to `dtype`.
+
+    Each pass reduces over (H, W) per channel first and then adds a group's channels (tiny), and the
+    normalisation is one multiply-add per element with per-channel factors: on XLA:CPU this ran the forward
+    1.5x and forward+backward 2x faster than reducing a (B, H, W, groups, C/groups) view over (1, 2, 4)
+    (docs/cpu_speed.md).
     """
 
     def __init__(self, num_channels: int, num_groups: int = 32, epsilon: float = 1e-6, *,
@@ -80,11 +85,18 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(b, h, w, c)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        per_group = c // self.num_groups
+        count = h * w * per_group
+        x = x.astype(jnp.float32)
+
+        def group_mean(v: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, 1, 1, C): its group's mean per channel
+            sums = jnp.sum(v, axis=(1, 2)).reshape(b, self.num_groups, per_group).sum(axis=2) / count
+            return jnp.repeat(sums, per_group, axis=1)[:, None, None, :]
+
+        mean = group_mean(x)
+        var = group_mean(jnp.square(x - mean))
+        factor = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        return (x * factor + (self.bias[...] - mean * factor)).astype(self.dtype)
 
 
 class ResnetBlock(nnx.Module):
