@@ -148,11 +148,13 @@ class LPIPS(nnx.Module):
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
         n = x.shape[0]
-        feats = self.net(jnp.concatenate([(x - shift) / scale, (y - shift) / scale], axis=0))
-        keys = jax.random.split(dropout_key, len(feats)) if dropout_key is not None else [None] * len(feats)
+        # Two passes of the VGG, not one on the concatenated batch: a loss back-propagates into one side only (the
+        # reconstruction), and a batch-2n pass would carry its backward convolutions through both.
+        feats_x, feats_y = self.net((x - shift) / scale), self.net((y - shift) / scale)
+        keys = jax.random.split(dropout_key, len(feats_x)) if dropout_key is not None else [None] * len(feats_x)
         total = jnp.zeros((n,), jnp.float32)
-        for i, (f, key) in enumerate(zip(feats, keys, strict=True)):
-            diff = (normalize_channels(f[:n]) - normalize_channels(f[n:])) ** 2
+        for i, (fx, fy, key) in enumerate(zip(feats_x, feats_y, keys, strict=True)):
+            diff = (normalize_channels(fx) - normalize_channels(fy)) ** 2
             if key is not None:
                 diff = dropout(diff, key, self.dropout_rate)
             total = total + jnp.mean(getattr(self, f"lin{i}")(diff), axis=(1, 2, 3))
