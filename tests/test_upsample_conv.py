@@ -70,8 +70,19 @@ def test_the_upsample_block_equals_repeat_then_its_conv():
     ref = block.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
     np.testing.assert_allclose(block(x), ref, rtol=0, atol=2e-6 * float(jnp.abs(ref).max()))
     bf16 = layers.Upsample(8, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))  # other dtypes: the reference path
-    assert "custom_vjp" not in str(jax.make_jaxpr(lambda x: bf16(x))(x))
-    assert "custom_vjp" in str(jax.make_jaxpr(lambda x: block(x))(x))
+    assert "nearest2x_conv3x3" not in str(jax.make_jaxpr(lambda x: bf16(x))(x))
+    assert "nearest2x_conv3x3" in str(jax.make_jaxpr(lambda x: block(x))(x))
+
+
+def test_the_other_platforms_branch_is_the_reference_and_its_gradients():
+    """TPU/GPU run `_reference` and `_reference_grads` (the CPU never selects them, so they are called directly)."""
+    x, k, ct = _inputs(2, 5, 6, 3, 4, seed=7)
+    np.testing.assert_allclose(upsample_conv._reference(x, k, jax.lax.Precision.HIGHEST), _reference(x, k),
+                               rtol=0, atol=1e-6 * float(jnp.abs(_reference(x, k)).max()))
+    dx, dk = upsample_conv._reference_grads(x, k, ct, jax.lax.Precision.HIGHEST)
+    dx_ref, dk_ref = jax.vjp(_reference, x, k)[1](ct)
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-6 * float(jnp.abs(dx_ref).max()))
+    np.testing.assert_allclose(dk, dk_ref, rtol=0, atol=1e-6 * float(jnp.abs(dk_ref).max()))
 
 
 def _ops(platform: str) -> collections.Counter:

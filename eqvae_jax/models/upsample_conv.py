@@ -103,14 +103,15 @@ def _fwd(x: jax.Array, w: jax.Array, precision: Any) -> tuple[jax.Array, tuple[j
     return nearest2x_conv3x3(x, w, precision), (x, w)
 
 
+def _reference_grads(x: jax.Array, w: jax.Array, dy: jax.Array, precision: Any) -> tuple[jax.Array, jax.Array]:
+    """(dx, dw) of `_reference` by XLA's autodiff: what TPU and GPU programs run."""
+    return jax.vjp(lambda x, w: _reference(x, w, precision), x, w)[1](dy)
+
+
 def _bwd(precision: Any, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
-
-    def reference_grads(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jax.vjp(lambda x, w: _reference(x, w, precision), x, w)[1](dy)
-
     return lax.platform_dependent(x, w, dy, cpu=functools.partial(_subpixel_grads, precision=precision),
-                                  default=reference_grads)
+                                  default=functools.partial(_reference_grads, precision=precision))
 
 
 nearest2x_conv3x3.defvjp(_fwd, _bwd)
