@@ -29,7 +29,9 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any) -> jax.Array:
+def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any) -> jax.Array:
+    """XLA's own NHWC x HWIO conv (forward and autodiff): the plain convolution this module's kernel gradient
+    replaces on CPU; `upsample_conv` builds on it too."""
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
@@ -59,21 +61,21 @@ def kernel_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ..
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_tap_grad(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, precision: Any) -> jax.Array:
     """NHWC x HWIO conv; its kernel gradient by taps on CPU (module docstring)."""
-    return _conv(x, w, strides, pads, precision)
+    return conv_nhwc(x, w, strides, pads, precision)
 
 
 def _fwd(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
          precision: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _conv(x, w, strides, pads, precision), (x, w)
+    return conv_nhwc(x, w, strides, pads, precision), (x, w)
 
 
 def _bwd(strides: tuple[int, int], pads: Pads, precision: Any, res: tuple[jax.Array, jax.Array],
          dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, w = res
-    dx = jax.vjp(lambda x: _conv(x, w, strides, pads, precision), x)[1](dy)[0]
+    dx = jax.vjp(lambda x: conv_nhwc(x, w, strides, pads, precision), x)[1](dy)[0]
 
     def xla_grad(x: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array:
-        return jax.vjp(lambda w: _conv(x, w, strides, pads, precision), w)[1](dy)[0]
+        return jax.vjp(lambda w: conv_nhwc(x, w, strides, pads, precision), w)[1](dy)[0]
 
     def tap_grad(x: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array:
         return kernel_grad_by_taps(x, dy, w.shape, strides, pads, precision)

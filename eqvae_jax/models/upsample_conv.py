@@ -28,12 +28,8 @@ from jax import lax
 
 from eqvae_jax.models import conv_grad
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
 _SAME = ((1, 1), (1, 1))
-
-
-def _conv(x: jax.Array, w: jax.Array, pads: conv_grad.Pads, precision: Any) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC, precision=precision)
+_UNIT = (1, 1)  # strides
 
 
 def _fold_axis(w: jax.Array, axis: int) -> jax.Array:
@@ -66,11 +62,11 @@ def _phases(dy: jax.Array) -> list[list[jax.Array]]:
 
 
 def _reference(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-    return _conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w, _SAME, precision)
+    return conv_grad.conv_nhwc(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w, _UNIT, _SAME, precision)
 
 
 def _subpixel(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-    return _interleave(_conv(x, fold_kernel(w), _SAME, precision), x.shape[1], x.shape[2])
+    return _interleave(conv_grad.conv_nhwc(x, fold_kernel(w), _UNIT, _SAME, precision), x.shape[1], x.shape[2])
 
 
 def _subpixel_grads(x: jax.Array, w: jax.Array, dy: jax.Array, precision: Any) -> tuple[jax.Array, jax.Array]:
@@ -82,13 +78,13 @@ def _subpixel_grads(x: jax.Array, w: jax.Array, dy: jax.Array, precision: Any) -
     dx = jnp.zeros_like(x)
     for a in (0, 1):
         for p in (0, 1):
-            phase_conv = functools.partial(_conv, w=k6[:, :, :, a, p], pads=((1 - a, a), (1 - p, p)),
-                                           precision=precision)
+            phase_conv = functools.partial(conv_grad.conv_nhwc, w=k6[:, :, :, a, p], strides=_UNIT,
+                                           pads=((1 - a, a), (1 - p, p)), precision=precision)
             dx = dx + jax.vjp(phase_conv, x)[1](phases[a][p])[0]
     b, h, wd, _ = x.shape
     wide = jax.ShapeDtypeStruct((b, h + 1, wd + 1, 4 * d), dy.dtype)
     (dy_wide,) = jax.linear_transpose(lambda y: _interleave(y, h, wd), wide)(dy)  # pads, not a scatter
-    dk = conv_grad.kernel_grad_by_taps(x, dy_wide, k.shape, (1, 1), _SAME, precision)
+    dk = conv_grad.kernel_grad_by_taps(x, dy_wide, k.shape, _UNIT, _SAME, precision)
     return dx, fold_vjp(dk)[0]
 
 
