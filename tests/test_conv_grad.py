@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import re
 
 import jax
@@ -45,6 +46,38 @@ def test_gradients_match_xla(kernel, stride, padding, cin, cout, size):
     np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
     np.testing.assert_array_equal(ours[1][0], ref[1][0])  # input gradient: XLA's own in both
     np.testing.assert_allclose(ours[1][1], ref[1][1], rtol=1e-4, atol=1e-4 * float(jnp.abs(ref[1][1]).max()))
+
+
+@pytest.mark.parametrize("max_rows,min_cin,batch", [(1 << 16, 1, 2), (1 << 16, 1 << 30, 2), (40, 1, 3), (80, 1, 4),
+                                                    (80, 1 << 30, 4)])
+def test_kernel_gradient_forms_and_row_chunks(monkeypatch, max_rows, min_cin, batch):
+    """Both matmul forms (dy^T @ x_shifted; x_shifted^T @ dy below MIN_CIN_FOR_NN) and a batch split into several
+    matmuls per tap (MAX_ROWS_PER_DOT; every case has 6x6 outputs, so 40 rows: one image per matmul; 80: pairs
+    for a batch of 4, single images for 3) give XLA's kernel gradient."""
+    monkeypatch.setattr(conv_grad, "MAX_ROWS_PER_DOT", max_rows)
+    monkeypatch.setattr(conv_grad, "MIN_CIN_FOR_NN", min_cin)
+    rng = np.random.default_rng(batch)
+    for kernel, stride, pads, cin, cout, size in [(3, 1, ((1, 1), (1, 1)), 5, 7, 6), (3, 2, ((0, 1), (0, 1)), 4, 3, 12),
+                                                   (4, 1, ((1, 1), (1, 1)), 6, 1, 7)]:
+        x = jnp.asarray(rng.standard_normal((batch, size, size, cin), np.float32))
+        w = jnp.asarray(rng.standard_normal((kernel, kernel, cin, cout), np.float32))
+        dy = conv_grad.conv_nhwc(x, w, (stride, stride), pads, None)
+        ct = jnp.asarray(rng.standard_normal(dy.shape, np.float32))
+        ours = conv_grad.kernel_grad_by_taps(x, ct, w.shape, (stride, stride), pads)
+        ref = jax.vjp(functools.partial(_conv_of_kernel, x, (stride, stride), pads), w)[1](ct)[0]
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def _conv_of_kernel(x, strides, pads, w):
+    return conv_grad.conv_nhwc(x, w, strides, pads, None)
+
+
+def test_batch_groups_divide_the_batch_and_fit_the_row_limit():
+    assert conv_grad._batch_group(1, 256 * 256) == 1  # one image of 2^16 pixels: one matmul per tap
+    assert conv_grad._batch_group(2, 256 * 256) == 1  # two: two matmuls per tap, summed
+    assert conv_grad._batch_group(8, 32 * 32) == 8  # small images: the whole batch in one
+    assert conv_grad._batch_group(6, 128 * 128) == 3  # 4 would fit, but does not divide 6
+    assert conv_grad._batch_group(3, 512 * 512) == 1  # an image over the limit still runs as one
 
 
 def test_unsupported_shapes_fall_back_to_lax():

@@ -35,27 +35,62 @@ def conv_nhwc(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads, 
     return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
+# Rows of one tap matmul at most: YNNPACK's NN dot ran at 140-185 GFLOP/s up to 2^16 rows and at 95-135 beyond
+# (docs/cpu_speed.md); a larger batch runs as several matmuls per tap, summed.
+MAX_ROWS_PER_DOT = 1 << 16
+# Below this many input channels the (cout, K) @ (K, cin) matmul is too narrow for YNNPACK to beat XLA's own dot
+# on x_shifted^T @ dy (3 -> 64 ch: 0.46x, 32 -> 128 ch: 0.88x; 64 -> 128 ch: 1.51x; docs/cpu_speed.md).
+MIN_CIN_FOR_NN = 64
+
+
 def kernel_grad_by_taps(x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], strides: tuple[int, int],
                         pads: Pads, precision: Any = None) -> jax.Array:
     """d loss / d kernel of an NHWC x HWIO conv from its input `x` and output gradient `dy`: one matmul per tap.
 
-    The taps run in a loop (`lax.map`), so one shifted copy of x exists at a time: unrolled, XLA:CPU schedules
-    the copies of many convs at once (+6 GiB temporaries in the SD-VAE step at 256 px).
+    dW[i, j]^T = dy^T @ x_shifted(i, j): dy is transposed once, so each tap's matmul contracts over the pixels
+    of both operands in the row-major (NN) form that XLA:CPU sends to YNNPACK; the transposed-left form
+    x_shifted^T @ dy runs in XLA's own dot at 0.8x that speed. The taps run in a loop (`lax.map`), so one
+    shifted copy of x exists at a time: unrolled, XLA:CPU schedules the copies of many convs at once (+6 GiB
+    temporaries in the SD-VAE step at 256 px).
     """
     kh, kw, cin, cout = kernel_shape
     b, oh, ow, _ = dy.shape
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    dy2 = dy.reshape(b * oh * ow, cout)
-    span = (b, sh * (oh - 1) + 1, sw * (ow - 1) + 1, cin)
+    group = _batch_group(b, oh * ow)
+    chunks, rows = b // group, group * oh * ow
+    span = (group, sh * (oh - 1) + 1, sw * (ow - 1) + 1, cin)
+    taps = kh * kw
+    nn = cin >= MIN_CIN_FOR_NN
+    dy_chunks = dy.reshape(chunks, rows, cout)
+    if nn:
+        dy_chunks = dy_chunks.transpose(0, 2, 1)  # (chunks, cout, rows), once for all taps
 
     def tap(index: jax.Array) -> jax.Array:
-        window = lax.dynamic_slice(xp, (0, index // kw, index % kw, 0), span)[:, ::sh, ::sw, :]
-        return jnp.dot(window.reshape(b * oh * ow, cin).T, dy2, precision=precision)
+        t, c = index // chunks, index % chunks
+        window = lax.dynamic_slice(xp, (c * group, t // kw, t % kw, 0), span)[:, ::sh, ::sw, :]
+        window = window.reshape(rows, cin)
+        if nn:
+            return jnp.dot(dy_chunks[c], window, precision=precision)  # (cout, cin)
+        return jnp.dot(window.T, dy_chunks[c], precision=precision)  # (cin, cout)
 
-    if kh * kw == 1:
-        return tap(jnp.int32(0)).reshape(kernel_shape)
-    return lax.map(tap, jnp.arange(kh * kw, dtype=jnp.int32)).reshape(kernel_shape)
+    if taps * chunks == 1:
+        per_tap = tap(jnp.int32(0))[None, None]
+    else:
+        per_tap = lax.map(tap, jnp.arange(taps * chunks, dtype=jnp.int32))
+        per_tap = per_tap.reshape(taps, chunks, *per_tap.shape[1:])
+    per_tap = per_tap.sum(axis=1) if chunks > 1 else per_tap[:, 0]
+    if nn:
+        per_tap = per_tap.transpose(0, 2, 1)
+    return per_tap.reshape(kernel_shape)
+
+
+def _batch_group(batch: int, pixels: int) -> int:
+    """The most images whose rows fit one tap matmul (MAX_ROWS_PER_DOT), a divisor of the batch; at least 1."""
+    group = max(1, min(batch, MAX_ROWS_PER_DOT // pixels))
+    while batch % group:
+        group -= 1
+    return group
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
