@@ -124,3 +124,18 @@ def test_loss_config_from_config_dict():
         parse(ae.LossConfig, {"disc_weight": 0.5, "pixelloss_weight": 1.0})
     with pytest.raises(ValueError):
         ae.LossConfig(reduction="avg")
+
+
+def test_with_gradient_takes_the_given_gradient_and_stops_the_rest():
+    x = jnp.asarray([1.0, 2.0, 3.0])
+
+    def f(x, scale):
+        value = jnp.sum(scale * x**2)  # d value / d x = 2 * scale * x
+        grad = jax.grad(lambda x: jnp.sum(scale * x**2))(x)
+        return ae.with_gradient(value, x, grad)
+
+    np.testing.assert_allclose(f(x, 3.0), 42.0)
+    np.testing.assert_allclose(jax.grad(f)(x, 3.0), 6.0 * x)  # the same as plain autodiff of `value`
+    assert float(jax.grad(f, argnums=1)(x, 3.0)) == 0.0  # nothing flows into what made value and grad
+    # 2 * f: the cotangent scales the given gradient
+    np.testing.assert_allclose(jax.grad(lambda x: 2.0 * f(x, 3.0))(x), 12.0 * x)

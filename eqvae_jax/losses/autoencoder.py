@@ -159,6 +159,36 @@ def grouped_adaptive_weight(
     return jax.vmap(weight)(grads[:groups], grads[groups:])
 
 
+def with_gradient(value: jax.Array, x: jax.Array, grad: jax.Array) -> jax.Array:
+    """`value`, differentiated as a function of `x` alone whose gradient is `grad` (d value / d x, computed already).
+
+    The generator objective needs d nll / d recon twice: for the adaptive weight, and in the gradient of the
+    total. The reference (and plain autodiff of the total) runs the LPIPS backward for each; the second is the
+    first scaled by the total's cotangent, so it is taken from here. `value` and `grad` are stopped: nothing is
+    differentiated through the computation that made them (not even with a zero cotangent).
+    """
+    return _value_with_gradient(jax.lax.stop_gradient(value), x, jax.lax.stop_gradient(grad))
+
+
+@jax.custom_vjp
+def _value_with_gradient(value: jax.Array, x: jax.Array, grad: jax.Array) -> jax.Array:
+    return value
+
+
+def _value_with_gradient_fwd(value: jax.Array, x: jax.Array,
+                             grad: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return value, (grad, value)
+
+
+def _value_with_gradient_bwd(res: tuple[jax.Array, jax.Array],
+                             ct: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    grad, value = res
+    return jnp.zeros_like(value), (ct * grad).astype(grad.dtype), jnp.zeros_like(grad)
+
+
+_value_with_gradient.defvjp(_value_with_gradient_fwd, _value_with_gradient_bwd)
+
+
 def adversarial_generator_loss(
     target: jax.Array,
     recon: jax.Array,
@@ -194,6 +224,7 @@ def adversarial_generator_loss(
         )
 
     nll, nll_vjp, nll_terms = jax.vjp(nll_of, recon, has_aux=True)
+    nll_ct = nll_vjp(jnp.ones_like(nll))[0]  # d nll / d recon: the one LPIPS backward of the step
     logits_fake, disc_vjp = vjp_wrt_input(disc, recon)
     if logits_fake.size == 0:
         raise ValueError(f"the discriminator gives no logits for {recon.shape} images; the image is too small for it.")
@@ -203,11 +234,11 @@ def adversarial_generator_loss(
     if last_layer_vjp is None or cfg.disc_factor <= 0.0:
         d_weights = jnp.zeros((groups,), jnp.float32)
     else:
-        d_weights = grouped_adaptive_weight(nll_vjp(jnp.ones_like(nll))[0], logits_fake, disc_vjp, last_layer_vjp,
-                                            groups, getattr(disc, "stats_groups", None), cfg)
+        d_weights = grouped_adaptive_weight(nll_ct, logits_fake, disc_vjp, last_layer_vjp, groups,
+                                            getattr(disc, "stats_groups", None), cfg)
     factor = gan.disc_factor(step, cfg.disc_start, cfg.disc_factor)
     g = jnp.mean(g_groups)
-    total = nll + regularizer + factor * jnp.mean(d_weights * g_groups)
+    total = with_gradient(nll, recon, nll_ct) + regularizer + factor * jnp.mean(d_weights * g_groups)
     sg = jax.lax.stop_gradient
     terms = {
         "total": sg(total),
