@@ -120,3 +120,25 @@ def test_only_the_cpu_lowering_computes_the_kernel_gradient_by_matmuls():
 
 def test_model_convs_use_it():
     assert layers.conv(4, 4, 3, rngs=nnx.Rngs(0)).conv_general_dilated is conv_grad.conv_general_dilated
+
+
+def test_the_gradient_of_a_vjp_keeps_the_tap_kernel_gradient():
+    """The generator loss differentiates a function that takes a VJP w.r.t. the decoder's last kernel (the adaptive
+    weight): the outer kernel gradient of that conv goes through the custom VJP's forward, and must be the tap
+    matmuls too (not XLA's whole-image convolution), with XLA's values."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 12, 12, 8), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 3), np.float32))
+    ct = jnp.asarray(rng.standard_normal((1, 12, 12, 3), np.float32))
+    pads = ((1, 1), (1, 1))
+
+    def outer(conv, w):
+        y, vjp = jax.vjp(lambda w: conv(x, w, (1, 1), pads), w)
+        return jnp.sum(y * ct) + jnp.sum(vjp(ct)[0] ** 2)  # a loss of the output and of its own kernel VJP
+
+    ours = jax.jit(jax.grad(functools.partial(outer, lambda x, w, s, p: conv_grad.conv_tap_grad(x, w, s, p, None))))
+    ref = jax.grad(functools.partial(outer, lambda x, w, s, p: conv_grad.conv_nhwc(x, w, s, p, None)))(w)
+    np.testing.assert_allclose(ours(w), ref, rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
+    hlo = ours.lower(w).compile().as_text()
+    assert "window={size=12x12" not in hlo  # XLA's kernel gradient is a convolution with the whole image as window
+    assert " while(" in hlo

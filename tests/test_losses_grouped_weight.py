@@ -148,8 +148,9 @@ def test_per_group_weights_and_gradients_match_ddp_reference(ddp, name):
 
 
 def _our_grouped_weights(d: NLayerDiscriminator, vae: ToyVAE, lp: ToyLPIPS, x: jax.Array, noise_key: jax.Array,
-                         groups: int, disc_stats_groups: int | None) -> jax.Array:
-    """grouped_adaptive_weight on a plain reconstruction, with the path chosen by `disc_stats_groups`."""
+                         groups: int, disc_stats_groups: int | None) -> tuple[jax.Array, jax.Array]:
+    """grouped_adaptive_weight on a plain reconstruction, with the path chosen by `disc_stats_groups`: (weights,
+    each group's GAN-loss gradient w.r.t. the reconstruction)."""
     posterior = vae.encode(x)
     recon, last_layer_vjp = vjp_wrt_variable(vae, autoencoder.DECODER_LAST_LAYER,
                                              lambda m: m.decode(posterior.sample(noise_key)))
@@ -161,15 +162,16 @@ def _our_grouped_weights(d: NLayerDiscriminator, vae: ToyVAE, lp: ToyLPIPS, x: j
 
 def test_both_paths_agree_where_both_apply():
     """D statistics per 10 images and 4 adaptive groups of 20: the shared D backward (block-diagonal) and one D
-    backward per group give the same weights."""
+    backward per group give the same weights and the same per-group GAN gradients."""
     vae, lp = ToyVAE(0), ToyLPIPS(1, channels=LPIPS_CHANNELS)
     d, _ = _disc_pair(stats_groups=8)
     x = jnp.asarray(_images())
     key = jax.random.key(5)
     shared = _our_grouped_weights(d, vae, lp, x, key, 4, disc_stats_groups=8)
     separate = _our_grouped_weights(d, vae, lp, x, key, 4, disc_stats_groups=None)
-    assert shared.shape == (4,)
-    np.testing.assert_allclose(shared, separate, rtol=1e-6)
+    assert shared[0].shape == (4,) and shared[1].shape == (4, *x.shape)
+    np.testing.assert_allclose(shared[0], separate[0], rtol=1e-6)
+    np.testing.assert_allclose(shared[1], separate[1], rtol=1e-5, atol=1e-6 * float(jnp.abs(separate[1]).max()))
 
 
 def test_groups_finer_than_d_statistics_match_torch():

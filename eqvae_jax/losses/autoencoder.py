@@ -132,8 +132,9 @@ def grouped_adaptive_weight(
     groups: int,
     disc_stats_groups: int | None,
     cfg: AdversarialConfig,
-) -> jax.Array:
-    """(groups,) adaptive GAN weights, one per equal contiguous group of the batch (module docstring).
+) -> tuple[jax.Array, jax.Array]:
+    """((groups,) adaptive GAN weights, one per equal contiguous group of the batch (module docstring), and
+    (groups, *recon.shape) d g_g / d recon, each group's GAN loss's gradient, for the total's gradient).
 
     nll_ct: d nll / d recon of the whole batch; logits_fake, disc_vjp: D's output on recon and its VJP to recon;
     last_layer_vjp: recon cotangent -> gradient w.r.t. the decoder's last kernel W. The nll is a sum of
@@ -156,16 +157,17 @@ def grouped_adaptive_weight(
     def weight(nll_grad: jax.Array, g_grad: jax.Array) -> jax.Array:
         return gan.adaptive_weight(nll_grad, g_grad, cfg.disc_weight, cfg.adaptive_eps, cfg.adaptive_max)
 
-    return jax.vmap(weight)(grads[:groups], grads[groups:])
+    return jax.vmap(weight)(grads[:groups], grads[groups:]), g_cts
 
 
 def with_gradient(value: jax.Array, x: jax.Array, grad: jax.Array) -> jax.Array:
     """`value`, differentiated as a function of `x` alone whose gradient is `grad` (d value / d x, computed already).
 
-    The generator objective needs d nll / d recon twice: for the adaptive weight, and in the gradient of the
-    total. The reference (and plain autodiff of the total) runs the LPIPS backward for each; the second is the
-    first scaled by the total's cotangent, so it is taken from here. `value` and `grad` are stopped: nothing is
-    differentiated through the computation that made them (not even with a zero cotangent).
+    The generator objective needs d nll / d recon and d g_loss / d recon twice: for the adaptive weight, and in
+    the gradient of the total. The reference (and plain autodiff of the total) runs the LPIPS and discriminator
+    backwards for each; the second is the first scaled by the total's cotangent, so it is taken from here.
+    `value` and `grad` are stopped: nothing is differentiated through the computation that made them (not even
+    with a zero cotangent).
     """
     return _value_with_gradient(jax.lax.stop_gradient(value), x, jax.lax.stop_gradient(grad))
 
@@ -232,13 +234,17 @@ def adversarial_generator_loss(
     _check_groups(recon.shape[0], groups)
     g_groups = jax.vmap(gan.g_loss)(logits_fake.reshape(groups, -1))  # groups are contiguous: one row each
     if last_layer_vjp is None or cfg.disc_factor <= 0.0:
-        d_weights = jnp.zeros((groups,), jnp.float32)
+        d_weights, gan_ct = jnp.zeros((groups,), jnp.float32), jnp.zeros_like(recon)
     else:
-        d_weights = grouped_adaptive_weight(nll_ct, logits_fake, disc_vjp, last_layer_vjp, groups,
-                                            getattr(disc, "stats_groups", None), cfg)
+        d_weights, g_cts = grouped_adaptive_weight(nll_ct, logits_fake, disc_vjp, last_layer_vjp, groups,
+                                                   getattr(disc, "stats_groups", None), cfg)
+        gan_ct = jnp.tensordot(d_weights, g_cts, axes=1) / groups  # d mean_g(d_weight_g * g_g) / d recon
     factor = gan.disc_factor(step, cfg.disc_start, cfg.disc_factor)
     g = jnp.mean(g_groups)
-    total = with_gradient(nll, recon, nll_ct) + regularizer + factor * jnp.mean(d_weights * g_groups)
+    # Both terms carry the recon gradients computed above for the adaptive weight (one LPIPS and one D backward
+    # per step; `with_gradient`); d_weights and the factor are constants of the gradient, as in the reference.
+    gan_term = factor * jnp.mean(d_weights * g_groups)
+    total = with_gradient(nll, recon, nll_ct) + regularizer + with_gradient(gan_term, recon, factor * gan_ct)
     sg = jax.lax.stop_gradient
     terms = {
         "total": sg(total),

@@ -101,7 +101,10 @@ def conv_tap_grad(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pa
 
 def _fwd(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads,
          precision: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return conv_nhwc(x, w, strides, pads, precision), (x, w)
+    # conv_tap_grad, not conv_nhwc: when this forward is itself differentiated (the gradient of a function that
+    # takes a VJP, as the adaptive weight's last-layer VJP inside the generator loss does), its kernel gradient
+    # is the tap matmuls too. Undifferentiated it is the same convolution.
+    return conv_tap_grad(x, w, strides, pads, precision), (x, w)
 
 
 def _bwd(strides: tuple[int, int], pads: Pads, precision: Any, res: tuple[jax.Array, jax.Array],
