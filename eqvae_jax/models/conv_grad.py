@@ -4,7 +4,8 @@ Why: XLA:CPU (jaxlib 0.10.2) computes a conv's kernel gradient as a convolution 
 image (`window={size=256x256}` in the HLO). That program runs at 35-80 GFLOP/s on a 2-core AVX-512 machine,
 2-3x below the forward conv of the same FLOPs, and was 45% of the SD-VAE generator step at 256 px
 (`python -m benchmarks.step_breakdown --profile DIR`). Written as a sum over the kernel's taps,
-dW[i, j] = x_shifted(i, j)^T @ dy, the same FLOPs run as plain matmuls at the forward conv's speed.
+dW[i, j]^T = dy^T @ x_shifted(i, j) with dy transposed once per conv, the same FLOPs run as row-major matmuls
+that XLA:CPU hands to YNNPACK, at about the forward conv's speed (docs/cpu_speed.md).
 
 Only the CPU lowering changes (`lax.platform_dependent`): a program lowered for TPU or GPU gets XLA's own
 gradient, so TPU programs keep their FLOPs and memory. The forward and the input gradient are XLA's in
