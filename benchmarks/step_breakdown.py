@@ -17,10 +17,12 @@ guard (the Adam update inside `update_if`'s taken branch, less the same update a
 the real G and D steps: the job's jitted steps (`train.eqvae.job.build`) against the PyTorch reference step of
 benchmarks/train_step.py.
 
-The share columns count each component as often as the step runs it (the `uses` column): G step = encoder f+b,
-transform f+b, decoder f+b, LPIPS f+b plus one more backward (the adaptive weight's d nll / d recon), PatchGAN
-f+b(x) plus one more backward (d g_loss / d recon), the two last-layer VJPs, Adam + guard; D step = encoder,
-transform and decoder forward, PatchGAN f+b(params) on real and fake, Adam + guard. `sum of parts` against the
+The share columns count each component as often as the step runs it (the `uses` column, "jax | torch" where
+they differ): G step = encoder f+b, transform f+b, decoder f+b, LPIPS f+b, PatchGAN f+b(x), the two last-layer
+VJPs, Adam + guard; PyTorch runs LPIPS and the PatchGAN backward twice through one forward (d nll / d recon and
+d g_loss / d recon for the adaptive weight, then the total's backward), ours once (`losses.autoencoder.
+with_gradient` reuses the first two for the total); D step = encoder, transform and decoder forward, PatchGAN
+f+b(params) on real and fake, Adam + guard. `sum of parts` against the
 measured step shows how much of a step no component explains (glue, recomputation, lost fusion).
 
 Timing: every call after a first (compile) call and `--warmup` more, framework by framework (`time_blocked`
@@ -341,35 +343,45 @@ def ratio(t: float | None, j: float | None) -> str:
     return f"{'-':>6}" if t is None or j is None or j == 0 else f"{t / j:>6.2f}"
 
 
-def uses(branch: str, args: argparse.Namespace, f: int) -> dict[str, list[tuple[str, float]]]:
-    """Row name -> [(time key, multiplicity)] that one G + D micro-step runs (module docstring)."""
+Terms = list[tuple[str, float]]
+
+
+def uses(branch: str, args: argparse.Namespace, f: int) -> dict[str, list[tuple[str, Terms, Terms]]]:
+    """Row name -> how often one G + D micro-step runs it, as [(time key, multiplicity)] for JAX and for PyTorch
+    (module docstring)."""
     s = args.size
     lat = s // f
     if branch == "eq24":
         lat = lat * 3 // 4
     out_px = lat * f
-    g = {
-        f"encoder {s}px": [("fb", 1)],
-        f"decoder {lat}->{out_px}px": [("fb", 1)],
-        f"LPIPS {out_px}px": [("fb", 2), ("fwd", -1)],
-        f"PatchGAN {out_px}px (x)": [("fb", 2), ("fwd", -1)],
-        f"last-layer VJPs x2 {out_px}px": [("fb", 1)],
-        "Adam VAE": [("fb", 1)],
-        "non-finite guard (G)": [("fb", 1)],
-    }
-    d = {
-        f"encoder {s}px": [("fwd", 1)],
-        f"decoder {lat}->{out_px}px": [("fwd", 1)],
-        f"PatchGAN {out_px}px (params)": [("fb", 2)],
-        "Adam D": [("fb", 1)],
-    }
+    once: Terms = [("fb", 1)]
+    twice_back: Terms = [("fb", 2), ("fwd", -1)]
+    g = [
+        (f"encoder {s}px", once, once),
+        (f"decoder {lat}->{out_px}px", once, once),
+        (f"LPIPS {out_px}px", once, twice_back),
+        (f"PatchGAN {out_px}px (x)", once, twice_back),
+        (f"last-layer VJPs x2 {out_px}px", once, once),
+        ("Adam VAE", once, once),
+        ("non-finite guard (G)", once, once),
+    ]
+    d = [
+        (f"encoder {s}px", [("fwd", 1)], [("fwd", 1)]),
+        (f"decoder {lat}->{out_px}px", [("fwd", 1)], [("fwd", 1)]),
+        (f"PatchGAN {out_px}px (params)", [("fb", 2)], [("fb", 2)]),
+        ("Adam D", once, once),
+    ]
     if branch == "eq24":
-        g["resize 24/32 + rot90"] = [("fb", 1)]
-        d["resize 24/32 + rot90"] = [("fwd", 1)]
-    return {"G": list(g.items()), "D": list(d.items())}
+        g.append(("resize 24/32 + rot90", once, once))
+        d.append(("resize 24/32 + rot90", [("fwd", 1)], [("fwd", 1)]))
+    return {"G": g, "D": d}
 
 
-def row_time(row: Row, fw: str, terms: list[tuple[str, float]]) -> float | None:
+def describe(terms: Terms) -> str:
+    return "".join(f"{'+' if k > 0 else '-'}{abs(k):g}{m}" for m, k in terms)
+
+
+def row_time(row: Row, fw: str, terms: Terms) -> float | None:
     total = 0.0
     for mode, k in terms:
         v = row.times.get(f"{fw}_{mode}")
@@ -557,14 +569,16 @@ def main() -> None:
         total_j, total_t = st["jax_G"] + st["jax_D"], st["torch_G"] + st["torch_D"]
         for step_name, items in uses(b, args, f).items():
             sum_j = sum_t = 0.0
-            for name, terms in items:
+            for name, jax_terms, torch_terms in items:
                 row = rows.get(name)
                 if row is None:
                     continue
-                tj, tt = row_time(row, "jax", terms), row_time(row, "torch", terms)
+                tj, tt = row_time(row, "jax", jax_terms), row_time(row, "torch", torch_terms)
                 sum_j += tj or 0.0
                 sum_t += tt or 0.0
-                desc = " ".join(f"{'+' if k > 0 else '-'}{abs(k):g}{m}" for m, k in terms)
+                desc = describe(jax_terms)
+                if torch_terms != jax_terms:
+                    desc += f"|{describe(torch_terms)}"
                 print(f"{step_name:<5}{name:<30}{desc:<16}{fmt(tj)}{fmt(tt)}{ratio(tt, tj)}"
                       f"{fmt(None if tj is None else 100 * tj / total_j, '>7.1f')}"
                       f"{fmt(None if tt is None else 100 * tt / total_t, '>8.1f')}")
