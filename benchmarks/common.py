@@ -28,6 +28,19 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 0) -> floa
     return statistics.median(times)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('unknown CPU' elsewhere): ratios measured on one CPU do not carry
+    over to another (docs/cpu_speed.md measured 0.96x on one 2-core machine and 1.35x on another)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def first_and_median(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
     """(seconds of the first call, which includes any compile; median of `repeats` calls after `warmup` more)."""
     start = time.perf_counter()

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import first_and_median, median_seconds
+from benchmarks.common import cpu_model, first_and_median, median_seconds
 
 BRANCHES = ("plain", "eq24")  # full resolution; equivariance at scale 24/32 with one quarter turn
 
@@ -259,7 +259,7 @@ def thread_settings() -> str:
 
     omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME") if k in os.environ}
     return (f"torch {torch.get_num_threads()} intra-op threads (OpenMP env {omp or 'unset'}), XLA_FLAGS="
-            f"{os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs")
+            f"{os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs ({cpu_model()})")
 
 
 def timed_rounds(runners: dict[str, Callable[[str], Callable[[], None]]], branches: list[str], rounds: int,
