@@ -17,7 +17,7 @@ guard (the Adam update inside `update_if`'s taken branch, less the same update a
 the real G and D steps: the job's jitted steps (`train.eqvae.job.build`) against the PyTorch reference step of
 benchmarks/train_step.py.
 
-The share columns count each component as often as the step runs it (the `uses` column, "jax | torch" where
+The share columns count each component as often as the step runs it (the `uses` column, `jax|torch` where
 they differ): G step = encoder f+b, transform f+b, decoder f+b, LPIPS f+b, PatchGAN f+b(x), the two last-layer
 VJPs, Adam + guard; PyTorch runs LPIPS and the PatchGAN backward twice through one forward (d nll / d recon and
 d g_loss / d recon for the adaptive weight, then the total's backward), ours once (`losses.autoencoder.
@@ -378,6 +378,7 @@ def uses(branch: str, args: argparse.Namespace, f: int) -> dict[str, list[tuple[
 
 
 def describe(terms: Terms) -> str:
+    """`[("fb", 2), ("fwd", -1)]` -> '+2fb-1fwd' (the `uses` column)."""
     return "".join(f"{'+' if k > 0 else '-'}{abs(k):g}{m}" for m, k in terms)
 
 
