@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import train_step as ts
-from benchmarks.common import cpu_model, first_and_median
+from benchmarks.common import first_and_median
 
 
 @dataclasses.dataclass
@@ -510,8 +510,7 @@ def main() -> None:
     vae_cfg = kl_vae.PRESETS[args.preset]()
     f = vae_cfg.downsample_factor
     print(f"EQ-VAE step breakdown, {args.preset} fp32, {args.size}px, batch {args.batch}, median of {args.repeats}; "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), {os.cpu_count()} CPUs ({cpu_model()}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}; {ts.thread_settings()}; "
           f"conv kernel gradient {'XLA' if args.xla_kernel_grad else 'tap matmuls (CPU)'}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     job = ts.jax_job(args)
