@@ -210,7 +210,9 @@ def adversarial_generator_loss(
     cotangent of `recon` to the gradient w.r.t. the decoder's last kernel (from `decode_with_last_layer`); with
     None, or cfg.disc_factor == 0 (LDM's static switch), d_weight is 0. The adaptive weight is computed per group
     of `adaptive_groups(cfg, disc)` and the GAN term is factor * mean_g(d_weight_g * g_g) (module docstring).
-    `regularizer` is already weighted and stays differentiable. terms: total, nll, rec_l1, lpips, rec_loss,
+    `regularizer` is already weighted and stays differentiable. The total's gradient flows through `recon` and
+    `regularizer` only (`with_gradient`): target, LPIPS, D and logvar are constants of it, as in the reference's
+    generator step. terms: total, nll, rec_l1, lpips, rec_loss,
     g_loss, d_weight (mean over groups), d_weight_min, d_weight_max, disc_factor (scalars), and d_weight_groups
     (the (G,) weights); nothing to differentiate.
     """
