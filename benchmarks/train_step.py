@@ -254,12 +254,15 @@ def torch_runner(args: argparse.Namespace, vae_cfg: Any) -> Callable[[str], Call
 
 
 def thread_settings() -> str:
-    """What decides each framework's threads (printed with every table: the numbers depend on it)."""
+    """What decides each framework's threads, and the malloc setting (printed with every table: the numbers depend
+    on them)."""
     import torch
+
+    from eqvae_jax import host_malloc
 
     omp = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME") if k in os.environ}
     return (f"torch {torch.get_num_threads()} intra-op threads (OpenMP env {omp or 'unset'}), XLA_FLAGS="
-            f"{os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs ({cpu_model()})")
+            f"{os.environ.get('XLA_FLAGS', '')!r}, {os.cpu_count()} CPUs ({cpu_model()}); {host_malloc.outcome()}")
 
 
 def timed_rounds(runners: dict[str, Callable[[str], Callable[[], None]]], branches: list[str], rounds: int,
@@ -288,6 +291,9 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads(parser, args)
     branches = check_args(parser, args)
+    from eqvae_jax import host_malloc
+
+    host_malloc.tune_for_cpu()  # as the jobs do (both frameworks share the process); EQVAE_MALLOC=system: off
     import jax
     import torch
 

@@ -25,7 +25,7 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
-from eqvae_jax import cli
+from eqvae_jax import cli, host_malloc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # should TFDS import TensorFlow: quietly
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -56,6 +56,7 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]}")
+    host_malloc.tune_for_cpu()  # before JAX starts its backend
     f = flags.FLAGS
     setup_logging(f.log_level)
     if problem := cli.workdir_problem(f.workdir):

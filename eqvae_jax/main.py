@@ -14,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from eqvae_jax import cli
+from eqvae_jax import cli, host_malloc
 
 # Should anything import TensorFlow (the jobs do not; TFDS may, preparing some datasets): no TF C++ INFO lines;
 # TF's oneDNN notice is printed before its log level applies.
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]}")
+    host_malloc.tune_for_cpu()  # before JAX starts its backend
     setup_logging(FLAGS.log_level)
     config = FLAGS.config
     if "trainer" not in config or config.trainer not in JOBS:

@@ -27,7 +27,7 @@ import jax
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from eqvae_jax import cli
+from eqvae_jax import cli, host_malloc
 from eqvae_jax.diffusion import guidance, sampling
 from eqvae_jax.maskgit import sampling as maskgit_sampling
 from eqvae_jax.models.autoencoders import build_autoencoder
@@ -159,6 +159,7 @@ def _restore_maskgit(ckpt: Checkpointer, update: int, raw: ConfigDict, host: dic
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {argv[1:]}")
+    host_malloc.tune_for_cpu()  # before JAX starts its backend
     setup_logging()
     f = flags.FLAGS
     maybe_initialize(f.distributed)
