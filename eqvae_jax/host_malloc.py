@@ -4,16 +4,24 @@ on every step.
 XLA:CPU allocates each execution's temporary buffer (gigabytes for an autoencoder step) and its outputs with
 malloc and frees them when the step ends. glibc serves blocks that large with mmap and unmaps them on free, so the
 next step touches brand-new pages: about 0.8 million minor page faults per EQ-VAE G step at 256 px, paid inside
-whichever op first writes each page. On the 2-core Intel VM that was about 4 s of a 15 s equivariance micro-step
-(docs/cpu_speed.md, "Page faults"). Three glibc settings keep that memory mapped instead: no mmap for large blocks
-(`M_MMAP_MAX=0`), never trim the heap's top (`M_TRIM_THRESHOLD`), and one arena (`M_ARENA_MAX=1`, so the XLA
-threads' big blocks also come from the main heap: other arenas cannot grow past 64 MiB and mmap those blocks
-anyway). The process then keeps its peak heap until it exits, which is what a training process does anyway.
+whichever op first writes each page; on the 2-core Intel VM about 2 s of an 11 s G step (docs/cpu_speed.md,
+"Page faults"). What keeps that memory mapped:
 
-`tune_for_cpu()` sets them with `mallopt` when the job will run on the CPU (no TPU or GPU plugin installed, or
-`JAX_PLATFORMS` starting with cpu), on glibc only, and must run before JAX starts its backend (threads made
-before it may already own an arena). It leaves the allocator alone when the user chose settings of their own
-(any `MALLOC_*` tuning variable set) or set `EQVAE_MALLOC=system`.
+- glibc: no mmap for large blocks (`M_MMAP_MAX=0`) and never trim the heap's top (`M_TRIM_THRESHOLD`), so a
+  freed block stays in the heap for the next step;
+- JAX: run single-device CPU computations inline on the calling thread (`jax_cpu_enable_async_dispatch=False`)
+  rather than on the CPU client's dispatch thread. That thread allocates from its own glibc arena, which cannot
+  grow past 64 MiB and mmaps bigger blocks whatever the settings above; the main thread's arena is the heap.
+  (`M_ARENA_MAX=1` would put every thread on the heap too, but then XLA's compiler threads contend for one arena:
+  the G step compiled in 34-37 s instead of 25.)
+
+The process keeps its peak heap until it exits, which is what a training process does anyway. A multi-device CPU
+computation still runs on the client's threads (JAX dispatches those asynchronously in any case).
+
+`tune_for_cpu()` applies both when the job will run on the CPU (no TPU or GPU plugin installed, or `JAX_PLATFORMS`
+starting with cpu), on glibc only, and must run before JAX starts its backend. It leaves things alone when the
+user chose settings of their own (any `MALLOC_*` tuning variable, or `JAX_CPU_ENABLE_ASYNC_DISPATCH`, set) or set
+`EQVAE_MALLOC=system`.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ import os
 import platform
 
 # glibc's mallopt parameter numbers (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-# glibc reads these at start-up; any of them set means the user tuned malloc already.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# glibc reads these at start-up (JAX its flag at import); any of them set means the user chose already.
 USER_TUNING = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
-               "MALLOC_TOP_PAD_")
+               "MALLOC_TOP_PAD_", "JAX_CPU_ENABLE_ASYNC_DISPATCH")
 OPT_OUT = "EQVAE_MALLOC"  # "system": leave glibc's defaults
 _outcome = "system malloc (tune_for_cpu not called)"
 
@@ -76,7 +84,9 @@ def _decide_and_apply() -> str:
         return "system malloc (accelerator backend)"
     libc = ctypes.CDLL("libc.so.6")
     # mallopt takes an int; -1 becomes SIZE_MAX in glibc's size_t trim threshold: never trim.
-    done = [libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, -1), libc.mallopt(M_ARENA_MAX, 1)]
-    if not all(done):
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1)):
         return "system malloc (mallopt refused)"
-    return "malloc keeps freed memory (M_MMAP_MAX=0, no trim, 1 arena)"
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return "malloc keeps freed memory (M_MMAP_MAX=0, no trim; CPU computations run inline)"
