@@ -47,7 +47,8 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
 # it (the longest match wins; the package root names only itself); a package's `__main__` is a CLI whatever its
 # package's layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("eqvae_jax", "eqvae_jax.typed_config", "eqvae_jax.storage", "eqvae_jax.memo", "eqvae_jax.cli"),
+    ("eqvae_jax", "eqvae_jax.typed_config", "eqvae_jax.storage", "eqvae_jax.memo", "eqvae_jax.cli",
+     "eqvae_jax.host_malloc"),
     ("eqvae_jax.parallel", "eqvae_jax.images", "eqvae_jax.viz"),
     ("eqvae_jax.models", "eqvae_jax.data"),
     ("eqvae_jax.losses",),
