@@ -4,9 +4,9 @@
     EQVAE_MALLOC=system python -m benchmarks.page_faults ...   # glibc's default allocator settings
 
 The same steps as `benchmarks.train_step` (the real job's G then D step; the PyTorch reference's), after
-`eqvae_jax.host_malloc.tune_for_cpu` as the jobs call it. The first row includes JAX's compile. Shows what the
-allocator settings change (docs/cpu_speed.md, "Page faults"): with glibc's defaults every JAX step faults its
-multi-GB temporary buffer in afresh. Prints a table; never used as a test.
+`eqvae_jax.host_malloc.tune_for_cpu` as the jobs call it (`train_step.setup_threads`). The first row includes
+JAX's compile. Shows what the allocator settings change (docs/cpu_speed.md, "Page faults"): with glibc's
+defaults every JAX step faults its multi-GB temporary buffer in afresh. Prints a table; never used as a test.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ def main() -> None:
     args = parser.parse_args()
     ts.setup_threads(parser, args)
     branches = ts.check_args(parser, args)
-    from eqvae_jax import host_malloc
-
-    host_malloc.tune_for_cpu()
     from eqvae_jax.models import kl_vae
 
     if args.framework == "jax":

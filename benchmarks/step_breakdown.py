@@ -500,9 +500,6 @@ def main() -> None:
         args.size, args.repeats, args.warmup = 128, 1, 0
     ts.setup_threads(parser, args)
     branches = ts.check_args(parser, args)
-    from eqvae_jax import host_malloc
-
-    host_malloc.tune_for_cpu()  # as the jobs do (both frameworks share the process); EQVAE_MALLOC=system: off
     import jax
     import torch
 

@@ -63,12 +63,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--threads 1: one XLA:CPU thread (set before jax is imported; XLA:CPU has no finer control)."""
+    """What must be set before JAX starts: --threads 1 as one XLA:CPU thread (XLA:CPU has no finer control), and
+    the CPU allocator and dispatch settings the jobs use (`host_malloc`; both frameworks share the process;
+    EQVAE_MALLOC=system: off)."""
+    from eqvae_jax import host_malloc
+
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     elif args.threads:
         parser.error("--threads must be 0 or 1")
+    host_malloc.tune_for_cpu()
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -291,9 +296,6 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads(parser, args)
     branches = check_args(parser, args)
-    from eqvae_jax import host_malloc
-
-    host_malloc.tune_for_cpu()  # as the jobs do (both frameworks share the process); EQVAE_MALLOC=system: off
     import jax
     import torch
 
